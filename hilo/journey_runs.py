@@ -1,0 +1,155 @@
+"""Inputs and results of the journey workflow and its activities (one model each).
+
+Adding a field with a default never breaks a running journey: the models travel in
+Temporal histories through the pydantic data converter.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from hilo.events import CustomerEvent
+from hilo.journeys import PublishedJourney, TimeWindow
+
+# Activity names: the workflow calls them by name so it imports no I/O code.
+ENROLL = "enroll"
+FINISH = "finish"
+LOAD_PROFILE = "load_profile"
+SEND_MESSAGE = "send_message"
+UPDATE_PROFILE = "update_profile"
+NEXT_WINDOW_OPENING = "next_window_opening"
+
+SIGNAL_EVENT = "event"
+SIGNAL_STOP = "stop"
+
+InstanceStatus = Literal["completed", "exited", "holdout", "archived"]
+
+
+class JourneyState(BaseModel):
+    """Where an instance is; carried across continue-as-new."""
+
+    cursor: str | None = None
+    started_at: datetime | None = None
+    step_counts: dict[str, int] = Field(default_factory=dict)
+    sent: int = 0
+    exit_reason: str | None = None
+    converted_at: datetime | None = None
+    revenue: float | None = None
+    runs: int = 1
+    enrollment_run_id: str | None = None
+
+
+class JourneyInput(BaseModel):
+    journey: PublishedJourney
+    customer_id: str
+    instance_key: str | None = None
+    trigger: CustomerEvent
+    state: JourneyState | None = None
+    # Continue-as-new after this many steps in one run, or when Temporal suggests it.
+    max_steps_per_run: int = 500
+    search_attributes: bool = True
+
+
+class JourneyResult(BaseModel):
+    status: InstanceStatus
+    reason: str | None = None
+    sent: int = 0
+    steps: int = 0
+    converted: bool = False
+
+
+class StopRequest(BaseModel):
+    reason: str = "stopped"
+    status: InstanceStatus = "exited"
+
+
+class JourneyProgress(BaseModel):
+    journey: str
+    version: int
+    customer_id: str
+    step: str | None
+    status: str
+    waiting_for: list[str]
+    sent: int
+    exit_reason: str | None
+
+
+class EnrollRequest(BaseModel):
+    workflow_id: str
+    run_id: str
+    journey_key: str
+    version: int
+    customer_id: str
+    instance_key: str | None = None
+    holdout: bool = False
+
+
+class FinishRequest(BaseModel):
+    workflow_id: str
+    run_id: str
+    status: InstanceStatus
+    reason: str | None = None
+    ended_at: datetime
+    converted_at: datetime | None = None
+    revenue: float | None = None
+
+
+class ProfileRequest(BaseModel):
+    customer_id: str
+
+
+class ProfileSnapshot(BaseModel):
+    """What conditions and templates see under ``profile``."""
+
+    customer_id: str
+    traits: dict[str, Any] = Field(default_factory=dict)
+    consent: dict[str, Any] = Field(default_factory=dict)
+    timezone: str | None = None
+    locale: str | None = None
+
+    def as_context(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class SendRequest(BaseModel):
+    message_id: str
+    workflow_id: str
+    run_id: str
+    journey_key: str
+    journey_version: int
+    customer_id: str
+    step_id: str
+    iteration: int = 1
+    channel: str
+    template: str
+    category: Literal["marketing", "transactional"]
+    content: dict[str, str]
+    trigger: dict[str, Any]
+    scheduled_at: datetime
+
+
+class SendResult(BaseModel):
+    message_id: str
+    status: Literal["sent", "skipped", "failed"]
+    reason: str | None = None
+    provider_message_id: str | None = None
+
+
+class UpdateProfileRequest(BaseModel):
+    customer_id: str
+    set: dict[str, Any] = Field(default_factory=dict)
+    unset: list[str] = Field(default_factory=list)
+
+
+class WindowRequest(BaseModel):
+    customer_id: str
+    window: TimeWindow
+    now: datetime
+
+
+class WindowOpening(BaseModel):
+    at: datetime
+    timezone: str

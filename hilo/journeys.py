@@ -1,0 +1,585 @@
+"""The journey grammar: what a brand can say, validated before it ever runs.
+
+A definition is data (YAML or JSON) checked by pydantic and then by :func:`check_journey`,
+which finds what a schema cannot (duplicate step ids, unreachable steps, templates that do
+not render). Every problem is a :class:`JourneyProblem` naming the step path, e.g.
+``steps[2] (push_reminder).title``, and saying what would be right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hilo.conditions import Condition
+from hilo.durations import Duration
+
+STEP_ID = r"^[a-z][a-z0-9_]{0,62}$"
+JOURNEY_KEY = r"^[a-z][a-z0-9_]{0,62}$"
+STEP_TYPES = ("send", "wait", "wait_for", "branch", "split", "update_profile", "handoff", "exit")
+CHANNELS = ("email", "sms", "whatsapp", "push", "webhook", "audience")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_CLOCK = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# ---------------------------------------------------------------- trigger, entry, exit, goal
+
+
+class Trigger(_Strict):
+    """What starts an instance: an event name, an optional filter and an optional key."""
+
+    event: str = Field(min_length=1, examples=["Cart Abandoned"])
+    where: Condition | None = Field(
+        None, description="Filter on the event, e.g. {path: event.properties.cart_value, ...}"
+    )
+    key: str | None = Field(
+        None,
+        pattern=r"^properties\.[A-Za-z0-9_.]+$",
+        description="Event property that keys instances, so one customer can have several "
+        "(e.g. properties.cart_id).",
+        examples=["properties.cart_id"],
+    )
+
+
+class Entry(_Strict):
+    """Who may enter, and how often."""
+
+    reentry: Literal["once", "always", "after_cooldown"] = Field(
+        "always",
+        description="once: a customer enters at most once ever; after_cooldown: again once "
+        "'cooldown' has passed since their last instance ended; always: whenever no "
+        "instance is running.",
+    )
+    cooldown: Duration | None = None
+    holdout_percent: float = Field(
+        0, ge=0, le=100, description="Share of entries kept as a control group: they get no sends."
+    )
+
+    @model_validator(mode="after")
+    def _cooldown_when_needed(self) -> Entry:
+        if self.reentry == "after_cooldown" and self.cooldown is None:
+            raise ValueError("reentry 'after_cooldown' needs 'cooldown', e.g. cooldown: 7d")
+        if self.reentry != "after_cooldown" and self.cooldown is not None:
+            raise ValueError("'cooldown' only applies with reentry: after_cooldown")
+        return self
+
+
+class EventMatch(_Strict):
+    """An event a running instance listens for."""
+
+    event: str = Field(min_length=1, examples=["Order Completed"])
+    where: Condition | None = None
+    match_trigger: list[str] = Field(
+        default_factory=list,
+        description="Event properties that must equal the trigger's (e.g. [cart_id]).",
+    )
+
+    def matches(self, event: dict[str, Any], context: dict[str, Any]) -> bool:
+        if event.get("name") != self.event:
+            return False
+        trigger_props = context.get("trigger", {}).get("properties", {})
+        event_props = event.get("properties", {})
+        for prop in self.match_trigger:
+            if prop not in event_props or event_props.get(prop) != trigger_props.get(prop):
+                return False
+        return self.where is None or self.where.evaluate({**context, "event": event})
+
+
+class ExitRule(EventMatch):
+    """An event that ends the instance at once, even in the middle of a wait."""
+
+    reason: str | None = Field(None, description="Recorded as the exit reason.")
+
+
+class Goal(_Strict):
+    """The conversion this journey is measured on."""
+
+    event: str = Field(min_length=1, examples=["Order Completed"])
+    where: Condition | None = None
+    match_trigger: list[str] = Field(default_factory=list)
+    within: Duration = Field(
+        default=timedelta(days=7), description="Attribution window from entry."
+    )
+    revenue: str | None = Field(
+        None, pattern=r"^properties\.[A-Za-z0-9_.]+$", examples=["properties.total"]
+    )
+
+    def as_match(self) -> EventMatch:
+        return EventMatch(event=self.event, where=self.where, match_trigger=self.match_trigger)
+
+
+# ---------------------------------------------------------------- steps
+
+
+class StepBase(_Strict):
+    id: str = Field(
+        pattern=STEP_ID,
+        description="Unique in the journey; lower_snake_case. Message ids and metrics use it.",
+    )
+    summary: str | None = Field(None, max_length=200, description="Shown to operators.")
+
+
+class SendStep(StepBase):
+    type: Literal["send"]
+    channel: Literal["email", "sms", "whatsapp", "push", "webhook", "audience"]
+    template: str = Field(min_length=1, description="Template name, e.g. cart_reminder_1.")
+    category: Literal["marketing", "transactional"] = "marketing"
+    subject: str | None = Field(None, description="Email subject (Liquid).")
+    title: str | None = Field(None, description="Push title (Liquid).")
+    body: str | None = Field(None, description="Message body (Liquid).")
+    audience: str | None = Field(None, description="Ad audience name (channel audience).")
+    url: str | None = Field(None, description="Webhook URL (channel webhook).")
+    on_failure: Literal["continue", "exit"] = "continue"
+
+    @model_validator(mode="after")
+    def _channel_fields(self) -> SendStep:
+        required = {
+            "email": ("subject", "body"),
+            "sms": ("body",),
+            "whatsapp": ("body",),
+            "push": ("title", "body"),
+            "webhook": ("url",),
+            "audience": ("audience",),
+        }[self.channel]
+        missing = [name for name in required if not getattr(self, name)]
+        if missing:
+            raise ValueError(
+                f"a {self.channel} send needs {' and '.join(missing)} "
+                f"(required for {self.channel}: {', '.join(required)})"
+            )
+        return self
+
+    def content(self) -> dict[str, str]:
+        """The Liquid sources this step renders, by field."""
+        fields = ("subject", "title", "body", "audience", "url")
+        return {name: value for name in fields if (value := getattr(self, name))}
+
+
+class TimeWindow(_Strict):
+    """A local time window in the customer's time zone."""
+
+    start: str = Field(examples=["09:00"])
+    end: str = Field(examples=["21:00"])
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=lambda: list(WEEKDAYS)
+    )
+
+    @field_validator("start", "end")
+    @classmethod
+    def _clock(cls, value: str) -> str:
+        if not _CLOCK.match(value):
+            raise ValueError(f"'{value}' is not a time of day; write HH:MM, e.g. '09:00'")
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TimeWindow:
+        if self.start == self.end:
+            raise ValueError("start and end are equal: the window would be empty")
+        if not self.days:
+            raise ValueError("days is empty: list at least one of mon..sun")
+        return self
+
+
+class WaitStep(StepBase):
+    type: Literal["wait"]
+    duration: Duration | None = None
+    until: TimeWindow | None = Field(
+        None, description="Wait until the customer's local time is inside this window."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> WaitStep:
+        if (self.duration is None) == (self.until is None):
+            raise ValueError(
+                "a wait needs exactly one of 'duration' (e.g. 4h) or 'until' "
+                "(a time window such as {start: '09:00', end: '21:00'})"
+            )
+        return self
+
+
+class Outcome(EventMatch):
+    """One event a ``wait_for`` waits for, and the steps to take when it comes."""
+
+    steps: list[Step] = Field(default_factory=list)
+
+
+class WaitForStep(StepBase):
+    type: Literal["wait_for"]
+    events: list[Outcome] = Field(min_length=1)
+    timeout: Duration = Field(description="How long to wait before taking on_timeout.")
+    on_timeout: list[Step] = Field(default_factory=list)
+
+
+class Branch(_Strict):
+    name: str | None = None
+    when: Condition
+    steps: list[Step] = Field(default_factory=list)
+
+
+class BranchStep(StepBase):
+    type: Literal["branch"]
+    branches: list[Branch] = Field(min_length=1)
+    otherwise: list[Step] = Field(default_factory=list)
+
+
+class Variant(_Strict):
+    name: str = Field(pattern=STEP_ID)
+    weight: float = Field(gt=0, description="Relative weight; need not add up to 100.")
+    steps: list[Step] = Field(default_factory=list)
+
+
+class SplitStep(StepBase):
+    type: Literal["split"]
+    variants: list[Variant] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> SplitStep:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique; got {names}")
+        return self
+
+
+class UpdateProfileStep(StepBase):
+    type: Literal["update_profile"]
+    set: dict[str, Any] = Field(default_factory=dict, description="Traits to set.")
+    unset: list[str] = Field(default_factory=list, description="Traits to remove.")
+
+    @model_validator(mode="after")
+    def _something(self) -> UpdateProfileStep:
+        if not self.set and not self.unset:
+            raise ValueError("update_profile needs 'set' or 'unset'")
+        return self
+
+
+class HandoffStep(StepBase):
+    type: Literal["handoff"]
+    team: Literal["sales", "support"]
+    skills: list[str] = Field(default_factory=list)
+    note: str = Field(min_length=1, description="What the agent should know (Liquid).")
+    priority: Literal["low", "normal", "high", "urgent"] = "normal"
+
+
+class ExitStep(StepBase):
+    type: Literal["exit"]
+    reason: str = "exit step"
+
+
+def _step_type(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("type")
+    return getattr(value, "type", None)
+
+
+Step = Annotated[
+    Annotated[SendStep, Tag("send")]
+    | Annotated[WaitStep, Tag("wait")]
+    | Annotated[WaitForStep, Tag("wait_for")]
+    | Annotated[BranchStep, Tag("branch")]
+    | Annotated[SplitStep, Tag("split")]
+    | Annotated[UpdateProfileStep, Tag("update_profile")]
+    | Annotated[HandoffStep, Tag("handoff")]
+    | Annotated[ExitStep, Tag("exit")],
+    Discriminator(
+        _step_type,
+        custom_error_type="unknown_step_type",
+        custom_error_message=f"unknown step type; 'type' must be one of {', '.join(STEP_TYPES)}",
+    ),
+]
+AnyStep = (
+    SendStep
+    | WaitStep
+    | WaitForStep
+    | BranchStep
+    | SplitStep
+    | UpdateProfileStep
+    | HandoffStep
+    | ExitStep
+)
+
+
+class Sample(_Strict):
+    """A sample customer used to render every template at publish."""
+
+    profile: dict[str, Any] = Field(default_factory=dict)
+    trigger: dict[str, Any] = Field(default_factory=dict)
+
+
+class JourneyDefinition(_Strict):
+    """A journey as its author wrote it."""
+
+    key: str = Field(pattern=JOURNEY_KEY, examples=["abandoned_cart"])
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = None
+    trigger: Trigger
+    entry: Entry = Field(default_factory=lambda: Entry())
+    exit: list[ExitRule] = Field(default_factory=list)
+    goal: Goal | None = None
+    steps: list[Step] = Field(min_length=1)
+    sample: Sample | None = Field(
+        None, description="When given, templates must render strictly with it at publish."
+    )
+
+    def listens_to(self) -> set[str]:
+        """Event names a running instance reacts to (exit, goal, wait_for)."""
+        names = {rule.event for rule in self.exit}
+        if self.goal:
+            names.add(self.goal.event)
+        for step, _ in walk_steps(self.steps):
+            if isinstance(step, WaitForStep):
+                names.update(outcome.event for outcome in step.events)
+        return names
+
+    def checksum(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+Outcome.model_rebuild()
+Branch.model_rebuild()
+Variant.model_rebuild()
+WaitForStep.model_rebuild()
+BranchStep.model_rebuild()
+SplitStep.model_rebuild()
+JourneyDefinition.model_rebuild()
+
+
+class PublishedJourney(_Strict):
+    """An immutable published version: what a running instance carries with it."""
+
+    key: str
+    version: int = Field(ge=1)
+    definition: JourneyDefinition
+
+
+# ---------------------------------------------------------------- walking and checking
+
+
+def walk_steps(steps: Sequence[AnyStep], path: str = "steps") -> Iterator[tuple[AnyStep, str]]:
+    """Every step with its path, depth first, in the order an author reads them."""
+    for index, step in enumerate(steps):
+        here = f"{path}[{index}]"
+        yield step, here
+        yield from walk_steps_within(step, here)
+
+
+def walk_steps_within(step: AnyStep, here: str) -> Iterator[tuple[AnyStep, str]]:
+    for label, children in child_lists(step):
+        yield from walk_steps(children, f"{here}.{label}")
+
+
+def child_lists(step: AnyStep) -> list[tuple[str, list[AnyStep]]]:
+    """The nested step lists of a step, labelled as their path segment."""
+    if isinstance(step, WaitForStep):
+        lists = [(f"events[{i}].steps", o.steps) for i, o in enumerate(step.events)]
+        return [*lists, ("on_timeout", step.on_timeout)]
+    if isinstance(step, BranchStep):
+        lists = [(f"branches[{i}].steps", b.steps) for i, b in enumerate(step.branches)]
+        return [*lists, ("otherwise", step.otherwise)]
+    if isinstance(step, SplitStep):
+        return [(f"variants[{i}].steps", v.steps) for i, v in enumerate(step.variants)]
+    return []
+
+
+class JourneyProblem(BaseModel):
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class JourneyInvalid(ValueError):
+    """A definition that must not be published, with every problem found."""
+
+    def __init__(self, problems: list[JourneyProblem], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"{where}journey definition is invalid:\n{lines}")
+
+
+def parse_journey(raw: Any, source: str | None = None) -> JourneyDefinition:
+    """Validate raw data (from YAML/JSON) into a definition, or raise JourneyInvalid."""
+    if not isinstance(raw, dict):
+        problem = JourneyProblem(
+            path="(root)", message="a journey is a mapping with key, name, trigger and steps"
+        )
+        raise JourneyInvalid([problem], source)
+    try:
+        definition = JourneyDefinition.model_validate(raw)
+    except ValidationError as error:
+        raise JourneyInvalid(_problems_from(error, raw), source) from None
+    problems = check_journey(definition)
+    if problems:
+        raise JourneyInvalid(problems, source)
+    return definition
+
+
+def load_journey_yaml(text: str, source: str | None = None) -> JourneyDefinition:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(root)"
+        problem = JourneyProblem(path=where, message=f"not valid YAML: {error}")
+        raise JourneyInvalid([problem], source) from None
+    return parse_journey(raw, source)
+
+
+def _problems_from(error: ValidationError, raw: Any) -> list[JourneyProblem]:
+    problems: list[JourneyProblem] = []
+    for item in error.errors():
+        path = _readable_path(item["loc"], raw)
+        message = item["msg"]
+        if item["type"] == "missing":
+            message = f"'{item['loc'][-1]}' is required"
+            if item["loc"][-1] == "timeout":
+                message += ": a wait_for must say how long to wait, e.g. timeout: 4h"
+        elif item["type"] == "extra_forbidden":
+            message = f"unknown field '{item['loc'][-1]}'; check its spelling"
+        elif item["type"] == "unknown_step_type":
+            message = (
+                f"unknown step type {item['input'].get('type')!r}"
+                if isinstance(item["input"], dict) and "type" in item["input"]
+                else "step has no 'type'"
+            ) + f"; 'type' must be one of {', '.join(STEP_TYPES)}"
+        elif item["type"] == "literal_error":
+            message = f"{item['msg']} (got {item['input']!r})"
+        elif message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        problems.append(JourneyProblem(path=path, message=message))
+    return problems
+
+
+def _readable_path(loc: tuple[Any, ...], raw: Any) -> str:
+    """Turn pydantic's location into ``steps[2] (push_reminder).title``."""
+    parts: list[str] = []
+    node = raw
+    step_types = set(STEP_TYPES)
+    for segment in loc:
+        if isinstance(segment, int):
+            if parts:
+                parts[-1] += f"[{segment}]"
+            node = node[segment] if isinstance(node, list) and segment < len(node) else None
+            if isinstance(node, dict) and isinstance(node.get("id"), str) and "type" in node:
+                parts[-1] += f" ({node['id']})"
+            continue
+        if segment in step_types and isinstance(node, dict) and node.get("type") == segment:
+            continue  # the discriminator tag, not a field
+        if segment in ("function-after[_one_form(), Condition]",):
+            continue
+        parts.append(str(segment))
+        node = node.get(segment) if isinstance(node, dict) else None
+    return ".".join(parts) or "(root)"
+
+
+def check_journey(definition: JourneyDefinition) -> list[JourneyProblem]:
+    """What the schema cannot see: ids, reachability, paths, templates."""
+    from hilo.templates import check_templates
+
+    problems: list[JourneyProblem] = []
+    seen: dict[str, str] = {}
+    for step, path in walk_steps(definition.steps):
+        label = f"{path} ({step.id})"
+        if step.id in seen:
+            problems.append(
+                JourneyProblem(
+                    path=label,
+                    message=f"step id '{step.id}' is already used at {seen[step.id]}; "
+                    "step ids must be unique in a journey",
+                )
+            )
+        else:
+            seen[step.id] = path
+        if isinstance(step, BranchStep):
+            for i, branch in enumerate(step.branches):
+                problems += _check_condition_roots(
+                    branch.when, f"{label}.branches[{i}].when", allowed=("trigger", "profile")
+                )
+        if isinstance(step, WaitForStep):
+            names = [o.event for o in step.events]
+            if len(set(names)) != len(names):
+                problems.append(
+                    JourneyProblem(
+                        path=f"{label}.events",
+                        message=f"each event may appear once in a wait_for; got {names}",
+                    )
+                )
+    for lst_path, steps in _all_lists(definition.steps, "steps"):
+        for index, step in enumerate(steps[:-1]):
+            if isinstance(step, ExitStep):
+                after = steps[index + 1]
+                problems.append(
+                    JourneyProblem(
+                        path=f"{lst_path}[{index + 1}] ({after.id})",
+                        message=f"unreachable: it follows exit step '{step.id}'; "
+                        "remove it or move the exit after it",
+                    )
+                )
+    if definition.trigger.where:
+        problems += _check_condition_roots(
+            definition.trigger.where, "trigger.where", allowed=("event",)
+        )
+    for i, rule in enumerate(definition.exit):
+        if rule.event == definition.trigger.event and not rule.match_trigger and not rule.where:
+            problems.append(
+                JourneyProblem(
+                    path=f"exit[{i}].event",
+                    message=f"'{rule.event}' is the trigger event: every instance would exit "
+                    "at once; pick another event or add match_trigger/where",
+                )
+            )
+    problems += check_templates(definition)
+    return problems
+
+
+def _all_lists(steps: list[AnyStep], path: str) -> Iterator[tuple[str, list[AnyStep]]]:
+    yield path, steps
+    for index, step in enumerate(steps):
+        for label, children in child_lists(step):
+            yield from _all_lists(children, f"{path}[{index}].{label}")
+
+
+def _check_condition_roots(
+    condition: Condition, path: str, allowed: tuple[str, ...]
+) -> list[JourneyProblem]:
+    return [
+        JourneyProblem(
+            path=path,
+            message=f"path '{p}' cannot be read here; use one of "
+            + ", ".join(f"{root}." for root in allowed),
+        )
+        for p in condition.paths()
+        if p.split(".", 1)[0] not in allowed
+    ]
+
+
+def journey_json_schema() -> dict[str, Any]:
+    """The published JSON Schema, so editors can autocomplete definitions."""
+    schema = JourneyDefinition.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Hilo journey definition"
+    return schema

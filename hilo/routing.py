@@ -1,0 +1,189 @@
+"""Event routing: an event starts the journeys it triggers and reaches the instances
+that listen to it, found through the instance table (never a visibility query).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from hilo.conditions import lookup
+from hilo.events import CustomerEvent
+from hilo.ids import journey_workflow_id
+from hilo.journey_runs import SIGNAL_EVENT, JourneyInput
+from hilo.journeys import JourneyDefinition, PublishedJourney
+from hilo.storage import Journey, JourneyVersion, Store
+
+
+@dataclass
+class RouteResult:
+    duplicate: bool = False
+    started: list[str] = field(default_factory=list)
+    signalled: list[str] = field(default_factory=list)
+    not_entered: dict[str, str] = field(default_factory=dict)
+    handles: dict[str, WorkflowHandle] = field(default_factory=dict, repr=False)
+
+
+class EventRouter:
+    def __init__(
+        self,
+        store: Store,
+        client: Client,
+        task_queue: str,
+        search_attributes: bool = True,
+        max_steps_per_run: int = 500,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.task_queue = task_queue
+        self.search_attributes = search_attributes
+        self.max_steps_per_run = max_steps_per_run
+        self._definitions: dict[tuple[str, int], JourneyDefinition] = {}
+
+    def _definition(self, version: JourneyVersion) -> JourneyDefinition:
+        cache_key = (version.journey_key, version.version)
+        if cache_key not in self._definitions:
+            self._definitions[cache_key] = JourneyDefinition.model_validate(version.definition)
+        return self._definitions[cache_key]
+
+    async def route(self, event: CustomerEvent) -> RouteResult:
+        """Store the event once, then start and signal what it concerns."""
+        result = RouteResult()
+        stored = self.store.record_event(
+            event.message_id,
+            event.customer_id,
+            event.name,
+            event.properties,
+            event.timestamp,
+            event.source,
+        )
+        if not stored:
+            result.duplicate = True
+            return result
+        journeys = [(j, v, self._definition(v)) for j, v in self.store.active_journeys()]
+        for journey, version, definition in journeys:
+            if definition.trigger.event != event.name:
+                continue
+            trigger_where = definition.trigger.where
+            if trigger_where and not trigger_where.evaluate({"event": event.as_context()}):
+                result.not_entered[journey.key] = "trigger filter did not match"
+                continue
+            await self._enter(journey, version, definition, event, result)
+        listening = {
+            journey.key
+            for journey, _version, definition in journeys
+            if event.name in definition.listens_to()
+        }
+        # Archived or paused journeys still have running instances that must hear exits.
+        listening |= self._listening_elsewhere(event.name, {j.key for j, _v, _d in journeys})
+        for instance in self.store.active_instances(event.customer_id, listening):
+            if instance.workflow_id in result.started:
+                continue
+            if await self._signal(self.client.get_workflow_handle(instance.workflow_id), event):
+                result.signalled.append(instance.workflow_id)
+        return result
+
+    def _listening_elsewhere(self, event_name: str, seen: set[str]) -> set[str]:
+        keys = set()
+        for journey in self.store.list_journeys():
+            if journey.key in seen or journey.latest_version == 0:
+                continue
+            version = self.store.latest_version(journey.key)
+            if version and event_name in self._definition(version).listens_to():
+                keys.add(journey.key)
+        return keys
+
+    async def _enter(
+        self,
+        journey: Journey,
+        version: JourneyVersion,
+        definition: JourneyDefinition,
+        event: CustomerEvent,
+        result: RouteResult,
+    ) -> None:
+        instance_key: str | None = None
+        if definition.trigger.key:
+            value = lookup({"properties": event.properties}, definition.trigger.key)
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                result.not_entered[journey.key] = (
+                    f"event has no {definition.trigger.key}, the journey's instance key"
+                )
+                return
+            instance_key = str(value)
+        workflow_id = journey_workflow_id(journey.key, event.customer_id, instance_key)
+        previous = self.store.get_instance(workflow_id)
+        entry = definition.entry
+        if previous is not None and previous.status == "active":
+            result.not_entered[journey.key] = "already in this journey"
+            return
+        if previous is not None and entry.reentry == "once":
+            result.not_entered[journey.key] = "re-entry is 'once' and the customer already entered"
+            return
+        if previous is not None and entry.reentry == "after_cooldown" and previous.ended_at:
+            assert entry.cooldown is not None
+            ready_at = previous.ended_at + entry.cooldown
+            if _now(event) < ready_at:
+                result.not_entered[journey.key] = f"cooling down until {ready_at.isoformat()}"
+                return
+        from workflows.journey import JourneyWorkflow, start_search_attributes
+
+        try:
+            handle = await self.client.start_workflow(
+                JourneyWorkflow.run,
+                JourneyInput(
+                    journey=PublishedJourney(
+                        key=journey.key, version=version.version, definition=definition
+                    ),
+                    customer_id=event.customer_id,
+                    instance_key=instance_key,
+                    trigger=event,
+                    max_steps_per_run=self.max_steps_per_run,
+                    search_attributes=self.search_attributes,
+                ),
+                id=workflow_id,
+                task_queue=self.task_queue,
+                id_reuse_policy=(
+                    WorkflowIDReusePolicy.REJECT_DUPLICATE
+                    if entry.reentry == "once"
+                    else WorkflowIDReusePolicy.ALLOW_DUPLICATE
+                ),
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                search_attributes=(
+                    start_search_attributes(journey.key, event.customer_id, version.version)
+                    if self.search_attributes
+                    else None
+                ),
+                static_summary=f"{definition.name} v{version.version} · customer "
+                f"{event.customer_id}" + (f" · {instance_key}" if instance_key else ""),
+            )
+        except WorkflowAlreadyStartedError:
+            result.not_entered[journey.key] = "already in this journey"
+            return
+        self.store.instance_started(
+            workflow_id=workflow_id,
+            journey_key=journey.key,
+            version=version.version,
+            customer_id=event.customer_id,
+            instance_key=instance_key,
+            run_id=handle.result_run_id,
+        )
+        result.started.append(workflow_id)
+        result.handles[workflow_id] = handle
+
+    async def _signal(self, handle: WorkflowHandle, event: CustomerEvent) -> bool:
+        try:
+            await handle.signal(SIGNAL_EVENT, event)
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return False  # it ended between our read and the signal
+            raise
+        return True
+
+
+def _now(event: CustomerEvent) -> datetime:
+    return max(event.timestamp, datetime.now(UTC)) if event.timestamp else datetime.now(UTC)

@@ -1,0 +1,45 @@
+"""Settings, read once from ``HILO_*`` environment variables and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_ADMIN_TOKEN = "dev-admin-token"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HILO_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+    state_dir: Path = Field(Path(".hilo"), description="Where `hilo dev` keeps its files.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; empty means a SQLite file in state_dir."
+    )
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    temporal_ui_port: int = 8233
+    task_queue: str = "hilo-journeys"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    admin_token: str = DEV_ADMIN_TOKEN
+    examples_dir: Path = PROJECT_ROOT / "examples" / "journeys"
+    max_concurrent_activities: int = 100
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> Settings:
+        if self.environment == "production" and self.admin_token == DEV_ADMIN_TOKEN:
+            raise ValueError(
+                "HILO_ADMIN_TOKEN is the development placeholder; set a secret token for production"
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.state_dir / 'hilo.db').resolve()}"

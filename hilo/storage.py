@@ -1,0 +1,505 @@
+"""The database: journeys and their versions, profiles, events, instances, the message ledger.
+
+SQLite (WAL) is the embedded default and PostgreSQL the production database. Tables come
+from the Alembic migrations in ``hilo/migrations``; :meth:`Store.migrate` applies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands datetimes back naive; everything Hilo stores is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class Journey(SQLModel, table=True):
+    __tablename__ = "journeys"
+
+    key: str = Field(primary_key=True, max_length=63)
+    name: str = Field(max_length=200)
+    status: str = Field(default="active", max_length=20)  # active | paused | archived
+    latest_version: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class JourneyVersion(SQLModel, table=True):
+    __tablename__ = "journey_versions"
+    __table_args__ = (UniqueConstraint("journey_key", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    journey_key: str = Field(foreign_key="journeys.key", index=True, max_length=63)
+    version: int
+    checksum: str = Field(max_length=64)
+    definition: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    published_at: datetime = Field(default_factory=utcnow)
+
+
+class Profile(SQLModel, table=True):
+    __tablename__ = "profiles"
+
+    customer_id: str = Field(primary_key=True, max_length=200)
+    traits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    consent: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    timezone: str | None = Field(default=None, max_length=64)
+    locale: str | None = Field(default=None, max_length=35)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class StoredEvent(SQLModel, table=True):
+    __tablename__ = "events"
+
+    message_id: str = Field(primary_key=True, max_length=200)
+    customer_id: str = Field(index=True, max_length=200)
+    name: str = Field(max_length=200)
+    properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    source: str = Field(default="api", max_length=100)
+    timestamp: datetime
+    received_at: datetime = Field(default_factory=utcnow)
+
+
+class JourneyInstance(SQLModel, table=True):
+    """One (journey, customer[, key]) instance: the router's map of running workflows."""
+
+    __tablename__ = "journey_instances"
+
+    workflow_id: str = Field(primary_key=True, max_length=1000)
+    journey_key: str = Field(index=True, max_length=63)
+    version: int
+    customer_id: str = Field(index=True, max_length=200)
+    instance_key: str | None = Field(default=None, max_length=200)
+    status: str = Field(default="active", max_length=20, index=True)
+    run_id: str | None = Field(default=None, max_length=64)
+    entries: int = 1
+    holdout: bool = False
+    started_at: datetime = Field(default_factory=utcnow)
+    ended_at: datetime | None = None
+    exit_reason: str | None = Field(default=None, max_length=200)
+    converted_at: datetime | None = None
+    revenue: float | None = None
+
+
+class Message(SQLModel, table=True):
+    """The message ledger: one row per deterministic message id."""
+
+    __tablename__ = "messages"
+
+    message_id: str = Field(primary_key=True, max_length=80)
+    workflow_id: str = Field(index=True, max_length=1000)
+    run_id: str = Field(max_length=64)
+    journey_key: str = Field(index=True, max_length=63)
+    journey_version: int
+    customer_id: str = Field(index=True, max_length=200)
+    step_id: str = Field(max_length=63)
+    iteration: int = 1
+    channel: str = Field(max_length=20)
+    template: str = Field(max_length=200)
+    category: str = Field(max_length=20)
+    content: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(max_length=20)  # sent | skipped | failed
+    reason: str | None = Field(default=None, max_length=500)
+    provider: str = Field(default="capture", max_length=40)
+    provider_message_id: str | None = Field(default=None, max_length=200)
+    scheduled_at: datetime
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class CapturedMessage(SQLModel, table=True):
+    """What the capture provider received: stands in for a real channel in development."""
+
+    __tablename__ = "captured_messages"
+
+    id: int | None = Field(default=None, primary_key=True)
+    message_id: str = Field(unique=True, max_length=80)
+    channel: str = Field(max_length=20)
+    template: str = Field(max_length=200)
+    customer_id: str = Field(index=True, max_length=200)
+    journey_key: str = Field(max_length=63)
+    step_id: str = Field(max_length=63)
+    recipient: str | None = Field(default=None, max_length=320)
+    content: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    captured_at: datetime = Field(default_factory=utcnow)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the API read while the worker writes; busy_timeout waits instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class Store:
+    """Database access shared by the API, the router and the activities."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------ profiles
+
+    def get_profile(self, customer_id: str) -> Profile | None:
+        with self.session() as session:
+            return session.get(Profile, customer_id)
+
+    def upsert_profile(
+        self,
+        customer_id: str,
+        traits: dict[str, Any] | None = None,
+        consent: dict[str, Any] | None = None,
+        timezone: str | None = None,
+        locale: str | None = None,
+        unset: list[str] | None = None,
+    ) -> Profile:
+        """Merge traits and consent into the profile, creating it when new."""
+        for _attempt in range(3):
+            with self.session() as session:
+                profile = session.get(Profile, customer_id) or Profile(customer_id=customer_id)
+                merged = {**profile.traits, **(traits or {})}
+                for name in unset or []:
+                    merged.pop(name, None)
+                profile.traits = merged
+                profile.consent = {**profile.consent, **(consent or {})}
+                profile.timezone = timezone or profile.timezone
+                profile.locale = locale or profile.locale
+                profile.updated_at = utcnow()
+                session.add(profile)
+                try:
+                    session.commit()
+                except IntegrityError:
+                    session.rollback()  # created concurrently: merge into that one
+                    continue
+                return profile
+        raise RuntimeError(f"could not update profile {customer_id!r}")
+
+    # ------------------------------------------------------------ events
+
+    def record_event(
+        self,
+        message_id: str,
+        customer_id: str,
+        name: str,
+        properties: dict[str, Any],
+        timestamp: datetime,
+        source: str,
+    ) -> bool:
+        """Store an event once; False when its message_id was already stored."""
+        with self.session() as session:
+            if session.get(StoredEvent, message_id) is not None:
+                return False
+            session.add(
+                StoredEvent(
+                    message_id=message_id,
+                    customer_id=customer_id,
+                    name=name,
+                    properties=properties,
+                    timestamp=timestamp,
+                    source=source,
+                )
+            )
+            try:
+                session.commit()
+            except IntegrityError:
+                return False
+            return True
+
+    # ------------------------------------------------------------ journeys
+
+    def publish(self, key: str, name: str, checksum: str, definition: dict[str, Any]) -> int:
+        """Store a new immutable version and return its number."""
+        with self.session() as session:
+            journey = session.get(Journey, key)
+            if journey is None:
+                journey = Journey(key=key, name=name)
+                session.add(journey)
+                session.flush()
+            if journey.status == "archived":
+                raise ValueError(f"journey '{key}' is archived; publish it under a new key")
+            journey.latest_version += 1
+            journey.name = name
+            journey.updated_at = utcnow()
+            session.add(
+                JourneyVersion(
+                    journey_key=key,
+                    version=journey.latest_version,
+                    checksum=checksum,
+                    definition=definition,
+                )
+            )
+            session.commit()
+            return journey.latest_version
+
+    def latest_version(self, key: str) -> JourneyVersion | None:
+        with self.session() as session:
+            journey = session.get(Journey, key)
+            if journey is None or journey.latest_version == 0:
+                return None
+            return session.exec(
+                select(JourneyVersion).where(
+                    JourneyVersion.journey_key == key,
+                    JourneyVersion.version == journey.latest_version,
+                )
+            ).one()
+
+    def get_version(self, key: str, version: int) -> JourneyVersion | None:
+        with self.session() as session:
+            return session.exec(
+                select(JourneyVersion).where(
+                    JourneyVersion.journey_key == key, JourneyVersion.version == version
+                )
+            ).first()
+
+    def get_journey(self, key: str) -> Journey | None:
+        with self.session() as session:
+            return session.get(Journey, key)
+
+    def list_journeys(self) -> list[Journey]:
+        with self.session() as session:
+            return list(session.exec(select(Journey).order_by(Journey.key)))
+
+    def set_journey_status(self, key: str, status: str) -> Journey:
+        with self.session() as session:
+            journey = session.get(Journey, key)
+            if journey is None:
+                raise KeyError(key)
+            if journey.status == "archived" and status != "archived":
+                raise ValueError(f"journey '{key}' is archived and cannot be {status}d")
+            journey.status = status
+            journey.updated_at = utcnow()
+            session.add(journey)
+            session.commit()
+            return journey
+
+    def active_journeys(self) -> list[tuple[Journey, JourneyVersion]]:
+        """Every journey that takes new entries, with its latest version."""
+        with self.session() as session:
+            rows = session.exec(
+                select(Journey, JourneyVersion)
+                .join(
+                    JourneyVersion,
+                    (JourneyVersion.journey_key == Journey.key)
+                    & (JourneyVersion.version == Journey.latest_version),
+                )
+                .where(Journey.status == "active")
+            )
+            return [(journey, version) for journey, version in rows]
+
+    # ------------------------------------------------------------ instances
+
+    def get_instance(self, workflow_id: str) -> JourneyInstance | None:
+        with self.session() as session:
+            instance = session.get(JourneyInstance, workflow_id)
+            if instance is not None:
+                instance.ended_at = _aware(instance.ended_at)
+                instance.started_at = _aware(instance.started_at) or instance.started_at
+            return instance
+
+    def instance_started(
+        self,
+        workflow_id: str,
+        journey_key: str,
+        version: int,
+        customer_id: str,
+        instance_key: str | None,
+        run_id: str | None,
+        holdout: bool = False,
+    ) -> None:
+        """Mark an instance active; counts a new entry when the last one had ended."""
+        for _attempt in range(3):
+            with self.session() as session:
+                instance = session.get(JourneyInstance, workflow_id)
+                if instance is None:
+                    instance = JourneyInstance(
+                        workflow_id=workflow_id,
+                        journey_key=journey_key,
+                        version=version,
+                        customer_id=customer_id,
+                        instance_key=instance_key,
+                        run_id=run_id,
+                        holdout=holdout,
+                    )
+                elif instance.run_id != run_id and run_id is not None:
+                    if instance.run_id is not None:
+                        instance.entries += 1
+                    instance.run_id = run_id
+                    instance.version = version
+                    instance.status = "active"
+                    instance.started_at = utcnow()
+                    instance.ended_at = None
+                    instance.exit_reason = None
+                    instance.converted_at = None
+                    instance.revenue = None
+                    instance.holdout = holdout
+                else:
+                    instance.holdout = instance.holdout or holdout
+                session.add(instance)
+                try:
+                    session.commit()
+                    return
+                except IntegrityError:
+                    session.rollback()
+        raise RuntimeError(f"could not record instance {workflow_id!r}")
+
+    def instance_ended(
+        self,
+        workflow_id: str,
+        run_id: str,
+        status: str,
+        reason: str | None,
+        ended_at: datetime,
+        converted_at: datetime | None,
+        revenue: float | None,
+    ) -> None:
+        with self.session() as session:
+            instance = session.get(JourneyInstance, workflow_id)
+            if instance is None or instance.run_id != run_id:
+                return  # a newer entry owns the row
+            instance.status = status
+            instance.exit_reason = reason
+            instance.ended_at = ended_at
+            instance.converted_at = converted_at
+            instance.revenue = revenue
+            session.add(instance)
+            session.commit()
+
+    def active_instances(self, customer_id: str, journey_keys: set[str]) -> list[JourneyInstance]:
+        if not journey_keys:
+            return []
+        with self.session() as session:
+            return list(
+                session.exec(
+                    select(JourneyInstance).where(
+                        JourneyInstance.customer_id == customer_id,
+                        JourneyInstance.status == "active",
+                        JourneyInstance.journey_key.in_(sorted(journey_keys)),  # type: ignore[attr-defined]
+                    )
+                )
+            )
+
+    def active_instances_of(self, journey_key: str) -> list[JourneyInstance]:
+        with self.session() as session:
+            return list(
+                session.exec(
+                    select(JourneyInstance).where(
+                        JourneyInstance.journey_key == journey_key,
+                        JourneyInstance.status == "active",
+                    )
+                )
+            )
+
+    # ------------------------------------------------------------ messages
+
+    def get_message(self, message_id: str) -> Message | None:
+        with self.session() as session:
+            return session.get(Message, message_id)
+
+    def record_message(self, message: Message) -> Message:
+        """Insert a ledger row once; a second writer gets the first row back."""
+        with self.session() as session:
+            existing = session.get(Message, message.message_id)
+            if existing is not None:
+                return existing
+            session.add(message)
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                stored = session.get(Message, message.message_id)
+                assert stored is not None
+                return stored
+            return message
+
+    def messages(
+        self, customer_id: str | None = None, journey_key: str | None = None
+    ) -> list[Message]:
+        with self.session() as session:
+            query = select(Message)
+            if customer_id is not None:
+                query = query.where(Message.customer_id == customer_id)
+            if journey_key is not None:
+                query = query.where(Message.journey_key == journey_key)
+            rows = list(session.exec(query.order_by(Message.scheduled_at)))  # type: ignore[arg-type]
+            for row in rows:
+                row.scheduled_at = _aware(row.scheduled_at) or row.scheduled_at
+            return rows
+
+    def captured(self, customer_id: str | None = None) -> list[CapturedMessage]:
+        with self.session() as session:
+            query = select(CapturedMessage)
+            if customer_id is not None:
+                query = query.where(CapturedMessage.customer_id == customer_id)
+            return list(session.exec(query.order_by(CapturedMessage.id)))  # type: ignore[arg-type]
+
+    def capture(self, message: CapturedMessage) -> CapturedMessage:
+        """Store what the capture provider received, once per message id."""
+        with self.session() as session:
+            session.add(message)
+            try:
+                session.commit()
+                return message
+            except IntegrityError:
+                session.rollback()
+                stored = session.exec(
+                    select(CapturedMessage).where(CapturedMessage.message_id == message.message_id)
+                ).one()
+                return stored
+
+    def instances_of_customer(self, customer_id: str) -> list[JourneyInstance]:
+        with self.session() as session:
+            return list(
+                session.exec(
+                    select(JourneyInstance).where(JourneyInstance.customer_id == customer_id)
+                )
+            )

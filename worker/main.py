@@ -1,0 +1,65 @@
+"""The worker: a Temporal client with Hilo's converter and tracing, running journeys."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Sequence
+from typing import Any
+
+from temporalio.client import Client, Interceptor
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+
+from activities.journey_activities import JourneyActivities
+from hilo.settings import Settings
+from hilo.storage import Store
+from workflows.journey import JourneyWorkflow
+
+WORKFLOWS: Sequence[type] = (JourneyWorkflow,)
+
+
+async def connect(settings: Settings) -> Client:
+    """A client that speaks pydantic and carries OpenTelemetry context into workflows."""
+    interceptors: list[Interceptor] = [TracingInterceptor()]
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        data_converter=pydantic_data_converter,
+        interceptors=interceptors,
+    )
+
+
+def build_worker(
+    client: Client,
+    store: Store,
+    task_queue: str,
+    max_concurrent_activities: int = 100,
+    activities: JourneyActivities | None = None,
+    **options: Any,
+) -> Worker:
+    journey_activities = activities or JourneyActivities(store)
+    # Activities touch the database synchronously; a thread pool keeps the event loop free.
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_concurrent_activities)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=list(WORKFLOWS),
+        activities=journey_activities.all(),
+        activity_executor=executor,
+        max_concurrent_activities=max_concurrent_activities,
+        **options,
+    )
+
+
+async def run_worker(settings: Settings) -> None:
+    store = Store(settings.resolved_database_url)
+    store.migrate()
+    client = await connect(settings)
+    worker = build_worker(client, store, settings.task_queue, settings.max_concurrent_activities)
+    await worker.run()
+
+
+def main() -> None:
+    asyncio.run(run_worker(Settings()))

@@ -1,0 +1,512 @@
+"""The journey interpreter: one deterministic workflow runs every journey definition.
+
+Steps are compiled into nodes linked by ``next`` so that the position of an instance is one
+step id: it survives continue-as-new, and operators read it in the Temporal UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import (
+    RetryPolicy,
+    SearchAttributePair,
+    SearchAttributeUpdate,
+    TypedSearchAttributes,
+)
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from hilo import search_attributes as attrs
+    from hilo.durations import format_duration
+    from hilo.events import CustomerEvent
+    from hilo.ids import message_id, stable_fraction
+    from hilo.journey_runs import (
+        ENROLL,
+        FINISH,
+        LOAD_PROFILE,
+        NEXT_WINDOW_OPENING,
+        SEND_MESSAGE,
+        SIGNAL_EVENT,
+        SIGNAL_STOP,
+        UPDATE_PROFILE,
+        EnrollRequest,
+        FinishRequest,
+        InstanceStatus,
+        JourneyInput,
+        JourneyProgress,
+        JourneyResult,
+        JourneyState,
+        ProfileRequest,
+        ProfileSnapshot,
+        SendRequest,
+        SendResult,
+        StopRequest,
+        UpdateProfileRequest,
+        WindowOpening,
+        WindowRequest,
+    )
+    from hilo.journeys import (
+        AnyStep,
+        BranchStep,
+        ExitStep,
+        HandoffStep,
+        SendStep,
+        SplitStep,
+        UpdateProfileStep,
+        WaitForStep,
+        WaitStep,
+        child_lists,
+    )
+
+QUICK = timedelta(seconds=30)
+SEND_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=2),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=10),
+    maximum_attempts=12,
+)
+
+
+@dataclass(frozen=True)
+class Node:
+    step: AnyStep
+    next: str | None
+
+
+def compile_steps(steps: list[AnyStep]) -> dict[str, Node]:
+    """Link every step to the one that follows it, nested lists included."""
+    nodes: dict[str, Node] = {}
+
+    def link(items: list[AnyStep], after: str | None) -> None:
+        for index, step in enumerate(items):
+            following = items[index + 1].id if index + 1 < len(items) else after
+            nodes[step.id] = Node(step, following)
+            for _label, children in child_lists(step):
+                link(children, following)
+
+    link(steps, None)
+    return nodes
+
+
+def first_of(steps: list[AnyStep], otherwise: str | None) -> str | None:
+    return steps[0].id if steps else otherwise
+
+
+@workflow.defn(name="Journey")
+class JourneyWorkflow:
+    @workflow.init
+    def __init__(self, input: JourneyInput) -> None:
+        self.input = input
+        self.definition = input.journey.definition
+        self.nodes = compile_steps(list(self.definition.steps))
+        self.state = input.state.model_copy() if input.state else JourneyState()
+        self.status = "starting"
+        self.step: str | None = self.state.cursor
+        self.listening: set[str] = set()
+        self.inbox: list[CustomerEvent] = []
+        self.final_status: InstanceStatus | None = None
+        self.profile: ProfileSnapshot | None = None
+        self.steps_this_run = 0
+
+    # ------------------------------------------------------------ signals and queries
+
+    @workflow.signal(name=SIGNAL_EVENT)
+    def on_event(self, event: CustomerEvent) -> None:
+        if event.message_id == self.input.trigger.message_id:
+            return  # the trigger itself, delivered by signal-with-start
+        context = self._context()
+        data = event.as_context()
+        if self.state.exit_reason is None:
+            for rule in self.definition.exit:
+                if rule.matches(data, context):
+                    self.state.exit_reason = rule.reason or f"exit event: {event.name}"
+                    break
+        goal = self.definition.goal
+        if goal and self.state.converted_at is None and goal.as_match().matches(data, context):
+            started = self.state.started_at or workflow.now()
+            if event.timestamp - started <= goal.within:
+                self.state.converted_at = event.timestamp
+                if goal.revenue:
+                    self.state.revenue = _number(event.properties, goal.revenue)
+        if event.name in self.listening:
+            self.inbox.append(event)
+
+    @workflow.signal(name=SIGNAL_STOP)
+    def on_stop(self, request: StopRequest) -> None:
+        if self.state.exit_reason is None:
+            self.state.exit_reason = request.reason
+            self.final_status = request.status
+
+    @workflow.query(name="progress")
+    def progress(self) -> JourneyProgress:
+        return JourneyProgress(
+            journey=self.definition.key,
+            version=self.input.journey.version,
+            customer_id=self.input.customer_id,
+            step=self.step,
+            status=self.status,
+            waiting_for=sorted(self.listening),
+            sent=self.state.sent,
+            exit_reason=self.state.exit_reason,
+        )
+
+    # ------------------------------------------------------------ the run
+
+    @workflow.run
+    async def run(self, input: JourneyInput) -> JourneyResult:
+        info = workflow.info()
+        # The first run's id names the enrollment: stable across continue-as-new and retries.
+        self.run_id = self.state.enrollment_run_id or info.first_execution_run_id
+        self.state.enrollment_run_id = self.run_id
+        if input.state is None:
+            self.state.started_at = workflow.now()
+            self.state.cursor = first_of(list(self.definition.steps), None)
+            holdout = self._in_holdout()
+            await self._activity(
+                ENROLL,
+                EnrollRequest(
+                    workflow_id=info.workflow_id,
+                    run_id=self.run_id,
+                    journey_key=self.definition.key,
+                    version=input.journey.version,
+                    customer_id=input.customer_id,
+                    instance_key=input.instance_key,
+                    holdout=holdout,
+                ),
+                summary=f"enter {self.definition.key} v{input.journey.version}",
+            )
+            if holdout:
+                return await self._finish("holdout", "control group: no sends")
+
+        while self.state.cursor is not None and self.state.exit_reason is None:
+            if self._should_continue_as_new():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(self._next_run_input())
+            node = self.nodes[self.state.cursor]
+            self.step = node.step.id
+            self.steps_this_run += 1
+            self.state.step_counts[node.step.id] = self.state.step_counts.get(node.step.id, 0) + 1
+            self.state.cursor = await self._run_step(node)
+
+        if self.state.exit_reason is not None:
+            return await self._finish(self.final_status or "exited", self.state.exit_reason)
+        return await self._finish("completed", None)
+
+    async def _run_step(self, node: Node) -> str | None:
+        step = node.step
+        if isinstance(step, SendStep):
+            return await self._send(step, node.next)
+        if isinstance(step, HandoffStep):
+            return await self._handoff(step, node.next)
+        if isinstance(step, WaitStep):
+            return await self._wait(step, node.next)
+        if isinstance(step, WaitForStep):
+            return await self._wait_for(step, node.next)
+        if isinstance(step, BranchStep):
+            return await self._branch(step, node.next)
+        if isinstance(step, SplitStep):
+            return self._split(step, node.next)
+        if isinstance(step, UpdateProfileStep):
+            self._show(step, "updating profile", f"update profile: {step.id}")
+            await self._activity(
+                UPDATE_PROFILE,
+                UpdateProfileRequest(
+                    customer_id=self.input.customer_id, set=step.set, unset=step.unset
+                ),
+                summary=f"{step.id}: update profile",
+            )
+            self.profile = None  # read it again when a later step needs it
+            return node.next
+        if isinstance(step, ExitStep):
+            self.state.exit_reason = step.reason
+            return None
+        raise AssertionError(f"unhandled step {step!r}")  # check_journey forbids this
+
+    # ------------------------------------------------------------ steps
+
+    async def _send(self, step: SendStep, following: str | None) -> str | None:
+        self._show(step, "sending", f"sending {step.channel} `{step.template}`")
+        result = await self._deliver(
+            step.id, step.channel, step.template, step.category, step.content()
+        )
+        if result.status == "failed" and step.on_failure == "exit":
+            self.state.exit_reason = f"{step.id} failed: {result.reason}"
+            return None
+        return following
+
+    async def _handoff(self, step: HandoffStep, following: str | None) -> str | None:
+        self._show(step, "handing off", f"handing off to {step.team}")
+        content = {
+            "note": step.note,
+            "team": step.team,
+            "priority": step.priority,
+            "skills": ",".join(step.skills),
+        }
+        await self._deliver(step.id, "handoff", f"handoff_{step.team}", "transactional", content)
+        return following
+
+    async def _deliver(
+        self, step_id: str, channel: str, template: str, category: str, content: dict[str, str]
+    ) -> SendResult:
+        info = workflow.info()
+        iteration = self.state.step_counts.get(step_id, 1)
+        request = SendRequest(
+            message_id=message_id(info.workflow_id, self.run_id, step_id, iteration),
+            workflow_id=info.workflow_id,
+            run_id=self.run_id,
+            journey_key=self.definition.key,
+            journey_version=self.input.journey.version,
+            customer_id=self.input.customer_id,
+            step_id=step_id,
+            iteration=iteration,
+            channel=channel,
+            template=template,
+            category="transactional" if category == "transactional" else "marketing",
+            content=content,
+            trigger=self.input.trigger.as_context(),
+            scheduled_at=workflow.now(),
+        )
+        try:
+            result = await workflow.execute_activity(
+                SEND_MESSAGE,
+                request,
+                result_type=SendResult,
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=SEND_RETRY,
+                summary=f"{step_id}: {channel} {template}",
+            )
+        except ActivityError as error:
+            cause = error.cause
+            return SendResult(
+                message_id=request.message_id,
+                status="failed",
+                reason=str(cause.message if cause and hasattr(cause, "message") else error),
+            )
+        if result.status == "sent":
+            self.state.sent += 1
+        return result
+
+    async def _wait(self, step: WaitStep, following: str | None) -> str | None:
+        if step.duration is not None:
+            delay = step.duration
+            label = format_duration(delay)
+        else:
+            assert step.until is not None
+            opening = await self._activity(
+                NEXT_WINDOW_OPENING,
+                WindowRequest(
+                    customer_id=self.input.customer_id, window=step.until, now=workflow.now()
+                ),
+                summary=f"{step.id}: next {step.until.start}-{step.until.end} local time",
+                result_type=WindowOpening,
+            )
+            delay = max(opening.at - workflow.now(), timedelta(0))
+            label = f"{format_duration(delay)} until {step.until.start} {opening.timezone}"
+        self._show(step, "waiting", f"waiting {label}")
+        if delay > timedelta(0):
+            # A wait that an exit rule can cut short: a condition with a timeout, not a sleep.
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self.state.exit_reason is not None,
+                    timeout=delay,
+                    timeout_summary=f"{step.id}: wait {label}",
+                )
+        return following
+
+    async def _wait_for(self, step: WaitForStep, following: str | None) -> str | None:
+        self.inbox.clear()
+        self.listening = {outcome.event for outcome in step.events}
+        names = ", ".join(outcome.event for outcome in step.events)
+        self._show(
+            step,
+            "waiting_for",
+            f"waiting up to {format_duration(step.timeout)} for: {names}",
+        )
+        chosen: list[int] = []
+
+        def settled() -> bool:
+            if self.state.exit_reason is not None:
+                return True
+            context = self._context()
+            for event in self.inbox:
+                for index, outcome in enumerate(step.events):
+                    if outcome.matches(event.as_context(), context):
+                        chosen.append(index)
+                        return True
+            self.inbox.clear()  # none matched: those events are spent
+            return False
+
+        try:
+            await workflow.wait_condition(
+                settled,
+                timeout=step.timeout,
+                timeout_summary=f"{step.id}: up to {format_duration(step.timeout)} for {names}",
+            )
+        except TimeoutError:
+            self.listening = set()
+            return first_of(list(step.on_timeout), following)
+        self.listening = set()
+        self.inbox.clear()
+        if not chosen:
+            return None  # exit rule fired while waiting
+        return first_of(list(step.events[chosen[0]].steps), following)
+
+    async def _branch(self, step: BranchStep, following: str | None) -> str | None:
+        self._show(step, "deciding", "evaluating branch conditions")
+        needs_profile = any(
+            path.startswith("profile.") for b in step.branches for path in b.when.paths()
+        )
+        if needs_profile:
+            await self._refresh_profile(step.id)
+        context = self._context()
+        for branch in step.branches:
+            if branch.when.evaluate(context):
+                return first_of(list(branch.steps), following)
+        return first_of(list(step.otherwise), following)
+
+    def _split(self, step: SplitStep, following: str | None) -> str | None:
+        point = stable_fraction(self.definition.key, self.input.customer_id, step.id)
+        total = sum(v.weight for v in step.variants)
+        cumulative = 0.0
+        chosen = step.variants[-1]
+        for variant in step.variants:
+            cumulative += variant.weight / total
+            if point < cumulative:
+                chosen = variant
+                break
+        self._show(step, "splitting", f"variant {chosen.name}")
+        return first_of(list(chosen.steps), following)
+
+    # ------------------------------------------------------------ helpers
+
+    async def _refresh_profile(self, step_id: str) -> None:
+        self.profile = await self._activity(
+            LOAD_PROFILE,
+            ProfileRequest(customer_id=self.input.customer_id),
+            summary=f"{step_id}: read profile",
+            result_type=ProfileSnapshot,
+        )
+
+    def _context(self) -> dict[str, Any]:
+        return {
+            "trigger": self.input.trigger.as_context(),
+            "profile": self.profile.as_context() if self.profile else {},
+        }
+
+    def _in_holdout(self) -> bool:
+        percent = self.definition.entry.holdout_percent
+        if percent <= 0:
+            return False
+        point = stable_fraction(
+            self.definition.key, self.input.customer_id, self.input.instance_key or "", "holdout"
+        )
+        return point * 100 < percent
+
+    def _should_continue_as_new(self) -> bool:
+        return (
+            self.steps_this_run >= self.input.max_steps_per_run
+            or workflow.info().is_continue_as_new_suggested()
+        )
+
+    def _next_run_input(self) -> JourneyInput:
+        state = self.state.model_copy(update={"runs": self.state.runs + 1})
+        return self.input.model_copy(update={"state": state})
+
+    async def _activity(
+        self, name: str, request: Any, summary: str, result_type: type | None = None
+    ) -> Any:
+        return await workflow.execute_activity(
+            name,
+            request,
+            result_type=result_type,
+            start_to_close_timeout=QUICK,
+            retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=1)),
+            summary=summary,
+        )
+
+    def _show(self, step: AnyStep, status: str, details: str) -> None:
+        """What the operator sees: current details and search attributes."""
+        self.status = status
+        version = self.input.journey.version
+        workflow.set_current_details(
+            f"**{self.definition.name}** v{version} · step `{step.id}` ({step.type})\n\n{details}"
+        )
+        if self.input.search_attributes:
+            waiting = sorted(self.listening | {rule.event for rule in self.definition.exit})
+            workflow.upsert_search_attributes(
+                [
+                    attrs.STEP.value_set(step.id),
+                    attrs.STATUS.value_set(status),
+                    attrs.WAITING_FOR.value_set(waiting),
+                ]
+            )
+
+    async def _finish(self, status: InstanceStatus, reason: str | None) -> JourneyResult:
+        info = workflow.info()
+        self.status = status
+        self.listening = set()
+        workflow.set_current_details(
+            f"**{self.definition.name}** v{self.input.journey.version} · {status}"
+            + (f": {reason}" if reason else "")
+        )
+        if self.input.search_attributes:
+            updates: list[SearchAttributeUpdate[Any]] = [
+                attrs.STATUS.value_set(status),
+                attrs.WAITING_FOR.value_set([]),
+            ]
+            workflow.upsert_search_attributes(updates)
+        await self._activity(
+            FINISH,
+            FinishRequest(
+                workflow_id=info.workflow_id,
+                run_id=self.run_id,
+                status=status,
+                reason=reason,
+                ended_at=workflow.now(),
+                converted_at=self.state.converted_at,
+                revenue=self.state.revenue,
+            ),
+            summary=f"{status}" + (f": {reason}" if reason else ""),
+        )
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return JourneyResult(
+            status=status,
+            reason=reason,
+            sent=self.state.sent,
+            steps=sum(self.state.step_counts.values()),
+            converted=self.state.converted_at is not None,
+        )
+
+
+def _number(properties: dict[str, Any], path: str) -> float | None:
+    value: Any = properties
+    for part in path.removeprefix("properties.").split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def start_search_attributes(
+    journey_key: str, customer_id: str, version: int
+) -> TypedSearchAttributes:
+    """Set at start, so an instance is findable before its first step runs."""
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(attrs.JOURNEY, journey_key),
+            SearchAttributePair(attrs.CUSTOMER, customer_id),
+            SearchAttributePair(attrs.JOURNEY_VERSION, version),
+            SearchAttributePair(attrs.STATUS, "starting"),
+        ]
+    )
+
+
+__all__ = ["JourneyWorkflow", "compile_steps", "start_search_attributes"]
