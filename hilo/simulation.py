@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
@@ -187,6 +187,21 @@ class JourneyLab:
         # The handle from the start skips time while it waits (a plain handle would not).
         handle = self.handles[workflow_id]
         return JourneyResult.model_validate(await handle.result())
+
+    async def settle(self, workflow_id: str, timeout: float = 30.0) -> None:
+        """Wait for an instance to close without letting the clock run.
+
+        ``result()`` lets the test server skip time until it sees the close, which can leave
+        the clock years ahead; tests about elapsed time use this after ``advance``.
+        """
+        handle = self.handles[workflow_id]
+        plain = self.client.get_workflow_handle(workflow_id, run_id=handle.result_run_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (await plain.describe()).status == WorkflowExecutionStatus.RUNNING:
+            if loop.time() > deadline:
+                raise TimeoutError(f"{workflow_id} still running after {timeout}s")
+            await asyncio.sleep(0.05)
 
     def timeline(self, customer_id: str, since: datetime) -> list[str]:
         lines: list[tuple[datetime, int, str]] = []

