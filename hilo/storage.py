@@ -503,3 +503,17 @@ class Store:
                     select(JourneyInstance).where(JourneyInstance.customer_id == customer_id)
                 )
             )
+
+    def list_versions(self, key: str) -> list[JourneyVersion]:
+        """Every published version of a journey, oldest first."""
+        with self.session() as session:
+            rows = list(
+                session.exec(
+                    select(JourneyVersion)
+                    .where(JourneyVersion.journey_key == key)
+                    .order_by(JourneyVersion.version)  # type: ignore[arg-type]
+                )
+            )
+            for row in rows:
+                row.published_at = _aware(row.published_at) or row.published_at
+            return rows

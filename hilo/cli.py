@@ -1,0 +1,258 @@
+"""The ``hilo`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hilo.journeys import JourneyDefinition, JourneyInvalid, journey_json_schema, load_journey_yaml
+from hilo.settings import Settings
+
+app = typer.Typer(help="Hilo: every channel, one conversation.", no_args_is_help=True)
+journeys_app = typer.Typer(help="Validate, publish and manage journeys.", no_args_is_help=True)
+app.add_typer(journeys_app, name="journeys")
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except Exception as error:
+        typer.secho(f"settings: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _load(path: Path) -> JourneyDefinition:
+    if not path.is_file():
+        typer.secho(f"{path}: no such file", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        return load_journey_yaml(path.read_text(), source=str(path))
+    except JourneyInvalid as error:
+        typer.secho(str(error), fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def _store(settings: Settings) -> Any:
+    from hilo.storage import Store
+
+    store = Store(settings.resolved_database_url)
+    store.migrate()
+    return store
+
+
+# ---------------------------------------------------------------- running
+
+
+@app.command()
+def dev(
+    no_examples: Annotated[
+        bool, typer.Option("--no-examples", help="Do not publish the example journeys.")
+    ] = False,
+) -> None:
+    """Temporal dev server, worker, API and example journeys on this machine."""
+    from hilo.dev import run_dev
+
+    try:
+        asyncio.run(run_dev(_settings(), publish_examples=not no_examples))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def worker() -> None:
+    """Run a worker: executes journey workflows and their activities."""
+    from worker.main import run_worker
+
+    asyncio.run(run_worker(_settings()))
+
+
+@app.command()
+def api() -> None:
+    """Run the HTTP API."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = _settings()
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+
+
+# ---------------------------------------------------------------- journeys
+
+
+@journeys_app.command("validate")
+def journeys_validate(files: list[Path]) -> None:
+    """Check definitions as publishing would; exit 1 on the first invalid file."""
+    for path in files:
+        definition = _load(path)
+        typer.echo(f"{path}: ok ({definition.key}, {len(definition.steps)} top-level steps)")
+
+
+@journeys_app.command("publish")
+def journeys_publish(files: list[Path]) -> None:
+    """Publish each definition as a new immutable version."""
+    from hilo.catalog import JourneyCatalog
+
+    definitions = [_load(path) for path in files]  # all valid, or none published
+    catalog = JourneyCatalog(_store(_settings()))
+    for definition in definitions:
+        try:
+            version = catalog.publish(definition)
+        except ValueError as error:
+            typer.secho(str(error), fg="red", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"published {definition.key} v{version}")
+
+
+@journeys_app.command("list")
+def journeys_list() -> None:
+    """Every journey with its status and latest version."""
+    from hilo.catalog import JourneyCatalog
+
+    rows = JourneyCatalog(_store(_settings())).list()
+    if not rows:
+        typer.echo("no journeys published yet")
+    for journey in rows:
+        typer.echo(
+            f"{journey.key:<24} v{journey.latest_version:<4} {journey.status:<9} {journey.name}"
+        )
+
+
+def _set_status(key: str, action: str) -> None:
+    from hilo.catalog import JourneyCatalog
+
+    settings = _settings()
+    catalog = JourneyCatalog(_store(settings))
+    try:
+        if action == "archive":
+            from worker.main import connect
+
+            async def archive() -> tuple[Any, int]:
+                return await catalog.archive(key, await connect(settings))
+
+            journey, stopped = asyncio.run(archive())
+            typer.echo(f"{key}: archived, {stopped} running instance(s) stopped")
+            return
+        journey = catalog.pause(key) if action == "pause" else catalog.resume(key)
+    except KeyError:
+        typer.secho(f"no journey '{key}'; `hilo journeys list` shows them", fg="red", err=True)
+        raise typer.Exit(1) from None
+    except ValueError as error:
+        typer.secho(str(error), fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{key}: {journey.status}")
+
+
+@journeys_app.command("pause")
+def journeys_pause(key: str) -> None:
+    """Stop new entries; running instances go on."""
+    _set_status(key, "pause")
+
+
+@journeys_app.command("resume")
+def journeys_resume(key: str) -> None:
+    """Take new entries again."""
+    _set_status(key, "resume")
+
+
+@journeys_app.command("archive")
+def journeys_archive(key: str) -> None:
+    """Stop new entries and end every running instance."""
+    _set_status(key, "archive")
+
+
+@journeys_app.command("schema")
+def journeys_schema(
+    output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+) -> None:
+    """Print (or write) the JSON Schema of journey definitions, for editors."""
+    text = json.dumps(journey_json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n")
+        typer.echo(f"wrote {output}")
+    else:
+        typer.echo(text)
+
+
+# ---------------------------------------------------------------- events and simulation
+
+
+def _parse_property(raw: str) -> tuple[str, Any]:
+    if "=" not in raw:
+        raise typer.BadParameter(f"'{raw}' is not key=value (e.g. cart_value=80)")
+    key, value = raw.split("=", 1)
+    try:
+        return key, json.loads(value)  # numbers and booleans stay typed
+    except json.JSONDecodeError:
+        return key, value
+
+
+@app.command("send-event")
+def send_event(
+    name: Annotated[str, typer.Argument(help="Event name, e.g. 'Cart Abandoned'.")],
+    customer: Annotated[str, typer.Option("--customer", "-c", help="Customer id.")],
+    prop: Annotated[
+        list[str] | None, typer.Option("--property", "-p", help="key=value, repeatable.")
+    ] = None,
+    api_url: Annotated[str | None, typer.Option("--api", help="Hilo API base URL.")] = None,
+) -> None:
+    """Send an event through the API, as a service would."""
+    from hilo.client import HiloClient, HiloError
+
+    settings = _settings()
+    url = api_url or f"http://{settings.api_host}:{settings.api_port}"
+    properties = dict(_parse_property(raw) for raw in prop or [])
+    try:
+        with HiloClient(url, settings.admin_token) as client:
+            result = client.send_event(name, customer, properties)
+    except HiloError as error:
+        typer.secho(str(error), fg="red", err=True)
+        raise typer.Exit(1) from None
+    except Exception as error:
+        typer.secho(f"could not reach Hilo at {url}: {error}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def simulate(
+    journey: Annotated[
+        str, typer.Argument(help="A journey file, or the key of an example journey.")
+    ],
+    scenario: Annotated[Path, typer.Option("--scenario", "-s", help="Scenario YAML file.")],
+) -> None:
+    """Run a journey against a scripted customer on Temporal's time-skipping server."""
+    from hilo.simulation import Scenario, simulate_sync
+
+    path = Path(journey)
+    if not path.is_file():
+        path = _settings().examples_dir / f"{journey}.yaml"
+    definition = _load(path)
+    if not scenario.is_file():
+        typer.secho(f"{scenario}: no such file", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        script = Scenario.from_yaml(scenario.read_text(), source=str(scenario))
+    except ValueError as error:
+        typer.secho(str(error), fg="red", err=True)
+        raise typer.Exit(2) from None
+    report = simulate_sync(definition, script)
+    typer.echo(f"{definition.key} · {script.name or scenario.name}")
+    for line in report.timeline:
+        typer.echo(f"  {line}")
+    if report.expected is None:
+        return
+    if report.matches:
+        typer.secho("expectations met", fg="green")
+        return
+    typer.secho("expectations NOT met:", fg="red", err=True)
+    typer.echo(report.mismatch(), err=True)
+    raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

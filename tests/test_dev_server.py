@@ -1,0 +1,162 @@
+"""On the real dev server with a database file: restarts, and finding instances by search.
+
+The worker runs as its own process (``hilo worker``) so that it can be killed for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from hilo.catalog import JourneyCatalog
+from hilo.devserver import DevServer
+from hilo.events import CustomerEvent
+from hilo.journey_runs import JourneyResult
+from hilo.journeys import JourneyDefinition
+from hilo.routing import EventRouter
+from hilo.simulation import tool_path
+from hilo.storage import CapturedMessage, Store
+from worker.main import connect
+
+TASK_QUEUE = "hilo-restart-test"
+PROBE = JourneyDefinition.model_validate(
+    {
+        "key": "restart_probe",
+        "name": "Restart probe",
+        "trigger": {"event": "Signed Up"},
+        "exit": [{"event": "Order Completed", "reason": "purchased"}],
+        "steps": [
+            {
+                "id": "hello",
+                "type": "send",
+                "channel": "email",
+                "template": "hello",
+                "subject": "Hi {{ profile.traits.first_name }}",
+                "body": "Welcome",
+            },
+            {"id": "pause", "type": "wait", "duration": "6s"},
+            {
+                "id": "follow_up",
+                "type": "send",
+                "channel": "email",
+                "template": "follow_up",
+                "subject": "Still there?",
+                "body": "Tips",
+            },
+        ],
+    }
+)
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Store]:
+    store = Store(f"sqlite:///{tmp_path / 'hilo.db'}")
+    store.migrate()
+    yield store
+    store.dispose()
+
+
+def start_worker(server: DevServer, store: Store, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "HILO_DATABASE_URL": store.url,
+        "HILO_TEMPORAL_ADDRESS": server.address,
+        "HILO_TASK_QUEUE": TASK_QUEUE,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "hilo.cli", "worker"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def captured(store: Store) -> list[CapturedMessage]:
+    with store.session() as session:
+        return list(session.exec(select(CapturedMessage)))
+
+
+async def wait_until(check: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+async def test_restart_resumes_a_waiting_journey_without_duplicates(
+    tmp_path: Path, database: Store
+) -> None:
+    database.upsert_profile("42", traits={"email": "ana@example.com", "first_name": "Ana"})
+    JourneyCatalog(database).publish(PROBE)
+    server = DevServer(db_file=tmp_path / "temporal.db", log_file=tmp_path / "temporal.log")
+    await server.start()
+    worker = start_worker(server, database, tmp_path / "worker.log")
+    try:
+        from hilo.settings import Settings
+
+        client = await connect(Settings(temporal_address=server.address))
+        router = EventRouter(database, client, TASK_QUEUE)
+        route = await router.route(CustomerEvent(name="Signed Up", customer_id="42"))
+        workflow_id = route.started[0]
+        await wait_until(lambda: len(captured(database)) == 1)
+
+        # An operator finds the instance by journey, customer and what it waits for.
+        query = (
+            "HiloJourney = 'restart_probe' AND HiloCustomer = '42' "
+            "AND HiloWaitingFor = 'Order Completed' AND HiloStatus = 'waiting'"
+        )
+        found: list[str] = []
+        for _ in range(100):
+            found = [w.id async for w in client.list_workflows(query)]
+            if found:
+                break
+            await asyncio.sleep(0.1)
+        assert found == [workflow_id]
+        cli = subprocess.run(
+            [
+                tool_path("temporal"),
+                "workflow",
+                "list",
+                "--address",
+                server.address,
+                "--query",
+                query,
+                "--output",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert workflow_id in cli.stdout
+
+        # Kill the worker outright and stop the server while the 6 s timer is pending.
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        server.stop()
+        await asyncio.sleep(7)  # the timer falls due while nothing runs
+
+        await server.start()
+        worker = start_worker(server, database, tmp_path / "worker.log")
+        client = await connect(Settings(temporal_address=server.address))
+        handle = client.get_workflow_handle(workflow_id, result_type=JourneyResult)
+        result = await asyncio.wait_for(handle.result(), timeout=60)
+        assert (result.status, result.sent) == ("completed", 2)
+        sent = captured(database)
+        assert [m.template for m in sent] == ["hello", "follow_up"]
+        assert len({m.message_id for m in sent}) == 2
+        assert len(database.messages("42")) == 2
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=20)
+        server.stop()
