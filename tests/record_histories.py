@@ -1,0 +1,53 @@
+"""Record journey histories for the replay test: ``python -m tests.record_histories``.
+
+Run it only when a workflow change is meant to be incompatible (and then guard the change
+with ``workflow.patched``). The recorded files are the proof that running journeys still
+replay on today's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+from hilo.simulation import JourneyLab, start_time_skipping
+from hilo.storage import Store
+from tests.conftest import example
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def record() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        store = Store(f"sqlite:///{Path(folder) / 'hilo.db'}")
+        store.migrate()
+        env = await start_time_skipping()
+        try:
+            async with JourneyLab.open(env, store) as lab:
+                store.upsert_profile(
+                    "42", traits={"email": "a@example.com"}, consent={"push": True}
+                )
+                lab.publish(example("abandoned_cart"))
+                cases = {
+                    "abandoned_cart_completed": ("c1", None),
+                    "abandoned_cart_back_on_site": ("c2", "Page Viewed"),
+                    "abandoned_cart_purchased": ("c3", "Order Completed"),
+                }
+                for name, (cart, follow_up) in cases.items():
+                    route = await lab.send("Cart Abandoned", "42", cart_id=cart, cart_value=80)
+                    if follow_up:
+                        await lab.advance(timedelta(hours=2))
+                        await lab.send(follow_up, "42", cart_id=cart, total=80)
+                    workflow_id = route.started[0]
+                    await lab.result(workflow_id)
+                    history = await lab.handles[workflow_id].fetch_history()
+                    (HISTORIES / f"{name}.json").write_text(history.to_json())
+                    print(f"recorded {name}: {len(history.events)} events")
+        finally:
+            await env.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(record())
