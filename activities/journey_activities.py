@@ -211,7 +211,7 @@ def _result(message: Message) -> SendResult:
     status = message.status if message.status in ("sent", "skipped", "failed") else "sent"
     return SendResult(
         message_id=message.message_id,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         reason=message.reason,
         provider_message_id=message.provider_message_id,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,10 +57,8 @@ def dev(
     """Temporal dev server, worker, API and example journeys on this machine."""
     from hilo.dev import run_dev
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_dev(_settings(), publish_examples=not no_examples))
-    except KeyboardInterrupt:
-        pass
 
 
 @app.command()

@@ -22,7 +22,7 @@ class CustomerEvent(BaseModel):
         default_factory=lambda: f"evt_{uuid.uuid4().hex}",
         min_length=1,
         max_length=200,
-        description="Deduplication key: an event with a known message_id is stored and routed once.",
+        description="Deduplication key: a known message_id is stored and routed once.",
     )
     source: str = Field("api", max_length=100)
 

@@ -180,7 +180,7 @@ class TimeWindow(_Strict):
     start: str = Field(examples=["09:00"])
     end: str = Field(examples=["21:00"])
     days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
-        default_factory=lambda: list(WEEKDAYS)
+        default_factory=lambda: list(WEEKDAYS)  # type: ignore[arg-type]
     )
 
     @field_validator("start", "end")
@@ -520,14 +520,25 @@ def check_journey(definition: JourneyDefinition) -> list[JourneyProblem]:
                     branch.when, f"{label}.branches[{i}].when", allowed=("trigger", "profile")
                 )
         if isinstance(step, WaitForStep):
-            names = [o.event for o in step.events]
-            if len(set(names)) != len(names):
-                problems.append(
-                    JourneyProblem(
-                        path=f"{label}.events",
-                        message=f"each event may appear once in a wait_for; got {names}",
-                    )
-                )
+            # The same event may appear in several outcomes told apart by 'where' (a low and
+            # a high score); the first that matches wins, so an earlier outcome without
+            # 'where' that asks no more of the trigger makes a later one unreachable.
+            for later_index, later in enumerate(step.events):
+                for index, earlier in enumerate(step.events[:later_index]):
+                    if (
+                        earlier.event == later.event
+                        and earlier.where is None
+                        and set(earlier.match_trigger) <= set(later.match_trigger)
+                    ):
+                        problems.append(
+                            JourneyProblem(
+                                path=f"{label}.events[{later_index}]",
+                                message=f"unreachable: events[{index}] already takes every "
+                                f"'{later.event}' event; give events[{index}] a 'where' "
+                                "or move it last",
+                            )
+                        )
+                        break
     for lst_path, steps in _all_lists(definition.steps, "steps"):
         for index, step in enumerate(steps[:-1]):
             if isinstance(step, ExitStep):

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, event
+from sqlalchemy import JSON, Column, UniqueConstraint, and_, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -329,8 +329,10 @@ class Store:
                 select(Journey, JourneyVersion)
                 .join(
                     JourneyVersion,
-                    (JourneyVersion.journey_key == Journey.key)
-                    & (JourneyVersion.version == Journey.latest_version),
+                    and_(
+                        col(JourneyVersion.journey_key) == col(Journey.key),
+                        col(JourneyVersion.version) == col(Journey.latest_version),
+                    ),
                 )
                 .where(Journey.status == "active")
             )

@@ -8,7 +8,6 @@ Create Date: 2026-11-23 19:15:28.286224
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-import sqlmodel
 from alembic import op
 
 revision: str = "0001"
@@ -22,15 +21,15 @@ def upgrade() -> None:
     op.create_table(
         "captured_messages",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("message_id", sqlmodel.sql.sqltypes.AutoString(length=80), nullable=False),
-        sa.Column("channel", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
-        sa.Column("template", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("customer_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("journey_key", sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
-        sa.Column("step_id", sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
-        sa.Column("recipient", sqlmodel.sql.sqltypes.AutoString(length=320), nullable=True),
+        sa.Column("message_id", sa.String(length=80), nullable=False),
+        sa.Column("channel", sa.String(length=20), nullable=False),
+        sa.Column("template", sa.String(length=200), nullable=False),
+        sa.Column("customer_id", sa.String(length=200), nullable=False),
+        sa.Column("journey_key", sa.String(length=63), nullable=False),
+        sa.Column("step_id", sa.String(length=63), nullable=False),
+        sa.Column("recipient", sa.String(length=320), nullable=True),
         sa.Column("content", sa.JSON(), nullable=False),
-        sa.Column("captured_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("captured_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("message_id"),
     )
@@ -41,13 +40,13 @@ def upgrade() -> None:
 
     op.create_table(
         "events",
-        sa.Column("message_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("customer_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+        sa.Column("message_id", sa.String(length=200), nullable=False),
+        sa.Column("customer_id", sa.String(length=200), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
         sa.Column("properties", sa.JSON(), nullable=False),
-        sa.Column("source", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
-        sa.Column("timestamp", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("received_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("source", sa.String(length=100), nullable=False),
+        sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("message_id"),
     )
     with op.batch_alter_table("events", schema=None) as batch_op:
@@ -55,19 +54,19 @@ def upgrade() -> None:
 
     op.create_table(
         "journey_instances",
-        sa.Column("workflow_id", sqlmodel.sql.sqltypes.AutoString(length=1000), nullable=False),
-        sa.Column("journey_key", sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
+        sa.Column("workflow_id", sa.String(length=1000), nullable=False),
+        sa.Column("journey_key", sa.String(length=63), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column("customer_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("instance_key", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
-        sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
-        sa.Column("run_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
+        sa.Column("customer_id", sa.String(length=200), nullable=False),
+        sa.Column("instance_key", sa.String(length=200), nullable=True),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("run_id", sa.String(length=64), nullable=True),
         sa.Column("entries", sa.Integer(), nullable=False),
         sa.Column("holdout", sa.Boolean(), nullable=False),
-        sa.Column("started_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("ended_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
-        sa.Column("exit_reason", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
-        sa.Column("converted_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("exit_reason", sa.String(length=200), nullable=True),
+        sa.Column("converted_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("revenue", sa.Float(), nullable=True),
         sa.PrimaryKeyConstraint("workflow_id"),
     )
@@ -82,36 +81,36 @@ def upgrade() -> None:
 
     op.create_table(
         "journeys",
-        sa.Column("key", sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
-        sa.Column("name", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("key", sa.String(length=63), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("status", sa.String(length=20), nullable=False),
         sa.Column("latest_version", sa.Integer(), nullable=False),
-        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("updated_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("key"),
     )
     op.create_table(
         "messages",
-        sa.Column("message_id", sqlmodel.sql.sqltypes.AutoString(length=80), nullable=False),
-        sa.Column("workflow_id", sqlmodel.sql.sqltypes.AutoString(length=1000), nullable=False),
-        sa.Column("run_id", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-        sa.Column("journey_key", sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
+        sa.Column("message_id", sa.String(length=80), nullable=False),
+        sa.Column("workflow_id", sa.String(length=1000), nullable=False),
+        sa.Column("run_id", sa.String(length=64), nullable=False),
+        sa.Column("journey_key", sa.String(length=63), nullable=False),
         sa.Column("journey_version", sa.Integer(), nullable=False),
-        sa.Column("customer_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("step_id", sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
+        sa.Column("customer_id", sa.String(length=200), nullable=False),
+        sa.Column("step_id", sa.String(length=63), nullable=False),
         sa.Column("iteration", sa.Integer(), nullable=False),
-        sa.Column("channel", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
-        sa.Column("template", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
-        sa.Column("category", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("channel", sa.String(length=20), nullable=False),
+        sa.Column("template", sa.String(length=200), nullable=False),
+        sa.Column("category", sa.String(length=20), nullable=False),
         sa.Column("content", sa.JSON(), nullable=False),
-        sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
-        sa.Column("reason", sqlmodel.sql.sqltypes.AutoString(length=500), nullable=True),
-        sa.Column("provider", sqlmodel.sql.sqltypes.AutoString(length=40), nullable=False),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("reason", sa.String(length=500), nullable=True),
+        sa.Column("provider", sa.String(length=40), nullable=False),
         sa.Column(
-            "provider_message_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True
+            "provider_message_id", sa.String(length=200), nullable=True
         ),
-        sa.Column("scheduled_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
-        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("message_id"),
     )
     with op.batch_alter_table("messages", schema=None) as batch_op:
@@ -121,22 +120,22 @@ def upgrade() -> None:
 
     op.create_table(
         "profiles",
-        sa.Column("customer_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
+        sa.Column("customer_id", sa.String(length=200), nullable=False),
         sa.Column("traits", sa.JSON(), nullable=False),
         sa.Column("consent", sa.JSON(), nullable=False),
-        sa.Column("timezone", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
-        sa.Column("locale", sqlmodel.sql.sqltypes.AutoString(length=35), nullable=True),
-        sa.Column("updated_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("timezone", sa.String(length=64), nullable=True),
+        sa.Column("locale", sa.String(length=35), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("customer_id"),
     )
     op.create_table(
         "journey_versions",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("journey_key", sqlmodel.sql.sqltypes.AutoString(length=63), nullable=False),
+        sa.Column("journey_key", sa.String(length=63), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column("checksum", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+        sa.Column("checksum", sa.String(length=64), nullable=False),
         sa.Column("definition", sa.JSON(), nullable=False),
-        sa.Column("published_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("published_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["journey_key"],
             ["journeys.key"],
