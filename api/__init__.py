@@ -1,0 +1,1 @@
+"""The management API: publish and run journeys, send events, look at customers."""

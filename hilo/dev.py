@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+from collections.abc import Iterator
 from urllib.parse import quote
+
+import uvicorn
 
 from hilo.catalog import JourneyCatalog
 from hilo.devserver import DevServer
@@ -27,8 +31,6 @@ def _port(address: str) -> int:
 
 
 async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
-    import uvicorn
-
     from api.app import create_app
     from worker.main import build_worker, connect
 
@@ -56,22 +58,37 @@ async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
             client, store, settings.task_queue, settings.max_concurrent_activities
         )
         app = create_app(settings, store=store, client=client)
-        api = uvicorn.Server(
+        api = _Api(
             uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_level="warning")
         )
-        _print_urls(settings, server)
-        worker_task = asyncio.create_task(worker.run())
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, api.request_exit)
         try:
-            await api.serve()  # returns on Ctrl-C
+            # The worker starts before the API answers and stops after it.
+            async with worker:
+                _print_urls(settings, server)
+                await api.serve()  # returns on Ctrl-C
+                print("\nStopping: API, worker, then Temporal ...", flush=True)
         finally:
-            print("\nStopping: worker, then Temporal ...", flush=True)
-            await worker.shutdown()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await worker_task
             store.dispose()
     finally:
         server.stop()
         print("Stopped. `hilo dev` again resumes every journey where it was.", flush=True)
+
+
+class _Api(uvicorn.Server):
+    """uvicorn without its own signal handling: Ctrl-C must stop the worker and Temporal too.
+
+    (uvicorn re-raises the signal after serving, which would cancel the shutdown midway.)
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def request_exit(self) -> None:
+        self.should_exit = True
 
 
 def _print_urls(settings: Settings, server: DevServer) -> None:

@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from hilo.conditions import Condition
 from hilo.durations import Duration
@@ -162,9 +163,16 @@ class SendStep(StepBase):
         }[self.channel]
         missing = [name for name in required if not getattr(self, name)]
         if missing:
-            raise ValueError(
-                f"a {self.channel} send needs {' and '.join(missing)} "
-                f"(required for {self.channel}: {', '.join(required)})"
+            # A custom error carries the field, so the problem's path points at it.
+            raise PydanticCustomError(
+                "send_field_missing",
+                "{channel} sends need {missing} (required for {channel}: {required})",
+                {
+                    "channel": self.channel,
+                    "missing": " and ".join(missing),
+                    "required": ", ".join(required),
+                    "field": missing[0],
+                },
             )
         return self
 
@@ -375,11 +383,15 @@ class PublishedJourney(_Strict):
 
 
 def walk_steps(steps: Sequence[AnyStep], path: str = "steps") -> Iterator[tuple[AnyStep, str]]:
-    """Every step with its path, depth first, in the order an author reads them."""
+    """Every step with its path, depth first, in the order an author reads them.
+
+    A nested step's path names its parents as problems do:
+    ``steps[3] (consent_check).branches[0].steps[0]``.
+    """
     for index, step in enumerate(steps):
         here = f"{path}[{index}]"
         yield step, here
-        yield from walk_steps_within(step, here)
+        yield from walk_steps_within(step, f"{here} ({step.id})")
 
 
 def walk_steps_within(step: AnyStep, here: str) -> Iterator[tuple[AnyStep, str]]:
@@ -466,6 +478,8 @@ def _problems_from(error: ValidationError, raw: Any) -> list[JourneyProblem]:
                 if isinstance(item["input"], dict) and "type" in item["input"]
                 else "step has no 'type'"
             ) + f"; 'type' must be one of {', '.join(STEP_TYPES)}"
+        elif item["type"] == "send_field_missing":
+            path += f".{item['ctx']['field']}"
         elif item["type"] == "literal_error":
             message = f"{item['msg']} (got {item['input']!r})"
         elif message.startswith("Value error, "):
@@ -571,7 +585,7 @@ def _all_lists(steps: list[AnyStep], path: str) -> Iterator[tuple[str, list[AnyS
     yield path, steps
     for index, step in enumerate(steps):
         for label, children in child_lists(step):
-            yield from _all_lists(children, f"{path}[{index}].{label}")
+            yield from _all_lists(children, f"{path}[{index}] ({step.id}).{label}")
 
 
 def _check_condition_roots(

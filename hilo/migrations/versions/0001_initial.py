@@ -106,9 +106,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=20), nullable=False),
         sa.Column("reason", sa.String(length=500), nullable=True),
         sa.Column("provider", sa.String(length=40), nullable=False),
-        sa.Column(
-            "provider_message_id", sa.String(length=200), nullable=True
-        ),
+        sa.Column("provider_message_id", sa.String(length=200), nullable=True),
         sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("message_id"),

@@ -1,0 +1,64 @@
+"""The FastAPI application, built by :func:`create_app` from settings (no import-time state).
+
+Run it with ``uvicorn --factory api.app:app_from_env``.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from temporalio.client import Client
+
+from api.routes import api_router
+from hilo.routing import EventRouter
+from hilo.settings import Settings
+from hilo.storage import Store
+
+
+def create_app(
+    settings: Settings,
+    store: Store | None = None,
+    client: Client | None = None,
+    task_queue: str | None = None,
+) -> FastAPI:
+    """The API over ``store`` and ``client``; whichever is missing is made at startup."""
+    queue = task_queue or settings.task_queue
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned_store: Store | None = None
+        if store is None:
+            owned_store = Store(settings.resolved_database_url)
+            owned_store.migrate()
+            app.state.store = owned_store
+        if client is None:
+            from worker.main import connect  # imports the workflow code: only when needed
+
+            app.state.client = await connect(settings)
+        if store is None or client is None:
+            app.state.router = EventRouter(app.state.store, app.state.client, queue)
+        try:
+            yield
+        finally:
+            if owned_store is not None:
+                owned_store.dispose()
+
+    app = FastAPI(
+        title="Hilo",
+        summary="Customer journeys as durable Temporal workflows.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    # Set here, not in the lifespan, so the app also works where no lifespan runs
+    # (httpx.ASGITransport in tests).
+    app.state.store = store
+    app.state.client = client
+    app.state.router = EventRouter(store, client, queue) if store and client else None
+    app.include_router(api_router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn: settings from HILO_* variables."""
+    return create_app(Settings())

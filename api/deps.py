@@ -1,0 +1,86 @@
+"""What endpoints depend on, read from ``app.state`` so nothing is built at import time."""
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from temporalio.client import Client
+
+from hilo.catalog import JourneyCatalog
+from hilo.routing import EventRouter
+from hilo.settings import Settings
+from hilo.storage import Store
+
+# auto_error=False so a missing token gets our message rather than FastAPI's.
+bearer = HTTPBearer(auto_error=False, description="The admin token (HILO_ADMIN_TOKEN).")
+
+
+def _state(request: Request, name: str) -> object:
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        # Only when the app was built without a store or client and its lifespan never ran.
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Hilo is not ready: no {name}")
+    return value
+
+
+def get_settings(request: Request) -> Settings:
+    settings = _state(request, "settings")
+    assert isinstance(settings, Settings)
+    return settings
+
+
+def get_store(request: Request) -> Store:
+    store = _state(request, "store")
+    assert isinstance(store, Store)
+    return store
+
+
+def get_client(request: Request) -> Client:
+    client = _state(request, "client")
+    assert isinstance(client, Client)
+    return client
+
+
+def get_router(request: Request) -> EventRouter:
+    router = _state(request, "router")
+    assert isinstance(router, EventRouter)
+    return router
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+ClientDep = Annotated[Client, Depends(get_client)]
+RouterDep = Annotated[EventRouter, Depends(get_router)]
+
+
+def get_catalog(store: StoreDep) -> JourneyCatalog:
+    return JourneyCatalog(store)
+
+
+CatalogDep = Annotated[JourneyCatalog, Depends(get_catalog)]
+
+
+def require_admin(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing admin token: send 'Authorization: Bearer <HILO_ADMIN_TOKEN>'",
+            headers=challenge,
+        )
+    # Constant-time, so response timing does not reveal how much of a guess was right.
+    if not hmac.compare_digest(credentials.credentials.encode(), settings.admin_token.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "wrong admin token: it must equal HILO_ADMIN_TOKEN",
+            headers=challenge,
+        )
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+# For APIRouter(dependencies=...): every route added to such a router is admin-only by default.
+ADMIN_ONLY = [Depends(require_admin)]

@@ -1,0 +1,12 @@
+"""Every resource's router, gathered in one ``api_router``."""
+
+from fastapi import APIRouter
+
+from api.routes import events, health, journeys, profiles
+
+api_router = APIRouter()
+api_router.include_router(health.router)
+api_router.include_router(journeys.public_router)
+api_router.include_router(journeys.router)
+api_router.include_router(events.router)
+api_router.include_router(profiles.router)

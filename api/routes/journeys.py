@@ -1,0 +1,259 @@
+"""The journey catalog: validate, publish, read, pause, resume and archive journeys."""
+
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from pydantic import BaseModel, Field
+
+from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep
+from hilo.journeys import (
+    JourneyDefinition,
+    JourneyInvalid,
+    JourneyProblem,
+    journey_json_schema,
+    load_journey_yaml,
+    parse_journey,
+    walk_steps,
+)
+from hilo.storage import Journey
+
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
+JSON_TYPES = ("application/json",)
+
+# The body is read by hand (YAML or JSON), so OpenAPI is told what it may be.
+DEFINITION_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A journey definition; its JSON Schema is at GET /journeys/schema.",
+        "content": {
+            **{media: {"schema": {"type": "string"}} for media in YAML_TYPES},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
+
+
+class InvalidJourney(BaseModel):
+    detail: list[JourneyProblem]
+
+
+class Message(BaseModel):
+    detail: str
+
+
+Responses = dict[int | str, dict[str, Any]]
+
+INVALID: Responses = {
+    422: {"model": InvalidJourney, "description": "Every problem in the definition."}
+}
+NOT_FOUND: Responses = {404: {"model": Message, "description": "No journey with that key."}}
+CONFLICT: Responses = {
+    409: {"model": Message, "description": "Not allowed in the journey's status."}
+}
+
+
+class ValidJourney(BaseModel):
+    valid: bool = True
+    key: str
+    steps: int = Field(description="How many steps the journey has, nested ones included.")
+
+
+class PublishedVersion(BaseModel):
+    key: str
+    version: int
+    created: bool = Field(description="False when the definition equals the latest version.")
+
+
+class JourneySummary(BaseModel):
+    key: str
+    name: str
+    status: str = Field(description="active, paused or archived")
+    latest_version: int
+
+
+class VersionSummary(BaseModel):
+    version: int
+    checksum: str
+    published_at: datetime
+
+
+class JourneyDetail(JourneySummary):
+    definition: dict[str, Any] | None = Field(description="The latest version's definition.")
+    versions: list[VersionSummary]
+
+
+class JourneyVersionDetail(VersionSummary):
+    key: str
+    definition: dict[str, Any]
+
+
+class JourneyStatus(BaseModel):
+    key: str
+    status: str
+
+
+class ArchivedJourney(JourneyStatus):
+    stopped: int = Field(description="Running instances that were told to stop.")
+
+
+def _summary(journey: Journey) -> JourneySummary:
+    return JourneySummary(
+        key=journey.key,
+        name=journey.name,
+        status=journey.status,
+        latest_version=journey.latest_version,
+    )
+
+
+def _not_found(key: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, f"no journey with key '{key}'")
+
+
+def _invalid(problems: list[JourneyProblem]) -> HTTPException:
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT, [problem.model_dump() for problem in problems]
+    )
+
+
+async def definition_body(request: Request) -> JourneyDefinition:
+    """The request body as a checked definition, or 422 listing every problem."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in YAML_TYPES + JSON_TYPES:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            "send the definition as YAML (content-type application/yaml) or JSON "
+            f"(application/json); got {media or 'no content-type'}",
+        )
+    try:
+        text = (await request.body()).decode()
+    except UnicodeDecodeError:
+        raise _invalid([JourneyProblem(path="(root)", message="body is not UTF-8 text")]) from None
+    try:
+        if media in YAML_TYPES:
+            return load_journey_yaml(text)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            where = f"line {error.lineno}, column {error.colno}"
+            message = f"not valid JSON: {error.msg}"
+            raise _invalid([JourneyProblem(path=where, message=message)]) from None
+        return parse_journey(raw)
+    except JourneyInvalid as error:
+        raise _invalid(error.problems) from None
+
+
+DefinitionDep = Annotated[JourneyDefinition, Depends(definition_body)]
+
+# Public so editors can fetch the schema; included before `router` so that
+# /journeys/schema is not taken for a journey key.
+public_router = APIRouter(prefix="/journeys", tags=["journeys"])
+router = APIRouter(prefix="/journeys", tags=["journeys"], dependencies=ADMIN_ONLY)
+
+
+@public_router.get("/schema")
+def schema() -> dict[str, Any]:
+    """The JSON Schema of a journey definition."""
+    return journey_json_schema()
+
+
+@router.post("/validate", responses=INVALID, openapi_extra=DEFINITION_BODY)
+def validate(definition: DefinitionDep) -> ValidJourney:
+    """Check a definition without publishing it."""
+    return ValidJourney(key=definition.key, steps=sum(1 for _ in walk_steps(definition.steps)))
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={**INVALID, **CONFLICT, 200: {"model": PublishedVersion}},
+    openapi_extra=DEFINITION_BODY,
+)
+def publish(definition: DefinitionDep, catalog: CatalogDep, response: Response) -> PublishedVersion:
+    """Publish a new version; 200 and created=false when it equals the latest one."""
+    journey = catalog.store.get_journey(definition.key)
+    # Checked here too: publish_if_changed would answer "unchanged" for an archived journey.
+    if journey is not None and journey.status == "archived":
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"journey '{definition.key}' is archived; publish it under a new key",
+        )
+    try:
+        published = catalog.publish_if_changed(definition)
+    except ValueError as error:  # archived between the check and the write
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    if not published.created:
+        response.status_code = status.HTTP_200_OK
+    return PublishedVersion(key=published.key, version=published.version, created=published.created)
+
+
+@router.get("")
+def list_journeys(catalog: CatalogDep) -> list[JourneySummary]:
+    return [_summary(journey) for journey in catalog.list()]
+
+
+@router.get("/{key}", responses=NOT_FOUND)
+def get_journey(key: str, store: StoreDep) -> JourneyDetail:
+    journey = store.get_journey(key)
+    if journey is None:
+        raise _not_found(key)
+    versions = store.list_versions(key)
+    latest = next((v for v in versions if v.version == journey.latest_version), None)
+    return JourneyDetail(
+        **_summary(journey).model_dump(),
+        definition=latest.definition if latest else None,
+        versions=[
+            VersionSummary(version=v.version, checksum=v.checksum, published_at=v.published_at)
+            for v in versions
+        ],
+    )
+
+
+@router.get("/{key}/versions/{version}", responses=NOT_FOUND)
+def get_version(key: str, version: int, store: StoreDep) -> JourneyVersionDetail:
+    found = store.get_version(key, version)
+    if found is None:
+        if store.get_journey(key) is None:
+            raise _not_found(key)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"journey '{key}' has no version {version}")
+    return JourneyVersionDetail(
+        key=key,
+        version=found.version,
+        checksum=found.checksum,
+        published_at=found.published_at,
+        definition=found.definition,
+    )
+
+
+@router.post("/{key}/pause", responses={**NOT_FOUND, **CONFLICT})
+def pause(key: str, catalog: CatalogDep) -> JourneyStatus:
+    """No new entries; running instances go on."""
+    try:
+        journey = catalog.pause(key)
+    except KeyError:
+        raise _not_found(key) from None
+    except ValueError as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    return JourneyStatus(key=journey.key, status=journey.status)
+
+
+@router.post("/{key}/resume", responses={**NOT_FOUND, **CONFLICT})
+def resume(key: str, catalog: CatalogDep) -> JourneyStatus:
+    try:
+        journey = catalog.resume(key)
+    except KeyError:
+        raise _not_found(key) from None
+    except ValueError as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    return JourneyStatus(key=journey.key, status=journey.status)
+
+
+@router.post("/{key}/archive", responses=NOT_FOUND)
+async def archive(key: str, catalog: CatalogDep, client: ClientDep) -> ArchivedJourney:
+    """No new entries, and every running instance stops now. There is no way back."""
+    try:
+        journey, stopped = await catalog.archive(key, client)
+    except KeyError:
+        raise _not_found(key) from None
+    return ArchivedJourney(key=journey.key, status=journey.status, stopped=stopped)

@@ -1,0 +1,525 @@
+"""Journey throughput: Hilo's interpreter against a hand-written workflow of the same size.
+
+One Temporal dev server (in memory) and one SQLite store serve both sides:
+
+* **hilo**: the abandoned-cart journey from ``examples/journeys`` with every wait cut to
+  ``--wait`` seconds, published through the catalog, N customers with email and push consent,
+  N ``Cart Abandoned`` events routed by :class:`~hilo.routing.EventRouter` and run by the real
+  worker (:func:`worker.main.build_worker`) with the production client (``worker.main.connect``).
+* **bare**: a minimal workflow defined here that schedules exactly the activities and timers one
+  Hilo journey did (read from its history), in the same order, with activities that do nothing,
+  started with ``client.start_workflow`` on its own task queue and worker.
+
+Each round starts N journeys and times from the first start to the last completion. Rounds
+alternate (bare, hilo, bare, hilo, ...) after a warm-up of each, so that machine noise hits
+both sides; the table gives the median and the best round of each and their ratio.
+
+    .venv/bin/python bench/journey_throughput.py               # 200 journeys, 3 rounds each
+    .venv/bin/python bench/journey_throughput.py --journeys 500 --rounds 2
+    .venv/bin/python bench/journey_throughput.py --quick       # smoke test: 20 journeys, 1 round
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__":  # run as a script from anywhere: import the project itself
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from temporalio import activity, workflow  # noqa: E402
+
+# The workflow sandbox re-imports this file (as __temporal_main__): let it reuse these modules.
+with workflow.unsafe.imports_passed_through():
+    import yaml
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.client import Client, WorkflowHandle
+    from temporalio.worker import Worker
+
+    from hilo.catalog import JourneyCatalog
+    from hilo.devserver import DevServer
+    from hilo.events import CustomerEvent
+    from hilo.journeys import JourneyDefinition, parse_journey
+    from hilo.routing import EventRouter
+    from hilo.settings import PROJECT_ROOT, Settings
+    from hilo.storage import Store
+    from worker.main import build_worker, connect
+
+EXAMPLE = PROJECT_ROOT / "examples" / "journeys" / "abandoned_cart.yaml"
+BENCH_KEY = "bench_abandoned_cart"
+TARGET_RATIO = 0.8
+
+# ---------------------------------------------------------------- the bare side
+
+
+@dataclass
+class BarePlan:
+    """What one journey does, in order: ``"activity"`` or a timer of that many seconds."""
+
+    steps: list[str | float] = field(default_factory=list)
+
+
+@activity.defn(name="bench_noop")
+async def noop() -> None:
+    """An activity that does nothing."""
+
+
+@workflow.defn(name="BareJourney")
+class BareJourney:
+    @workflow.run
+    async def run(self, plan: BarePlan) -> int:
+        done = 0
+        for step in plan.steps:
+            if step == "activity":
+                await workflow.execute_activity(noop, start_to_close_timeout=timedelta(seconds=30))
+            else:
+                await workflow.sleep(float(step))
+            done += 1
+        return done
+
+
+# ---------------------------------------------------------------- the hilo side
+
+
+def bench_journey(wait_seconds: int) -> JourneyDefinition:
+    """The abandoned-cart example, same steps, every wait and timeout cut to ``wait_seconds``."""
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["key"] = BENCH_KEY
+    raw["name"] = "Abandoned cart (benchmark)"
+
+    def shorten(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "wait" and "duration" in node:
+                node["duration"] = f"{wait_seconds}s"
+            if node.get("type") == "wait_for" and "timeout" in node:
+                node["timeout"] = f"{wait_seconds}s"
+            for value in node.values():
+                shorten(value)
+        elif isinstance(node, list):
+            for item in node:
+                shorten(item)
+
+    shorten(raw["steps"])
+    return parse_journey(raw, source="bench")
+
+
+def cart_event(customer: str, cart_id: str, index: int) -> CustomerEvent:
+    value = 350 if index % 2 else 80  # both arms of the cart-value branch: one email either way
+    return CustomerEvent(
+        name="Cart Abandoned",
+        customer_id=customer,
+        properties={
+            "cart_id": cart_id,
+            "cart_value": value,
+            "product_name": "Trail shoes",
+            "cart_url": f"https://shop.example/cart/{cart_id}",
+        },
+    )
+
+
+# ---------------------------------------------------------------- measurement
+
+
+@dataclass
+class Round:
+    side: str
+    journeys: int
+    seconds: float
+    start_seconds: float  # until every journey was started (routed, for hilo)
+    python_cpu: float  # CPU seconds of this process (client, router, workers) in the round
+    server_cpu: float  # CPU seconds of the dev server in the round
+
+    @property
+    def rate(self) -> float:
+        return self.journeys / self.seconds
+
+
+@dataclass
+class HistoryCounts:
+    activities: int
+    timers: int
+    events: int
+    workflow_tasks: int
+    timer_seconds: float
+    plan: BarePlan
+
+    def line(self) -> str:
+        return (
+            f"{self.activities} activities, {self.timers} timers "
+            f"({self.timer_seconds:g}s of timers), {self.workflow_tasks} workflow tasks, "
+            f"{self.events} history events"
+        )
+
+
+async def history_counts(handle: WorkflowHandle[Any, Any]) -> HistoryCounts:
+    history = await handle.fetch_history()
+    kinds: Counter[int] = Counter()
+    plan = BarePlan()
+    timer_seconds = 0.0
+    for event in history.events:
+        kinds[event.event_type] += 1
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            plan.steps.append("activity")
+        elif event.event_type == EventType.EVENT_TYPE_TIMER_STARTED:
+            seconds = event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
+            plan.steps.append(seconds.total_seconds())
+            timer_seconds += seconds.total_seconds()
+    return HistoryCounts(
+        activities=kinds[EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED],
+        timers=kinds[EventType.EVENT_TYPE_TIMER_STARTED],
+        events=len(history.events),
+        workflow_tasks=kinds[EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED],
+        timer_seconds=timer_seconds,
+        plan=plan,
+    )
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of this process, or of ``pid`` (Linux /proc; 0 elsewhere)."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Stopwatch:
+    """Wall time and the CPU time of both processes, from one moment on."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.wall = time.perf_counter()
+        self.python = cpu_seconds()
+        self.server = cpu_seconds(server_pid) if server_pid else 0.0
+
+    def round(self, side: str, journeys: int, started: float) -> Round:
+        return Round(
+            side,
+            journeys,
+            seconds=time.perf_counter() - self.wall,
+            start_seconds=started - self.wall,
+            python_cpu=cpu_seconds() - self.python,
+            server_cpu=(cpu_seconds(self.server_pid) - self.server) if self.server_pid else 0.0,
+        )
+
+
+async def bounded(concurrency: int, jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def run(job: Callable[[], Awaitable[Any]]) -> Any:
+        async with gate:
+            return await job()
+
+    return list(await asyncio.gather(*(run(job) for job in jobs)))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, folder: Path) -> None:
+        self.args = args
+        self.folder = folder
+        self.store = Store(f"sqlite:///{folder / 'hilo.db'}")
+        self.server = DevServer(db_file=None, log_file=folder / "temporal.log")
+        self.customers = 0
+        self.round_no = 0
+
+    async def setup(self, stack: contextlib.AsyncExitStack) -> None:
+        args = self.args
+        self.store.migrate()
+        stack.callback(self.store.dispose)
+        await self.server.start()
+        stack.callback(self.server.stop)
+        self.server_pid = self.server.process.pid if self.server.process else None
+        settings = Settings(
+            environment="test",
+            temporal_address=self.server.address,
+            temporal_namespace=self.server.namespace,
+            task_queue=f"hilo-bench-{uuid.uuid4().hex[:8]}",
+            database_url=self.store.url,
+        )
+        # Hilo as it runs in production: the worker's own client (pydantic, tracing).
+        self.hilo_client = await connect(settings)
+        self.router = EventRouter(self.store, self.hilo_client, settings.task_queue)
+        self.version = JourneyCatalog(self.store).publish(bench_journey(args.wait))
+        hilo_worker = build_worker(
+            self.hilo_client,
+            self.store,
+            settings.task_queue,
+            max_concurrent_activities=settings.max_concurrent_activities,
+        )
+        # The bare side: a plain client, its own task queue, its own worker.
+        self.bare_client = await Client.connect(
+            self.server.address, namespace=self.server.namespace
+        )
+        self.bare_queue = f"bare-bench-{uuid.uuid4().hex[:8]}"
+        bare_worker = Worker(
+            self.bare_client,
+            task_queue=self.bare_queue,
+            workflows=[BareJourney],
+            activities=[noop],
+            max_concurrent_activities=settings.max_concurrent_activities,
+        )
+        await stack.enter_async_context(hilo_worker)
+        await stack.enter_async_context(bare_worker)
+
+    def add_customers(self, count: int) -> list[str]:
+        ids = []
+        for _ in range(count):
+            self.customers += 1
+            customer = f"bench-{self.customers}"
+            self.store.upsert_profile(
+                customer,
+                traits={"email": f"{customer}@example.com", "first_name": "Ana"},
+                consent={"email": True, "push": True},
+            )
+            ids.append(customer)
+        return ids
+
+    def timeout(self, journeys: int) -> float:
+        return self.args.timeout or 120.0 + journeys * 1.0
+
+    async def hilo_round(self, journeys: int) -> tuple[Round, WorkflowHandle[Any, Any]]:
+        self.round_no += 1
+        customers = self.add_customers(journeys)  # not timed: profiles exist before the events
+        events = [
+            cart_event(customer, f"r{self.round_no}-cart-{i}", i)
+            for i, customer in enumerate(customers)
+        ]
+        handles: list[WorkflowHandle[Any, Any]] = []
+
+        async def route(event: CustomerEvent) -> None:
+            result = await self.router.route(event)
+            if len(result.started) != 1:
+                raise RuntimeError(f"event did not start one journey: {result}")
+            handles.extend(result.handles.values())
+
+        watch = Stopwatch(self.server_pid)
+        await bounded(self.args.concurrency, [lambda e=e: route(e) for e in events])  # type: ignore[misc]
+        started = time.perf_counter()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(handle.result() for handle in handles)), self.timeout(journeys)
+        )
+        measured = watch.round("hilo", journeys, started)
+        bad = [r for r in results if r.status != "completed" or r.sent != 4]
+        if bad:
+            raise RuntimeError(f"{len(bad)} hilo journeys did not complete with 4 sends: {bad[0]}")
+        return measured, handles[0]
+
+    async def bare_round(
+        self, journeys: int, plan: BarePlan
+    ) -> tuple[Round, WorkflowHandle[Any, Any]]:
+        self.round_no += 1
+        handles: list[WorkflowHandle[Any, Any]] = []
+
+        async def start(index: int) -> None:
+            handle = await self.bare_client.start_workflow(
+                BareJourney.run,
+                plan,
+                id=f"bare/{self.round_no}/{index}",
+                task_queue=self.bare_queue,
+            )
+            handles.append(handle)
+
+        watch = Stopwatch(self.server_pid)
+        await bounded(self.args.concurrency, [lambda i=i: start(i) for i in range(journeys)])  # type: ignore[misc]
+        started = time.perf_counter()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(handle.result() for handle in handles)), self.timeout(journeys)
+        )
+        measured = watch.round("bare", journeys, started)
+        if any(result != len(plan.steps) for result in results):
+            raise RuntimeError("a bare journey did not run its whole plan")
+        return measured, handles[0]
+
+
+def median_round(rounds: list[Round], side: str) -> Round | None:
+    """The round of median throughput (the lower middle one for an even count)."""
+    mine = sorted((r for r in rounds if r.side == side), key=lambda r: r.rate)
+    return mine[(len(mine) - 1) // 2] if mine else None
+
+
+def report(
+    args: argparse.Namespace,
+    rounds: list[Round],
+    hilo_counts: HistoryCounts,
+    bare_counts: HistoryCounts | None,
+) -> None:
+    print()
+    print("rounds, in the order run (cpu: CPU seconds per journey, of this process / the server)")
+    print(
+        f"  {'side':<5} {'journeys':>8} {'seconds':>8} {'started in':>10} {'journeys/s':>10}"
+        f" {'cpu ms/journey':>17}"
+    )
+    for r in rounds:
+        print(
+            f"  {r.side:<5} {r.journeys:>8} {r.seconds:>8.2f} {r.start_seconds:>9.2f}s"
+            f" {r.rate:>10.1f} {1000 * r.python_cpu / r.journeys:>8.1f} /"
+            f"{1000 * r.server_cpu / r.journeys:>6.1f}"
+        )
+    print()
+    print(f"one journey: hilo {hilo_counts.line()}")
+    if bare_counts:
+        print(f"             bare {bare_counts.line()}")
+    print(
+        f"(waits cut to {args.wait}s: a journey takes at least "
+        f"{hilo_counts.timer_seconds:g}s however fast the engine)"
+    )
+    print()
+    print(f"median of {args.rounds} round(s) per side; best round in brackets")
+    print(
+        f"  {'side':<5} {'journeys':>8} {'seconds':>14} {'journeys/s':>16}"
+        f" {'py cpu ms/j':>12} {'server cpu ms/j':>16}"
+    )
+    best = {}
+    chosen = {}
+    for side in ("bare", "hilo"):
+        mine = [r for r in rounds if r.side == side]
+        middle = median_round(rounds, side)
+        if middle is None:
+            continue
+        top = max(mine, key=lambda r: r.rate)
+        chosen[side], best[side] = middle, top
+        print(
+            f"  {side:<5} {middle.journeys:>8} {middle.seconds:>7.2f} ({top.seconds:>5.2f})"
+            f" {middle.rate:>8.1f} ({top.rate:>5.1f})"
+            f" {1000 * middle.python_cpu / middle.journeys:>12.1f}"
+            f" {1000 * middle.server_cpu / middle.journeys:>16.1f}"
+        )
+    if "hilo" in chosen and "bare" in chosen:
+        ratio = chosen["hilo"].rate / chosen["bare"].rate
+        verdict = "meets" if ratio >= TARGET_RATIO else "is BELOW"
+        print()
+        print(
+            f"  hilo/bare throughput: {ratio:.2f} (median rounds), "
+            f"{best['hilo'].rate / best['bare'].rate:.2f} (best rounds); "
+            f"{verdict} the {TARGET_RATIO} target"
+        )
+        floor = hilo_counts.timer_seconds
+        hilo_extra = chosen["hilo"].seconds - floor
+        bare_extra = chosen["bare"].seconds - floor
+        if bare_extra > 0:
+            print(
+                f"  seconds beyond the {floor:g}s of waits: hilo {hilo_extra:.2f}, "
+                f"bare {bare_extra:.2f} ({hilo_extra / bare_extra:.1f}x)"
+            )
+
+
+async def measure(bench: Bench, args: argparse.Namespace) -> None:
+    sides = ("bare", "hilo") if args.sides == "both" else (args.sides,)
+    warmup = min(args.journeys, 10)
+    # Hilo goes first: one of its histories says what the bare journey must do.
+    print(f"warm-up: {warmup} journeys of each side ...", flush=True)
+    _round, sample = await bench.hilo_round(warmup)
+    hilo_counts = await history_counts(sample)
+    steps = hilo_counts.plan.steps
+    print(f"  one hilo journey: {hilo_counts.line()}")
+    print("  bare plan: " + ", ".join(s if s == "activity" else f"timer {s:g}s" for s in steps))
+    bare_counts: HistoryCounts | None = None
+    if "bare" in sides:
+        _round, sample = await bench.bare_round(warmup, hilo_counts.plan)
+        bare_counts = await history_counts(sample)
+        if (bare_counts.activities, bare_counts.timers) != (
+            hilo_counts.activities,
+            hilo_counts.timers,
+        ):
+            raise RuntimeError(f"the bare journey differs: {bare_counts.line()}")
+    rounds: list[Round] = []
+    for number in range(1, args.rounds + 1):
+        for side in sides:
+            if side == "bare":
+                result, _handle = await bench.bare_round(args.journeys, hilo_counts.plan)
+            else:
+                result, handle = await bench.hilo_round(args.journeys)
+                counts = await history_counts(handle)
+                if (counts.activities, counts.timers) != (
+                    hilo_counts.activities,
+                    hilo_counts.timers,
+                ):
+                    raise RuntimeError(f"a hilo journey changed shape: {counts.line()}")
+            rounds.append(result)
+            print(
+                f"  round {number} {side}: {result.journeys} journeys in "
+                f"{result.seconds:.2f}s = {result.rate:.1f}/s",
+                flush=True,
+            )
+    report(args, rounds, hilo_counts, bare_counts)
+
+
+async def main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="hilo-bench-") as folder:
+        bench = Bench(args, Path(folder))
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                print(f"starting the Temporal dev server and the workers (in {folder}) ...")
+                await bench.setup(stack)
+                await measure(bench, args)
+        except (TimeoutError, RuntimeError) as error:
+            print(f"benchmark failed: {error!r}", file=sys.stderr)
+            log = Path(folder) / "temporal.log"
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-20:]
+                print("dev server log (last lines):\n" + "\n".join(tail), file=sys.stderr)
+            return 1
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--journeys", type=int, default=200, help="journeys per round (200)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each side (3)")
+    parser.add_argument("--wait", type=int, default=1, help="seconds of each wait (1)")
+    parser.add_argument(
+        "--concurrency", type=int, default=20, help="events routed / workflows started at once"
+    )
+    parser.add_argument("--timeout", type=float, default=0.0, help="seconds per round (auto)")
+    parser.add_argument(
+        "--sides",
+        choices=("both", "hilo", "bare"),
+        default="both",
+        help="run one side only (to profile it); the ratio needs both",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke test: 20 journeys, 1 round")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.journeys, args.rounds = 20, 1
+    if args.journeys < 1 or args.rounds < 1 or args.wait < 1:
+        parser.error("--journeys, --rounds and --wait must be at least 1")
+    return args
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    async def guarded() -> int:
+        # SIGTERM ends the run like Ctrl-C: workers shut down and the dev server stops.
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, task.cancel)
+        return await main(args)
+
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,339 @@
+"""The management API over a real store, a real worker and the time-skipping Temporal server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from api.app import create_app
+from hilo.events import CustomerEvent
+from hilo.routing import EventRouter, RouteResult
+from hilo.settings import Settings
+from hilo.simulation import JourneyLab
+from tests.conftest import EXAMPLES
+
+TOKEN = "t"
+CART_YAML = (EXAMPLES / "journeys" / "abandoned_cart.yaml").read_text()
+WORKFLOW_ID = "journey/abandoned_cart/42/c1"
+
+
+class LabRouter(EventRouter):
+    """The app's router, also handing what it starts to the lab (as JourneyLab.send does),
+    so that ``lab.result`` can skip the journey's timers while it waits."""
+
+    def __init__(self, router: EventRouter, lab: JourneyLab) -> None:
+        super().__init__(router.store, router.client, router.task_queue)
+        self.lab = lab
+
+    async def route(self, event: CustomerEvent) -> RouteResult:
+        result = await super().route(event)
+        self.lab.handles.update(result.handles)
+        return result
+
+
+@pytest.fixture
+async def api(lab: JourneyLab) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(
+        Settings(admin_token=TOKEN),
+        store=lab.store,
+        client=lab.client,
+        task_queue=lab.router.task_queue,
+    )
+    router = app.state.router
+    assert isinstance(router, EventRouter)
+    assert router.store is lab.store and router.task_queue == lab.router.task_queue
+    app.state.router = LabRouter(router, lab)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://hilo",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as client:
+        yield client
+
+
+def yaml_body(text: str) -> dict[str, Any]:
+    return {"content": text, "headers": {"Content-Type": "application/yaml"}}
+
+
+async def publish_cart(api: httpx.AsyncClient) -> None:
+    response = await api.post("/journeys", **yaml_body(CART_YAML))
+    assert response.status_code == 201, response.text
+
+
+async def cart_abandoned(lab: JourneyLab, message_id: str | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "name": "Cart Abandoned",
+        "customer_id": "42",
+        "properties": {"cart_id": "c1", "cart_value": 80, "product_name": "Mug"},
+        # The server's clock, which is ahead of ours once earlier tests skipped time.
+        "timestamp": (await lab.now()).isoformat(),
+    }
+    if message_id:
+        event["message_id"] = message_id
+    return event
+
+
+async def test_health_and_schema_need_no_token(api: httpx.AsyncClient) -> None:
+    del api.headers["Authorization"]
+    health = await api.get("/health")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    schema = await api.get("/journeys/schema")
+    assert schema.status_code == 200
+    assert schema.json()["title"] == "Hilo journey definition"
+    assert "steps" in schema.json()["required"]
+
+
+async def test_admin_token_is_required(api: httpx.AsyncClient) -> None:
+    missing = await api.get("/journeys", headers={"Authorization": ""})
+    assert missing.status_code == 401
+    assert "missing admin token" in missing.json()["detail"]
+    assert missing.headers["www-authenticate"] == "Bearer"
+
+    wrong = await api.get("/journeys", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert "wrong admin token" in wrong.json()["detail"]
+
+    basic = await api.post("/events", headers={"Authorization": "Basic dDp0"}, json={})
+    assert basic.status_code == 401  # refused before the body is even looked at
+
+    accepted = await api.get("/journeys")
+    assert (accepted.status_code, accepted.json()) == (200, [])
+
+
+async def test_validate_reports_every_problem_by_path(api: httpx.AsyncClient) -> None:
+    ok = await api.post("/journeys/validate", **yaml_body(CART_YAML))
+    assert ok.status_code == 200, ok.text
+    assert ok.json() == {"valid": True, "key": "abandoned_cart", "steps": 12}
+
+    as_json = await api.post("/journeys/validate", json=yaml.safe_load(CART_YAML))
+    assert as_json.json()["key"] == "abandoned_cart"
+
+    broken = {
+        "key": "broken",
+        "name": "Broken",
+        "trigger": {"event": "Signed Up"},
+        "steps": [{"id": "x", "type": "wait"}],
+    }
+    invalid = await api.post("/journeys/validate", json=broken)
+    assert invalid.status_code == 422
+    problems = invalid.json()["detail"]
+    assert [p["path"] for p in problems] == ["steps[0] (x)"]
+    assert "exactly one of 'duration'" in problems[0]["message"]
+
+    not_yaml = await api.post("/journeys/validate", **yaml_body("key: [unclosed"))
+    assert not_yaml.status_code == 422
+    assert "not valid YAML" in not_yaml.json()["detail"][0]["message"]
+
+    not_json = await api.post(
+        "/journeys/validate", content="{", headers={"Content-Type": "application/json"}
+    )
+    assert not_json.status_code == 422
+    assert not_json.json()["detail"][0]["path"] == "line 1, column 2"
+
+    text = await api.post("/journeys/validate", content=CART_YAML)
+    assert text.status_code == 415
+    assert "application/yaml" in text.json()["detail"]
+
+    # Nothing was published by validating.
+    assert (await api.get("/journeys")).json() == []
+
+
+async def test_publish_versions_list_and_get(api: httpx.AsyncClient) -> None:
+    first = await api.post("/journeys", **yaml_body(CART_YAML))
+    assert (first.status_code, first.json()) == (
+        201,
+        {"key": "abandoned_cart", "version": 1, "created": True},
+    )
+    same = await api.post("/journeys", **yaml_body(CART_YAML))
+    assert (same.status_code, same.json()["version"], same.json()["created"]) == (200, 1, False)
+
+    changed = yaml.safe_load(CART_YAML) | {"name": "Abandoned cart, v2"}
+    second = await api.post("/journeys", json=changed)
+    assert (second.status_code, second.json()["version"]) == (201, 2)
+
+    invalid = await api.post("/journeys", json=changed | {"steps": []})
+    assert invalid.status_code == 422
+    assert invalid.json()["detail"][0]["path"] == "steps"
+
+    listed = await api.get("/journeys")
+    assert listed.json() == [
+        {
+            "key": "abandoned_cart",
+            "name": "Abandoned cart, v2",
+            "status": "active",
+            "latest_version": 2,
+        }
+    ]
+
+    detail = (await api.get("/journeys/abandoned_cart")).json()
+    assert detail["latest_version"] == 2
+    assert detail["definition"]["name"] == "Abandoned cart, v2"
+    assert [v["version"] for v in detail["versions"]] == [1, 2]
+    assert all(len(v["checksum"]) == 64 and v["published_at"] for v in detail["versions"])
+
+    v1 = await api.get("/journeys/abandoned_cart/versions/1")
+    assert v1.status_code == 200
+    assert v1.json()["definition"]["name"] == "Abandoned cart"
+
+    unknown = await api.get("/journeys/no_such_journey")
+    assert unknown.status_code == 404
+    assert "no_such_journey" in unknown.json()["detail"]
+    no_version = await api.get("/journeys/abandoned_cart/versions/9")
+    assert no_version.status_code == 404
+    assert "no version 9" in no_version.json()["detail"]
+    assert (await api.get("/journeys/no_such_journey/versions/1")).status_code == 404
+    assert (await api.post("/journeys/no_such_journey/pause")).status_code == 404
+
+
+async def test_paused_journey_takes_no_entries_until_resumed(
+    api: httpx.AsyncClient, lab: JourneyLab
+) -> None:
+    await publish_cart(api)
+    paused = await api.post("/journeys/abandoned_cart/pause")
+    assert paused.json() == {"key": "abandoned_cart", "status": "paused"}
+
+    refused = await api.post("/events", json=await cart_abandoned(lab))
+    assert refused.status_code == 202
+    assert refused.json()["started"] == []
+    assert refused.json()["not_entered"] == {"abandoned_cart": "journey is paused"}
+
+    resumed = await api.post("/journeys/abandoned_cart/resume")
+    assert resumed.json() == {"key": "abandoned_cart", "status": "active"}
+
+    entered = await api.post("/events", json=await cart_abandoned(lab))
+    assert entered.json()["started"] == [WORKFLOW_ID]
+    assert (await lab.result(WORKFLOW_ID)).status == "completed"
+
+
+async def test_archive_stops_running_instances(api: httpx.AsyncClient, lab: JourneyLab) -> None:
+    await publish_cart(api)
+    started = await api.post("/events", json=await cart_abandoned(lab))
+    assert started.json()["started"] == [WORKFLOW_ID]
+
+    archived = await api.post("/journeys/abandoned_cart/archive")
+    assert archived.status_code == 200
+    assert archived.json() == {"key": "abandoned_cart", "status": "archived", "stopped": 1}
+
+    result = await lab.result(WORKFLOW_ID)
+    assert result.status == "archived"
+    instance = lab.store.get_instance(WORKFLOW_ID)
+    assert instance is not None and instance.status == "archived"
+
+    resumed = await api.post("/journeys/abandoned_cart/resume")
+    assert resumed.status_code == 409
+    assert "archived" in resumed.json()["detail"]
+    republished = await api.post("/journeys", **yaml_body(CART_YAML))
+    assert republished.status_code == 409
+    assert "new key" in republished.json()["detail"]
+
+    refused = await api.post("/events", json=await cart_abandoned(lab))
+    assert refused.json()["not_entered"] == {"abandoned_cart": "journey is archived"}
+
+
+async def test_events_start_journeys_once_and_messages_are_listed(
+    api: httpx.AsyncClient, lab: JourneyLab
+) -> None:
+    profile = await api.put(
+        "/profiles/42",
+        json={
+            "traits": {"email": "ana@example.com", "first_name": "Ana"},
+            "consent": {"push": True},
+            "timezone": "Europe/Madrid",
+        },
+    )
+    assert profile.status_code == 200, profile.text
+    assert profile.json()["traits"]["first_name"] == "Ana"
+    assert profile.json()["consent"] == {"push": True}
+    assert profile.json()["timezone"] == "Europe/Madrid"
+
+    merged = await api.put("/profiles/42", json={"traits": {"plan": "pro"}, "locale": "es-ES"})
+    assert merged.json()["traits"] == {
+        "email": "ana@example.com",
+        "first_name": "Ana",
+        "plan": "pro",
+    }
+    assert (merged.json()["timezone"], merged.json()["locale"]) == ("Europe/Madrid", "es-ES")
+
+    await publish_cart(api)
+    event = await cart_abandoned(lab, message_id="msg-1")
+    first = await api.post("/events", json=event)
+    assert first.status_code == 202
+    assert first.json() == {
+        "duplicate": False,
+        "started": [WORKFLOW_ID],
+        "signalled": [],
+        "not_entered": {},
+    }
+    again = await api.post("/events", json=event)
+    assert again.status_code == 202
+    assert again.json() == {"duplicate": True, "started": [], "signalled": [], "not_entered": {}}
+
+    assert (await lab.result(WORKFLOW_ID)).status == "completed"
+    messages = await api.get("/profiles/42/messages")
+    assert messages.status_code == 200
+    rows = messages.json()
+    assert [(m["template"], m["channel"], m["status"]) for m in rows] == [
+        ("cart_reminder_1", "email", "sent"),
+        ("cart_push", "push", "sent"),
+        ("cart_reminder_2", "email", "sent"),
+        ("cart_retargeting", "audience", "sent"),
+    ]
+    assert all(m["journey_key"] == "abandoned_cart" for m in rows)
+    assert rows[0]["step_id"] == "first_reminder"
+    assert "Ana" in rows[0]["content"]["body"]
+    assert (await api.get("/profiles/nobody/messages")).json() == []
+
+
+async def test_malformed_input_is_422_naming_the_field(api: httpx.AsyncClient) -> None:
+    bad = await api.post(
+        "/events",
+        json={"name": "Cart Abandoned", "properties": ["not", "a", "map"], "colour": "red"},
+    )
+    assert bad.status_code == 422
+    fields = {tuple(error["loc"]) for error in bad.json()["detail"]}
+    assert fields == {("body", "customer_id"), ("body", "properties"), ("body", "colour")}
+
+    blank = await api.post("/events", json={"name": " ", "customer_id": "42"})
+    assert blank.status_code == 422
+    assert blank.json()["detail"][0]["loc"] == ["body", "name"]
+
+    when = await api.post(
+        "/events", json={"name": "X", "customer_id": "42", "timestamp": "yesterday"}
+    )
+    assert when.status_code == 422
+    assert when.json()["detail"][0]["loc"] == ["body", "timestamp"]
+
+    not_json = await api.post(
+        "/events", content="name=X", headers={"Content-Type": "application/json"}
+    )
+    assert not_json.status_code == 422
+
+    zone = await api.put("/profiles/42", json={"timezone": "Mars/Olympus"})
+    assert zone.status_code == 422
+    assert zone.json()["detail"][0]["loc"] == ["body", "timezone"]
+    assert "Mars/Olympus" in json.dumps(zone.json())
+
+
+async def test_lifespan_opens_the_database_it_was_not_given(
+    lab: JourneyLab, tmp_path: Path
+) -> None:
+    settings = Settings(admin_token=TOKEN, database_url=f"sqlite:///{tmp_path / 'own.db'}")
+    app = create_app(settings, client=lab.client, task_queue=lab.router.task_queue)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://hilo",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as api:
+            published = await api.post("/journeys", **yaml_body(CART_YAML))
+            assert published.status_code == 201
+        assert app.state.store is not lab.store
+        assert app.state.router.task_queue == lab.router.task_queue
+        assert [j.key for j in app.state.store.list_journeys()] == ["abandoned_cart"]
+    assert lab.store.list_journeys() == []

@@ -1,0 +1,97 @@
+"""``hilo dev`` end to end: server, UI, worker, API and examples; Ctrl-C; resume."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from hilo.client import HiloClient
+from hilo.devserver import free_port
+from hilo.settings import Settings
+from worker.main import connect
+
+
+def start_dev(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hilo.cli", "dev"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for_http(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"hilo dev exited:\n{log.read_text()}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer in {timeout}s:\n{log.read_text()}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGINT)
+    return process.wait(timeout=60)
+
+
+async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
+    temporal_port, ui_port, api_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "HILO_STATE_DIR": str(tmp_path / "state"),
+        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
+        "HILO_TEMPORAL_UI_PORT": str(ui_port),
+        "HILO_API_PORT": str(api_port),
+        "HILO_ADMIN_TOKEN": "dev-test-token",
+    }
+    log = tmp_path / "dev.log"
+    api = f"http://127.0.0.1:{api_port}"
+    process = start_dev(env, log)
+    try:
+        wait_for_http(f"{api}/health", process, log)
+        wait_for_http(f"http://127.0.0.1:{ui_port}/", process, log)
+        output = log.read_text()
+        assert f"http://127.0.0.1:{ui_port}/namespaces/default/workflows" in output
+        assert "journey abandoned_cart v1 (published)" in output
+
+        with HiloClient(api, "dev-test-token") as hilo:
+            routed = hilo.send_event(
+                "Cart Abandoned", "42", {"cart_id": "c1", "cart_value": 80, "product_name": "Mug"}
+            )
+        assert routed["started"] == ["journey/abandoned_cart/42/c1"]
+        client = await connect(Settings(temporal_address=f"127.0.0.1:{temporal_port}"))
+        handle = client.get_workflow_handle("journey/abandoned_cart/42/c1")
+        assert (await handle.describe()).status.name == "RUNNING"
+
+        assert stop(process) == 0
+        assert "Stopped." in log.read_text()
+        with httpx.Client() as probe:
+            try:
+                probe.get(f"http://127.0.0.1:{ui_port}/", timeout=1)
+                raise AssertionError("the Temporal UI still answers after Ctrl-C")
+            except httpx.ConnectError:
+                pass
+
+        process = start_dev(env, log)
+        wait_for_http(f"{api}/health", process, log)
+        assert "journey abandoned_cart v1 (unchanged)" in log.read_text()
+        client = await connect(Settings(temporal_address=f"127.0.0.1:{temporal_port}"))
+        description = await client.get_workflow_handle("journey/abandoned_cart/42/c1").describe()
+        assert description.status.name == "RUNNING"  # still waiting for its 45-minute timer
+    finally:
+        if process.poll() is None:
+            stop(process)
+    await asyncio.sleep(0)
