@@ -66,6 +66,7 @@ class EventRouter:
             result.duplicate = True
             return result
         journeys = [(j, v, self._definition(v)) for j, v in self.store.active_journeys()]
+        self._note_closed_journeys(event.name, {j.key for j, _v, _d in journeys}, result)
         for journey, version, definition in journeys:
             if definition.trigger.event != event.name:
                 continue
@@ -86,7 +87,20 @@ class EventRouter:
                 continue
             if await self._signal(self.client.get_workflow_handle(instance.workflow_id), event):
                 result.signalled.append(instance.workflow_id)
+        # Only now is the event done: a failure above leaves it to be routed again on retry.
+        self.store.event_routed(event.message_id)
         return result
+
+    def _note_closed_journeys(
+        self, event_name: str, open_keys: set[str], result: RouteResult
+    ) -> None:
+        """Say why a paused or archived journey that this event triggers took no entry."""
+        for journey in self.store.list_journeys():
+            if journey.key in open_keys or journey.latest_version == 0:
+                continue
+            version = self.store.latest_version(journey.key)
+            if version and self._definition(version).trigger.event == event_name:
+                result.not_entered[journey.key] = f"journey is {journey.status}"
 
     def _listening_elsewhere(self, event_name: str, seen: set[str]) -> set[str]:
         keys = set()
@@ -170,7 +184,7 @@ class EventRouter:
             version=version.version,
             customer_id=event.customer_id,
             instance_key=instance_key,
-            run_id=handle.result_run_id,
+            run_id=handle.result_run_id or handle.first_execution_run_id or workflow_id,
         )
         result.started.append(workflow_id)
         result.handles[workflow_id] = handle

@@ -75,21 +75,26 @@ class StoredEvent(SQLModel, table=True):
     source: str = Field(default="api", max_length=100)
     timestamp: datetime
     received_at: datetime = Field(default_factory=utcnow)
+    routed_at: datetime | None = None
 
 
 class JourneyInstance(SQLModel, table=True):
-    """One (journey, customer[, key]) instance: the router's map of running workflows."""
+    """One entry of a customer into a journey: the router's map of running workflows.
+
+    Keyed by the first run id of the workflow, so a customer who re-enters (same workflow
+    id) gets a new row and the earlier entry keeps its history.
+    """
 
     __tablename__ = "journey_instances"
 
-    workflow_id: str = Field(primary_key=True, max_length=1000)
+    run_id: str = Field(primary_key=True, max_length=64)
+    workflow_id: str = Field(index=True, max_length=1000)
+    entry: int = 1
     journey_key: str = Field(index=True, max_length=63)
     version: int
     customer_id: str = Field(index=True, max_length=200)
     instance_key: str | None = Field(default=None, max_length=200)
     status: str = Field(default="active", max_length=20, index=True)
-    run_id: str | None = Field(default=None, max_length=64)
-    entries: int = 1
     holdout: bool = False
     started_at: datetime = Field(default_factory=utcnow)
     ended_at: datetime | None = None
@@ -235,10 +240,15 @@ class Store:
         timestamp: datetime,
         source: str,
     ) -> bool:
-        """Store an event once; False when its message_id was already stored."""
+        """Store an event once; False when its message_id was already routed.
+
+        An event stored but not yet routed (routing failed midway) counts as new, so that
+        the sender's retry routes it: nothing accepted is lost.
+        """
         with self.session() as session:
-            if session.get(StoredEvent, message_id) is not None:
-                return False
+            stored = session.get(StoredEvent, message_id)
+            if stored is not None:
+                return stored.routed_at is None
             session.add(
                 StoredEvent(
                     message_id=message_id,
@@ -254,6 +264,14 @@ class Store:
             except IntegrityError:
                 return False
             return True
+
+    def event_routed(self, message_id: str) -> None:
+        with self.session() as session:
+            stored = session.get(StoredEvent, message_id)
+            if stored is not None:
+                stored.routed_at = utcnow()
+                session.add(stored)
+                session.commit()
 
     # ------------------------------------------------------------ journeys
 
@@ -341,12 +359,13 @@ class Store:
     # ------------------------------------------------------------ instances
 
     def get_instance(self, workflow_id: str) -> JourneyInstance | None:
+        """The latest entry of an instance."""
         with self.session() as session:
-            instance = session.get(JourneyInstance, workflow_id)
-            if instance is not None:
-                instance.ended_at = _aware(instance.ended_at)
-                instance.started_at = _aware(instance.started_at) or instance.started_at
-            return instance
+            return session.exec(
+                select(JourneyInstance)
+                .where(JourneyInstance.workflow_id == workflow_id)
+                .order_by(col(JourneyInstance.entry).desc())
+            ).first()
 
     def instance_started(
         self,
@@ -355,35 +374,29 @@ class Store:
         version: int,
         customer_id: str,
         instance_key: str | None,
-        run_id: str | None,
+        run_id: str,
         holdout: bool = False,
     ) -> None:
-        """Mark an instance active; counts a new entry when the last one had ended."""
+        """Record an entry; the router and the workflow both call this, in either order."""
         for _attempt in range(3):
             with self.session() as session:
-                instance = session.get(JourneyInstance, workflow_id)
+                instance = session.get(JourneyInstance, run_id)
                 if instance is None:
+                    earlier = session.exec(
+                        select(JourneyInstance.entry)
+                        .where(JourneyInstance.workflow_id == workflow_id)
+                        .order_by(col(JourneyInstance.entry).desc())
+                    ).first()
                     instance = JourneyInstance(
+                        run_id=run_id,
                         workflow_id=workflow_id,
+                        entry=(earlier or 0) + 1,
                         journey_key=journey_key,
                         version=version,
                         customer_id=customer_id,
                         instance_key=instance_key,
-                        run_id=run_id,
                         holdout=holdout,
                     )
-                elif instance.run_id != run_id and run_id is not None:
-                    if instance.run_id is not None:
-                        instance.entries += 1
-                    instance.run_id = run_id
-                    instance.version = version
-                    instance.status = "active"
-                    instance.started_at = utcnow()
-                    instance.ended_at = None
-                    instance.exit_reason = None
-                    instance.converted_at = None
-                    instance.revenue = None
-                    instance.holdout = holdout
                 else:
                     instance.holdout = instance.holdout or holdout
                 session.add(instance)
@@ -391,7 +404,7 @@ class Store:
                     session.commit()
                     return
                 except IntegrityError:
-                    session.rollback()
+                    session.rollback()  # the other writer got there first: update theirs
         raise RuntimeError(f"could not record instance {workflow_id!r}")
 
     def instance_ended(
@@ -405,9 +418,9 @@ class Store:
         revenue: float | None,
     ) -> None:
         with self.session() as session:
-            instance = session.get(JourneyInstance, workflow_id)
-            if instance is None or instance.run_id != run_id:
-                return  # a newer entry owns the row
+            instance = session.get(JourneyInstance, run_id)
+            if instance is None:
+                return
             instance.status = status
             instance.exit_reason = reason
             instance.ended_at = ended_at

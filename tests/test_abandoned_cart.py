@@ -129,7 +129,7 @@ async def test_one_instance_per_cart_and_reentry_after_it_ends(lab: JourneyLab) 
     assert later.started == [WID]
     await lab.result(WID)
     instance = lab.store.get_instance(WID)
-    assert instance is not None and instance.entries == 2
+    assert instance is not None and instance.entry == 2
     messages = [m for m in lab.store.messages("42") if m.workflow_id == WID]
     assert len(messages) == 8 and len({m.message_id for m in messages}) == 8
 

@@ -160,3 +160,29 @@ async def test_restart_resumes_a_waiting_journey_without_duplicates(
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=20)
         server.stop()
+
+
+async def test_an_event_whose_routing_failed_is_routed_on_retry(
+    tmp_path: Path, database: Store
+) -> None:
+    from hilo.settings import Settings
+
+    JourneyCatalog(database).publish(PROBE)
+    server = DevServer(db_file=tmp_path / "temporal.db", log_file=tmp_path / "temporal.log")
+    await server.start()
+    try:
+        client = await connect(Settings(temporal_address=server.address))
+        event = CustomerEvent(name="Signed Up", customer_id="7")
+        server.stop()
+        with pytest.raises(Exception):  # noqa: B017 - whatever the transport raises
+            await asyncio.wait_for(EventRouter(database, client, TASK_QUEUE).route(event), 30)
+
+        await server.start()
+        client = await connect(Settings(temporal_address=server.address))
+        router = EventRouter(database, client, TASK_QUEUE)
+        retried = await router.route(event)
+        assert (retried.duplicate, retried.started) == (False, ["journey/restart_probe/7"])
+        again = await router.route(event)
+        assert (again.duplicate, again.started) == (True, [])
+    finally:
+        server.stop()

@@ -112,13 +112,17 @@ class JourneyWorkflow:
         self.final_status: InstanceStatus | None = None
         self.profile: ProfileSnapshot | None = None
         self.steps_this_run = 0
+        self.seen: dict[str, None] = {}  # recent event ids, oldest first
 
     # ------------------------------------------------------------ signals and queries
 
     @workflow.signal(name=SIGNAL_EVENT)
     def on_event(self, event: CustomerEvent) -> None:
-        if event.message_id == self.input.trigger.message_id:
-            return  # the trigger itself, delivered by signal-with-start
+        if event.message_id == self.input.trigger.message_id or event.message_id in self.seen:
+            return  # the trigger itself, or an event routed twice after a retried delivery
+        self.seen[event.message_id] = None
+        if len(self.seen) > 200:
+            del self.seen[next(iter(self.seen))]
         context = self._context()
         data = event.as_context()
         if self.state.exit_reason is None:

@@ -47,6 +47,7 @@ def upgrade() -> None:
         sa.Column("source", sa.String(length=100), nullable=False),
         sa.Column("timestamp", sa.DateTime(timezone=True), nullable=False),
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("routed_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("message_id"),
     )
     with op.batch_alter_table("events", schema=None) as batch_op:
@@ -54,23 +55,26 @@ def upgrade() -> None:
 
     op.create_table(
         "journey_instances",
+        sa.Column("run_id", sa.String(length=64), nullable=False),
         sa.Column("workflow_id", sa.String(length=1000), nullable=False),
+        sa.Column("entry", sa.Integer(), nullable=False),
         sa.Column("journey_key", sa.String(length=63), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("customer_id", sa.String(length=200), nullable=False),
         sa.Column("instance_key", sa.String(length=200), nullable=True),
         sa.Column("status", sa.String(length=20), nullable=False),
-        sa.Column("run_id", sa.String(length=64), nullable=True),
-        sa.Column("entries", sa.Integer(), nullable=False),
         sa.Column("holdout", sa.Boolean(), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("exit_reason", sa.String(length=200), nullable=True),
         sa.Column("converted_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("revenue", sa.Float(), nullable=True),
-        sa.PrimaryKeyConstraint("workflow_id"),
+        sa.PrimaryKeyConstraint("run_id"),
     )
     with op.batch_alter_table("journey_instances", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_journey_instances_workflow_id"), ["workflow_id"], unique=False
+        )
         batch_op.create_index(
             batch_op.f("ix_journey_instances_customer_id"), ["customer_id"], unique=False
         )
