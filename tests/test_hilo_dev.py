@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,11 +68,31 @@ async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
         assert f"http://127.0.0.1:{ui_port}/namespaces/default/workflows" in output
         assert "journey abandoned_cart v1 (published)" in output
 
+        sent = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hilo.cli",
+                "send-event",
+                "Cart Abandoned",
+                "--customer",
+                "42",
+                "-p",
+                "cart_id=c1",
+                "-p",
+                "cart_value=80",
+                "-p",
+                "product_name=Mug",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert json.loads(sent.stdout)["started"] == ["journey/abandoned_cart/42/c1"]
         with HiloClient(api, "dev-test-token") as hilo:
-            routed = hilo.send_event(
-                "Cart Abandoned", "42", {"cart_id": "c1", "cart_value": 80, "product_name": "Mug"}
-            )
-        assert routed["started"] == ["journey/abandoned_cart/42/c1"]
+            routed = hilo.send_event("Page Viewed", "42", {"url": "/"})
+        assert routed["signalled"] == ["journey/abandoned_cart/42/c1"]
         client = await connect(Settings(temporal_address=f"127.0.0.1:{temporal_port}"))
         handle = client.get_workflow_handle("journey/abandoned_cart/42/c1")
         assert (await handle.describe()).status.name == "RUNNING"
