@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.testing import WorkflowEnvironment
 
 from hilo import search_attributes
@@ -53,10 +54,29 @@ def tool_path(name: str) -> str:
     return found
 
 
+_quiet_runtime: Runtime | None = None
+
+
+def quiet_runtime() -> Runtime:
+    """A runtime whose SDK core logs only errors: the test server lacks features the SDK
+    warns about on every worker start (heartbeat details on failure), which are not ours."""
+    global _quiet_runtime
+    if _quiet_runtime is None:
+        _quiet_runtime = Runtime(
+            telemetry=TelemetryConfig(
+                logging=LoggingConfig(
+                    filter=TelemetryFilter(core_level="ERROR", other_level="ERROR")
+                )
+            )
+        )
+    return _quiet_runtime
+
+
 async def start_time_skipping() -> WorkflowEnvironment:
     env = await WorkflowEnvironment.start_time_skipping(
         data_converter=pydantic_data_converter,
         test_server_existing_path=tool_path("temporal-test-server"),
+        runtime=quiet_runtime(),
     )
     await search_attributes.register(env.client, env.client.namespace)
     return env
