@@ -65,23 +65,24 @@ class EventRouter:
         if not stored:
             result.duplicate = True
             return result
-        journeys = [(j, v, self._definition(v)) for j, v in self.store.active_journeys()]
-        self._note_closed_journeys(event.name, {j.key for j, _v, _d in journeys}, result)
+        journeys = [(j, v, self._definition(v)) for j, v in self.store.published_journeys()]
         for journey, version, definition in journeys:
             if definition.trigger.event != event.name:
+                continue
+            if journey.status != "active":
+                result.not_entered[journey.key] = f"journey is {journey.status}"
                 continue
             trigger_where = definition.trigger.where
             if trigger_where and not trigger_where.evaluate({"event": event.as_context()}):
                 result.not_entered[journey.key] = "trigger filter did not match"
                 continue
             await self._enter(journey, version, definition, event, result)
+        # Paused and archived journeys too: their running instances must still hear exits.
         listening = {
             journey.key
             for journey, _version, definition in journeys
             if event.name in definition.listens_to()
         }
-        # Archived or paused journeys still have running instances that must hear exits.
-        listening |= self._listening_elsewhere(event.name, {j.key for j, _v, _d in journeys})
         for instance in self.store.active_instances(event.customer_id, listening):
             if instance.workflow_id in result.started:
                 continue
@@ -90,27 +91,6 @@ class EventRouter:
         # Only now is the event done: a failure above leaves it to be routed again on retry.
         self.store.event_routed(event.message_id)
         return result
-
-    def _note_closed_journeys(
-        self, event_name: str, open_keys: set[str], result: RouteResult
-    ) -> None:
-        """Say why a paused or archived journey that this event triggers took no entry."""
-        for journey in self.store.list_journeys():
-            if journey.key in open_keys or journey.latest_version == 0:
-                continue
-            version = self.store.latest_version(journey.key)
-            if version and self._definition(version).trigger.event == event_name:
-                result.not_entered[journey.key] = f"journey is {journey.status}"
-
-    def _listening_elsewhere(self, event_name: str, seen: set[str]) -> set[str]:
-        keys = set()
-        for journey in self.store.list_journeys():
-            if journey.key in seen or journey.latest_version == 0:
-                continue
-            version = self.store.latest_version(journey.key)
-            if version and event_name in self._definition(version).listens_to():
-                keys.add(journey.key)
-        return keys
 
     async def _enter(
         self,

@@ -340,19 +340,17 @@ class Store:
             session.commit()
             return journey
 
-    def active_journeys(self) -> list[tuple[Journey, JourneyVersion]]:
-        """Every journey that takes new entries, with its latest version."""
+    def published_journeys(self) -> list[tuple[Journey, JourneyVersion]]:
+        """Every journey with its latest version, whatever its status: one query."""
         with self.session() as session:
             rows = session.exec(
-                select(Journey, JourneyVersion)
-                .join(
+                select(Journey, JourneyVersion).join(
                     JourneyVersion,
                     and_(
                         col(JourneyVersion.journey_key) == col(Journey.key),
                         col(JourneyVersion.version) == col(Journey.latest_version),
                     ),
                 )
-                .where(Journey.status == "active")
             )
             return [(journey, version) for journey, version in rows]
 
