@@ -64,6 +64,10 @@ with workflow.unsafe.imports_passed_through():
     )
 
 QUICK = timedelta(seconds=30)
+# Search attributes are written where a status lasts (waits) and at the end: each upsert is a
+# history event and a visibility write, and a send or a branch is over in milliseconds.
+LASTING_STATUSES = frozenset({"waiting", "waiting_for"})
+UPSERT_ONLY_WHEN_WAITING = "upsert-search-attributes-only-when-waiting"
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
@@ -440,7 +444,9 @@ class JourneyWorkflow:
         workflow.set_current_details(
             f"**{self.definition.name}** v{version} · step `{step.id}` ({step.type})\n\n{details}"
         )
-        if self.input.search_attributes:
+        if self.input.search_attributes and (
+            status in LASTING_STATUSES or not workflow.patched(UPSERT_ONLY_WHEN_WAITING)
+        ):
             waiting = sorted(self.listening | {rule.event for rule in self.definition.exit})
             workflow.upsert_search_attributes(
                 [
