@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
-from liquid import Environment, StrictUndefined
+from liquid import BoundTemplate, Environment, StrictUndefined
 from liquid.exceptions import LiquidError
 
 if TYPE_CHECKING:
@@ -23,8 +24,14 @@ PUSH_TITLE_MAX = 65
 PUSH_BODY_MAX = 240
 
 
+@functools.lru_cache(maxsize=2048)
+def _parsed(source: str) -> BoundTemplate:
+    # A journey's few templates are rendered for every customer: parse each once.
+    return _lenient.from_string(source)
+
+
 def render(source: str, context: dict[str, Any]) -> str:
-    return _lenient.from_string(source).render(**context)
+    return _parsed(source).render(**context)
 
 
 def sms_segments(text: str) -> int:
