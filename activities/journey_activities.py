@@ -109,11 +109,11 @@ class JourneyActivities:
 
     @activity.defn(name=SEND_MESSAGE)
     def send_message(self, request: SendRequest) -> SendResult:
-        stored = self.store.get_message(request.message_id)
+        stored, found = self.store.message_and_profile(request.message_id, request.customer_id)
         if stored is not None:
             # A retry after success: answer from the ledger, never call the provider again.
             return _result(stored)
-        profile = _snapshot(self.store.get_profile(request.customer_id), request.customer_id)
+        profile = _snapshot(found, request.customer_id)
         skip = self._skip_reason(request, profile)
         recipient = _recipient(request.channel, profile)
         if skip is None and request.channel in ADDRESS_TRAITS and not recipient:

@@ -395,8 +395,10 @@ class Store:
                         instance_key=instance_key,
                         holdout=holdout,
                     )
+                elif instance.holdout or not holdout:
+                    return  # already recorded by the other writer: nothing to change
                 else:
-                    instance.holdout = instance.holdout or holdout
+                    instance.holdout = True
                 session.add(instance)
                 try:
                     session.commit()
@@ -454,6 +456,13 @@ class Store:
 
     # ------------------------------------------------------------ messages
 
+    def message_and_profile(
+        self, message_id: str, customer_id: str
+    ) -> tuple[Message | None, Profile | None]:
+        """What a send needs to know first, in one session."""
+        with self.session() as session:
+            return session.get(Message, message_id), session.get(Profile, customer_id)
+
     def get_message(self, message_id: str) -> Message | None:
         with self.session() as session:
             return session.get(Message, message_id)
@@ -461,10 +470,7 @@ class Store:
     def record_message(self, message: Message) -> Message:
         """Insert a ledger row once; a second writer gets the first row back."""
         with self.session() as session:
-            existing = session.get(Message, message.message_id)
-            if existing is not None:
-                return existing
-            session.add(message)
+            session.add(message)  # insert first: a duplicate is the rare case
             try:
                 session.commit()
             except IntegrityError:

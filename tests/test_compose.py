@@ -1,0 +1,220 @@
+"""The production compose file and Dockerfile agree with the code they deploy.
+
+Hilo is configured only through ``HILO_*`` variables read by :class:`hilo.settings.Settings`:
+a renamed setting, a search attribute added in code but not registered, or a CLI command
+renamed must fail here rather than on a production machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+import yaml
+
+from hilo.search_attributes import CLI_TYPES
+from hilo.settings import PROJECT_ROOT, Settings
+
+COMPOSE_FILE = PROJECT_ROOT / "docker-compose.temporal.yml"
+DOCKERFILE = PROJECT_ROOT / "Dockerfile"
+HILO_SERVICES = ("hilo-api", "hilo-worker")
+# What a production deployment cannot do without (Settings field names).
+PRODUCTION_FIELDS = ("database_url", "temporal_address", "temporal_namespace", "task_queue")
+SECRET_FIELDS = ("admin_token",)
+HILO_VARIABLE = re.compile(r"\bHILO_[A-Z0-9_]+\b")
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}
+INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, Any]:
+    found = compose["services"]
+    assert isinstance(found, dict)
+    return found
+
+
+def env_name(field: str) -> str:
+    prefix = Settings.model_config.get("env_prefix", "")
+    return f"{prefix}{field}".upper()
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # the KEY=value form
+        env = dict(item.split("=", 1) for item in env)
+    return {str(key): str(value) for key, value in env.items()}
+
+
+def interpolate(value: str, given: dict[str, str]) -> str:
+    """Resolve compose interpolation as `docker compose` would with ``given`` set."""
+
+    def resolve(match: re.Match[str]) -> str:
+        name, operator, argument = match.groups()
+        if name in given:
+            return given[name]
+        if operator in (":-", "-"):
+            return argument
+        raise AssertionError(f"${{{name}}} is required and was not given: {argument}")
+
+    return INTERPOLATION.sub(resolve, value.replace("$$", "\0")).replace("\0", "$")
+
+
+def test_env_prefix_is_hilo() -> None:
+    assert Settings.model_config.get("env_prefix") == "HILO_"
+
+
+def test_the_services_exist(services: dict[str, Any]) -> None:
+    expected = {
+        "postgresql",
+        "temporal",
+        "temporal-ui",
+        "temporal-admin-tools",
+        "hilo-migrate",
+        *HILO_SERVICES,
+    }
+    assert expected <= set(services)
+    assert services["postgresql"]["image"].startswith("postgres:16")
+    temporal_images = ("temporalio/auto-setup:", "temporalio/server:")
+    assert services["temporal"]["image"].startswith(temporal_images)
+    assert services["temporal-ui"]["image"].startswith("temporalio/ui:")
+    assert environment(services["temporal-ui"])["TEMPORAL_ADDRESS"] == "temporal:7233"
+    assert environment(services["temporal"])["DB"] == "postgres12"
+    for name in ("hilo-migrate", *HILO_SERVICES):
+        assert services[name].get("build") == ".", f"{name} is built from the Dockerfile"
+
+
+@pytest.mark.parametrize("path", [COMPOSE_FILE, DOCKERFILE], ids=lambda p: p.name)
+def test_every_hilo_variable_is_a_setting(path: Path) -> None:
+    named = set(HILO_VARIABLE.findall(path.read_text()))
+    assert named, f"{path.name} names no HILO_* variable"
+    known = {env_name(field) for field in Settings.model_fields}
+    unknown = sorted(named - known)
+    assert not unknown, (
+        f"{path.name} sets {unknown}, which hilo.settings.Settings does not read "
+        f"(it reads {sorted(known)})"
+    )
+
+
+@pytest.mark.parametrize("service", HILO_SERVICES)
+def test_hilo_services_have_the_production_settings(services: dict[str, Any], service: str) -> None:
+    env = environment(services[service])
+    for field in (*PRODUCTION_FIELDS, *SECRET_FIELDS):
+        assert field in Settings.model_fields, f"Settings has no field {field!r} any more"
+        assert env.get(env_name(field)), f"{service} does not set {env_name(field)}"
+    assert env[env_name("environment")] == "production"
+    assert env[env_name("database_url")].startswith("postgresql+psycopg://")
+    assert env[env_name("temporal_address")] == "temporal:7233"
+    for field in SECRET_FIELDS:
+        # Required from the operator's environment, never a default written in the file.
+        assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", env[env_name(field)]), (
+            f"{service}: {env_name(field)} must be ${{VAR:?message}}"
+        )
+
+
+def test_api_and_worker_share_database_namespace_and_queue(services: dict[str, Any]) -> None:
+    api, worker = (environment(services[name]) for name in HILO_SERVICES)
+    for field in PRODUCTION_FIELDS:
+        assert api[env_name(field)] == worker[env_name(field)], field
+    assert api[env_name("api_host")] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("service", [*HILO_SERVICES, "hilo-migrate"])
+def test_the_environment_makes_valid_settings(
+    services: dict[str, Any], service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given = {"POSTGRES_PASSWORD": "s3cret", "HILO_ADMIN_TOKEN": "a-long-random-production-token"}
+    for name in list(Settings.model_fields):
+        monkeypatch.delenv(env_name(name), raising=False)
+    for key, value in environment(services[service]).items():
+        monkeypatch.setenv(key, interpolate(value, given))
+    settings = Settings(_env_file=None)
+    assert settings.environment == "production"
+    assert settings.admin_token == given["HILO_ADMIN_TOKEN"]
+    assert settings.resolved_database_url == (
+        "postgresql+psycopg://hilo:s3cret@postgresql:5432/hilo"
+    )
+
+
+def test_search_attributes_match_the_code(services: dict[str, Any]) -> None:
+    admin = services["temporal-admin-tools"]
+    pairs = environment(admin)["SEARCH_ATTRIBUTES"].split()
+    registered = dict(pair.split("=", 1) for pair in pairs)
+    assert len(registered) == len(pairs), "a search attribute is listed twice"
+    assert registered == CLI_TYPES
+    script = "\n".join(admin["command"])
+    assert "$$SEARCH_ATTRIBUTES" in script
+    assert "search-attribute create" in script
+    assert admin["depends_on"]["temporal"]["condition"] == "service_healthy"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            rows.append((keyword.upper(), rest.strip()))
+    return rows
+
+
+def test_dockerfile() -> None:
+    rows = dockerfile_instructions()
+    assert ("FROM", "python:3.11-slim") in rows
+    runs = " ".join(rest for keyword, rest in rows if keyword == "RUN")
+    assert "pip install" in runs and "psycopg" in runs
+    users = [rest for keyword, rest in rows if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0"), "the image runs as a non-root user"
+    assert not any(keyword == "ENTRYPOINT" for keyword, _rest in rows)
+    commands = [json.loads(rest) for keyword, rest in rows if keyword == "CMD"]
+    assert commands[-1] == ["hilo", "api"]
+
+
+def test_commands_are_hilo_cli_commands(services: dict[str, Any]) -> None:
+    scripts = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["hilo"] == "hilo.cli:app"
+    from hilo.cli import app
+
+    cli = typer.main.get_command(app)
+    names = set(getattr(cli, "commands", {}))
+    assert services["hilo-api"]["command"] == ["hilo", "api"]
+    assert services["hilo-worker"]["command"] == ["hilo", "worker"]
+    for service in HILO_SERVICES:
+        program, command = services[service]["command"]
+        assert program in scripts and command in names, f"`hilo {command}` does not exist"
+
+
+def test_healthchecks_and_startup_order(services: dict[str, Any]) -> None:
+    for name in ("postgresql", "temporal", *HILO_SERVICES):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    assert services["temporal"]["depends_on"]["postgresql"]["condition"] == "service_healthy"
+    for name in HILO_SERVICES:
+        conditions = {
+            dependency: spec["condition"]
+            for dependency, spec in services[name]["depends_on"].items()
+        }
+        assert conditions == {
+            "postgresql": "service_healthy",
+            "temporal": "service_healthy",
+            "temporal-admin-tools": "service_completed_successfully",
+            "hilo-migrate": "service_completed_successfully",
+        }
+    # The Python in healthchecks and the migration at least compiles.
+    worker_check = services["hilo-worker"]["healthcheck"]["test"]
+    api_check = services["hilo-api"]["healthcheck"]["test"]
+    migrate = services["hilo-migrate"]["command"]
+    for program in (worker_check, api_check, migrate):
+        assert program[-2] == "-c"
+        compile(program[-1], "<compose>", "exec")
