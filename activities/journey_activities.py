@@ -86,6 +86,7 @@ class JourneyActivities:
             ended_at=request.ended_at,
             converted_at=request.converted_at,
             revenue=request.revenue,
+            holdout=request.holdout,
         )
 
     @activity.defn(name=LOAD_PROFILE)

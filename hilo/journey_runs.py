@@ -95,6 +95,7 @@ class FinishRequest(BaseModel):
     ended_at: datetime
     converted_at: datetime | None = None
     revenue: float | None = None
+    holdout: bool = False
 
 
 class ProfileRequest(BaseModel):

@@ -416,11 +416,13 @@ class Store:
         ended_at: datetime,
         converted_at: datetime | None,
         revenue: float | None,
+        holdout: bool = False,
     ) -> None:
         with self.session() as session:
             instance = session.get(JourneyInstance, run_id)
             if instance is None:
                 return
+            instance.holdout = instance.holdout or holdout
             instance.status = status
             instance.exit_reason = reason
             instance.ended_at = ended_at

@@ -227,3 +227,20 @@ async def test_continue_as_new_keeps_position_and_message_ids(
         assert (await first_run.describe()).status == WorkflowExecutionStatus.CONTINUED_AS_NEW
         # One enrollment: every message of every run carries the first run's id.
         assert {m.run_id for m in store.messages("42")} == {instance.run_id}
+
+
+async def test_holdout_customers_enter_but_get_no_sends(lab: JourneyLab) -> None:
+    raw = _tiny({"reentry": "always", "holdout_percent": 50}).model_dump(mode="json")
+    lab.publish(JourneyDefinition.model_validate(raw))
+    customers = [f"h{i}" for i in range(40)]
+    for customer in customers:
+        shopper(lab, customer_id=customer)
+        await lab.send("Signed Up", customer)
+    results = {c: await lab.result(f"journey/tiny/{c}") for c in customers}
+    held_out = [c for c, r in results.items() if r.status == "holdout"]
+    assert 10 <= len(held_out) <= 30  # a stable hash, about half
+    for customer in customers:
+        instance = lab.store.get_instance(f"journey/tiny/{customer}")
+        assert instance is not None
+        assert instance.holdout == (customer in held_out)
+        assert len(lab.store.messages(customer)) == (0 if customer in held_out else 1)

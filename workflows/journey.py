@@ -68,6 +68,7 @@ QUICK = timedelta(seconds=30)
 # history event and a visibility write, and a send or a branch is over in milliseconds.
 LASTING_STATUSES = frozenset({"waiting", "waiting_for"})
 UPSERT_ONLY_WHEN_WAITING = "upsert-search-attributes-only-when-waiting"
+ROUTER_RECORDS_ENTRY = "router-records-entry"
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
@@ -175,19 +176,10 @@ class JourneyWorkflow:
             self.state.started_at = workflow.now()
             self.state.cursor = first_of(list(self.definition.steps), None)
             holdout = self._in_holdout()
-            await self._activity(
-                ENROLL,
-                EnrollRequest(
-                    workflow_id=info.workflow_id,
-                    run_id=self.run_id,
-                    journey_key=self.definition.key,
-                    version=input.journey.version,
-                    customer_id=input.customer_id,
-                    instance_key=input.instance_key,
-                    holdout=holdout,
-                ),
-                summary=f"enter {self.definition.key} v{input.journey.version}",
-            )
+            # The router records each entry as it starts the workflow; runs started before
+            # it did so still record their own.
+            if not workflow.patched(ROUTER_RECORDS_ENTRY):
+                await self._enroll(holdout)
             if holdout:
                 return await self._finish("holdout", "control group: no sends")
 
@@ -392,6 +384,22 @@ class JourneyWorkflow:
 
     # ------------------------------------------------------------ helpers
 
+    async def _enroll(self, holdout: bool) -> None:
+        info = workflow.info()
+        await self._activity(
+            ENROLL,
+            EnrollRequest(
+                workflow_id=info.workflow_id,
+                run_id=self.run_id,
+                journey_key=self.definition.key,
+                version=self.input.journey.version,
+                customer_id=self.input.customer_id,
+                instance_key=self.input.instance_key,
+                holdout=holdout,
+            ),
+            summary=f"enter {self.definition.key} v{self.input.journey.version}",
+        )
+
     async def _refresh_profile(self, step_id: str) -> None:
         self.profile = await self._activity(
             LOAD_PROFILE,
@@ -480,6 +488,7 @@ class JourneyWorkflow:
                 ended_at=workflow.now(),
                 converted_at=self.state.converted_at,
                 revenue=self.state.revenue,
+                holdout=status == "holdout",
             ),
             summary=f"{status}" + (f": {reason}" if reason else ""),
         )
