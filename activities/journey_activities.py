@@ -17,13 +17,11 @@ from temporalio.exceptions import ApplicationError
 from activities.providers import CaptureProvider, ChannelProvider
 from hilo import templates
 from hilo.journey_runs import (
-    ENROLL,
     FINISH,
     LOAD_PROFILE,
     NEXT_WINDOW_OPENING,
     SEND_MESSAGE,
     UPDATE_PROFILE,
-    EnrollRequest,
     FinishRequest,
     ProfileRequest,
     ProfileSnapshot,
@@ -56,25 +54,12 @@ class JourneyActivities:
 
     def all(self) -> list[Callable[..., Any]]:
         return [
-            self.enroll,
             self.finish,
             self.load_profile,
             self.send_message,
             self.update_profile,
             self.next_window_opening,
         ]
-
-    @activity.defn(name=ENROLL)
-    def enroll(self, request: EnrollRequest) -> None:
-        self.store.instance_started(
-            workflow_id=request.workflow_id,
-            journey_key=request.journey_key,
-            version=request.version,
-            customer_id=request.customer_id,
-            instance_key=request.instance_key,
-            run_id=request.run_id,
-            holdout=request.holdout,
-        )
 
     @activity.defn(name=FINISH)
     def finish(self, request: FinishRequest) -> None:

@@ -15,7 +15,6 @@ from hilo.events import CustomerEvent
 from hilo.journeys import PublishedJourney, TimeWindow
 
 # Activity names: the workflow calls them by name so it imports no I/O code.
-ENROLL = "enroll"
 FINISH = "finish"
 LOAD_PROFILE = "load_profile"
 SEND_MESSAGE = "send_message"
@@ -75,16 +74,6 @@ class JourneyProgress(BaseModel):
     waiting_for: list[str]
     sent: int
     exit_reason: str | None
-
-
-class EnrollRequest(BaseModel):
-    workflow_id: str
-    run_id: str
-    journey_key: str
-    version: int
-    customer_id: str
-    instance_key: str | None = None
-    holdout: bool = False
 
 
 class FinishRequest(BaseModel):

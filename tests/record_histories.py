@@ -1,8 +1,8 @@
 """Record journey histories for the replay test: ``python -m tests.record_histories``.
 
-Run it only when a workflow change is meant to be incompatible (and then guard the change
-with ``workflow.patched``). The recorded files are the proof that running journeys still
-replay on today's code.
+The recorded files are the proof that running journeys still replay on today's code. Keep
+them: a workflow change that breaks one must be guarded with ``workflow.patched``, and new
+recordings are added beside the old ones, never over them.
 """
 
 from __future__ import annotations

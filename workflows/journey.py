@@ -26,7 +26,6 @@ with workflow.unsafe.imports_passed_through():
     from hilo.events import CustomerEvent
     from hilo.ids import message_id, stable_fraction
     from hilo.journey_runs import (
-        ENROLL,
         FINISH,
         LOAD_PROFILE,
         NEXT_WINDOW_OPENING,
@@ -34,7 +33,6 @@ with workflow.unsafe.imports_passed_through():
         SIGNAL_EVENT,
         SIGNAL_STOP,
         UPDATE_PROFILE,
-        EnrollRequest,
         FinishRequest,
         InstanceStatus,
         JourneyInput,
@@ -67,8 +65,6 @@ QUICK = timedelta(seconds=30)
 # Search attributes are written where a status lasts (waits) and at the end: each upsert is a
 # history event and a visibility write, and a send or a branch is over in milliseconds.
 LASTING_STATUSES = frozenset({"waiting", "waiting_for"})
-UPSERT_ONLY_WHEN_WAITING = "upsert-search-attributes-only-when-waiting"
-ROUTER_RECORDS_ENTRY = "router-records-entry"
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
@@ -176,10 +172,7 @@ class JourneyWorkflow:
             self.state.started_at = workflow.now()
             self.state.cursor = first_of(list(self.definition.steps), None)
             holdout = self._in_holdout()
-            # The router records each entry as it starts the workflow; runs started before
-            # it did so still record their own.
-            if not workflow.patched(ROUTER_RECORDS_ENTRY):
-                await self._enroll(holdout)
+            # No enroll activity: the router records each entry as it starts the workflow.
             if holdout:
                 return await self._finish("holdout", "control group: no sends")
 
@@ -384,22 +377,6 @@ class JourneyWorkflow:
 
     # ------------------------------------------------------------ helpers
 
-    async def _enroll(self, holdout: bool) -> None:
-        info = workflow.info()
-        await self._activity(
-            ENROLL,
-            EnrollRequest(
-                workflow_id=info.workflow_id,
-                run_id=self.run_id,
-                journey_key=self.definition.key,
-                version=self.input.journey.version,
-                customer_id=self.input.customer_id,
-                instance_key=self.input.instance_key,
-                holdout=holdout,
-            ),
-            summary=f"enter {self.definition.key} v{self.input.journey.version}",
-        )
-
     async def _refresh_profile(self, step_id: str) -> None:
         self.profile = await self._activity(
             LOAD_PROFILE,
@@ -452,9 +429,7 @@ class JourneyWorkflow:
         workflow.set_current_details(
             f"**{self.definition.name}** v{version} · step `{step.id}` ({step.type})\n\n{details}"
         )
-        if self.input.search_attributes and (
-            status in LASTING_STATUSES or not workflow.patched(UPSERT_ONLY_WHEN_WAITING)
-        ):
+        if self.input.search_attributes and status in LASTING_STATUSES:
             waiting = sorted(self.listening | {rule.event for rule in self.definition.exit})
             workflow.upsert_search_attributes(
                 [
