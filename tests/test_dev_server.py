@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,11 +57,9 @@ PROBE = JourneyDefinition.model_validate(
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Iterator[Store]:
-    store = Store(f"sqlite:///{tmp_path / 'hilo.db'}")
-    store.migrate()
-    yield store
-    store.dispose()
+def database(store: Store) -> Store:
+    """The worker process shares this file database with the test."""
+    return store
 
 
 def start_worker(server: DevServer, store: Store, log: Path) -> subprocess.Popen[bytes]:
