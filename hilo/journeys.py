@@ -32,6 +32,7 @@ from hilo.durations import Duration
 
 STEP_ID = r"^[a-z][a-z0-9_]{0,62}$"
 JOURNEY_KEY = r"^[a-z][a-z0-9_]{0,62}$"
+RESERVED_KEYS = frozenset({"schema", "validate"})
 STEP_TYPES = ("send", "wait", "wait_for", "branch", "split", "update_profile", "handoff", "exit")
 CHANNELS = ("email", "sms", "whatsapp", "push", "webhook", "audience")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -346,6 +347,15 @@ class JourneyDefinition(_Strict):
     sample: Sample | None = Field(
         None, description="When given, templates must render strictly with it at publish."
     )
+
+    @field_validator("key")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_KEYS:
+            raise ValueError(
+                f"'{value}' is reserved by the API (/journeys/{value}); pick another key"
+            )
+        return value
 
     def listens_to(self) -> set[str]:
         """Event names a running instance reacts to (exit, goal, wait_for)."""

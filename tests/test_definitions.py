@@ -367,3 +367,16 @@ def test_definition_round_trips_as_it_travels_in_histories(path: Path) -> None:
     [payload] = converter.to_payloads([definition])
     [decoded] = converter.from_payloads([payload], [JourneyDefinition])
     assert decoded == definition
+
+
+def test_api_paths_are_not_journey_keys() -> None:
+    raw = {
+        "key": "schema",
+        "name": "Schema",
+        "trigger": {"event": "X"},
+        "steps": [{"id": "pause", "type": "wait", "duration": "1h"}],
+    }
+    with pytest.raises(JourneyInvalid) as refused:
+        parse_journey(raw)
+    [problem] = refused.value.problems
+    assert problem.path == "key" and "reserved" in problem.message
