@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import JSON, Column, UniqueConstraint, and_, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, col, create_engine, select
+from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -246,9 +246,6 @@ class Store:
         the sender's retry routes it: nothing accepted is lost.
         """
         with self.session() as session:
-            stored = session.get(StoredEvent, message_id)
-            if stored is not None:
-                return stored.routed_at is None
             session.add(
                 StoredEvent(
                     message_id=message_id,
@@ -260,18 +257,21 @@ class Store:
                 )
             )
             try:
-                session.commit()
+                session.commit()  # insert first: a repeated message_id is the rare case
+                return True
             except IntegrityError:
-                return False
-            return True
+                session.rollback()
+            stored = session.get(StoredEvent, message_id)
+            return stored is not None and stored.routed_at is None
 
     def event_routed(self, message_id: str) -> None:
         with self.session() as session:
-            stored = session.get(StoredEvent, message_id)
-            if stored is not None:
-                stored.routed_at = utcnow()
-                session.add(stored)
-                session.commit()
+            session.exec(
+                update(StoredEvent)
+                .where(col(StoredEvent.message_id) == message_id)
+                .values(routed_at=utcnow())
+            )
+            session.commit()
 
     # ------------------------------------------------------------ journeys
 
