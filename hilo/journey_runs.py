@@ -37,7 +37,6 @@ class JourneyState(BaseModel):
     exit_reason: str | None = None
     converted_at: datetime | None = None
     revenue: float | None = None
-    runs: int = 1
     enrollment_run_id: str | None = None
 
 

@@ -180,4 +180,4 @@ class EventRouter:
 
 
 def _now(event: CustomerEvent) -> datetime:
-    return max(event.timestamp, datetime.now(UTC)) if event.timestamp else datetime.now(UTC)
+    return max(event.timestamp, datetime.now(UTC))

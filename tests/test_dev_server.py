@@ -17,12 +17,11 @@ import pytest
 from sqlmodel import select
 
 from hilo.catalog import JourneyCatalog
-from hilo.devserver import DevServer
+from hilo.devserver import DevServer, tool_path
 from hilo.events import CustomerEvent
 from hilo.journey_runs import JourneyResult
 from hilo.journeys import JourneyDefinition
 from hilo.routing import EventRouter
-from hilo.simulation import tool_path
 from hilo.storage import CapturedMessage, Store
 from worker.main import connect
 

@@ -22,6 +22,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from hilo import search_attributes as attrs
+    from hilo.conditions import lookup
     from hilo.durations import format_duration
     from hilo.events import CustomerEvent
     from hilo.ids import message_id, stable_fraction
@@ -407,8 +408,7 @@ class JourneyWorkflow:
         )
 
     def _next_run_input(self) -> JourneyInput:
-        state = self.state.model_copy(update={"runs": self.state.runs + 1})
-        return self.input.model_copy(update={"state": state})
+        return self.input.model_copy(update={"state": self.state})
 
     async def _activity(
         self, name: str, request: Any, summary: str, result_type: type | None = None
@@ -478,15 +478,10 @@ class JourneyWorkflow:
 
 
 def _number(properties: dict[str, Any], path: str) -> float | None:
-    value: Any = properties
-    for part in path.removeprefix("properties.").split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
     try:
-        return float(value)
+        return float(lookup({"properties": properties}, path))
     except (TypeError, ValueError):
-        return None
+        return None  # absent or not a number
 
 
 def start_search_attributes(

@@ -1,6 +1,7 @@
 """The journey catalog: validate, publish, read, pause, resume and archive journeys."""
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -229,22 +230,20 @@ def get_version(key: str, version: int, store: StoreDep) -> JourneyVersionDetail
 @router.post("/{key}/pause", responses={**NOT_FOUND, **CONFLICT})
 def pause(key: str, catalog: CatalogDep) -> JourneyStatus:
     """No new entries; running instances go on."""
-    try:
-        journey = catalog.pause(key)
-    except KeyError:
-        raise _not_found(key) from None
-    except ValueError as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
-    return JourneyStatus(key=journey.key, status=journey.status)
+    return _change_status(key, catalog.pause)
 
 
 @router.post("/{key}/resume", responses={**NOT_FOUND, **CONFLICT})
 def resume(key: str, catalog: CatalogDep) -> JourneyStatus:
+    return _change_status(key, catalog.resume)
+
+
+def _change_status(key: str, change: Callable[[str], Journey]) -> JourneyStatus:
     try:
-        journey = catalog.resume(key)
+        journey = change(key)
     except KeyError:
         raise _not_found(key) from None
-    except ValueError as error:
+    except ValueError as error:  # e.g. resuming an archived journey
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     return JourneyStatus(key=journey.key, status=journey.status)
 
