@@ -17,7 +17,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 RUN mkdir hilo \
     && touch hilo/__init__.py \
-    && pip install . "psycopg[binary]>=3.2" \
+    && pip install ".[postgres]" \
     && pip uninstall --yes hilo \
     && rm -rf hilo build *.egg-info
 

@@ -1,7 +1,9 @@
-"""Shared fixtures: a real time-skipping Temporal server and a real SQLite database."""
+"""Shared fixtures: a real time-skipping Temporal server, real SQLite and real PostgreSQL."""
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from hilo.journeys import JourneyDefinition, load_journey_yaml
+from hilo.postgres_server import PostgresServer
 from hilo.settings import PROJECT_ROOT
 from hilo.simulation import JourneyLab, start_time_skipping
 from hilo.storage import Store
@@ -34,6 +37,40 @@ def store(tmp_path: Path) -> Iterator[Store]:
     db.migrate()
     yield db
     db.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer | str]:
+    """One PostgreSQL server for the session (or the one HILO_TEST_POSTGRES_URL names)."""
+    external = os.environ.get("HILO_TEST_POSTGRES_URL")
+    if external:
+        yield external
+        return
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def pg_store(postgres: PostgresServer | str) -> Iterator[Store]:
+    """A fresh, migrated PostgreSQL database for one test."""
+    if isinstance(postgres, str):
+        db = Store(postgres)
+    else:
+        db = Store(postgres.create_database(f"test_{os.getpid()}_{next(_databases)}"))
+    db.migrate()
+    yield db
+    db.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest) -> Store:
+    """The same test on SQLite and on PostgreSQL."""
+    fixture = "store" if request.param == "sqlite" else "pg_store"
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
 
 
 @pytest.fixture

@@ -174,7 +174,12 @@ def test_dockerfile() -> None:
     rows = dockerfile_instructions()
     assert ("FROM", "python:3.11-slim") in rows
     runs = " ".join(rest for keyword, rest in rows if keyword == "RUN")
-    assert "pip install" in runs and "psycopg" in runs
+    assert 'pip install ".[postgres]"' in runs
+    # The extra the image installs exists and carries the PostgreSQL driver.
+    extras = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert any(dep.startswith("psycopg") for dep in extras["postgres"])
     users = [rest for keyword, rest in rows if keyword == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image runs as a non-root user"
     assert not any(keyword == "ENTRYPOINT" for keyword, _rest in rows)
