@@ -10,6 +10,8 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from api.routes import api_router
+from hilo.dispatcher import Dispatcher
+from hilo.ingest import Ingestor
 from hilo.routing import EventRouter
 from hilo.settings import Settings
 from hilo.storage import Store
@@ -37,9 +39,15 @@ def create_app(
             app.state.client = await connect(settings)
         if store is None or client is None:
             app.state.router = EventRouter(app.state.store, app.state.client, queue)
+            app.state.dispatcher = Dispatcher(app.state.store, app.state.router)
+            app.state.ingestor = Ingestor(app.state.store)
+        dispatcher: Dispatcher = app.state.dispatcher
+        if settings.dispatcher:
+            dispatcher.start()  # delivers what earlier runs accepted, then new events
         try:
             yield
         finally:
+            await dispatcher.stop()
             if owned_store is not None:
                 owned_store.dispose()
 
@@ -55,6 +63,8 @@ def create_app(
     app.state.store = store
     app.state.client = client
     app.state.router = EventRouter(store, client, queue) if store and client else None
+    app.state.dispatcher = Dispatcher(store, app.state.router) if store and client else None
+    app.state.ingestor = Ingestor(store) if store else None
     app.include_router(api_router)
     return app
 

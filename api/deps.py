@@ -8,6 +8,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from temporalio.client import Client
 
 from hilo.catalog import JourneyCatalog
+from hilo.dispatcher import Dispatcher
+from hilo.ingest import Ingestor
 from hilo.routing import EventRouter
 from hilo.settings import Settings
 from hilo.storage import Store
@@ -48,7 +50,22 @@ def get_router(request: Request) -> EventRouter:
     return router
 
 
+def get_ingestor(request: Request) -> Ingestor:
+    ingestor = getattr(request.app.state, "ingestor", None)
+    if ingestor is None:
+        ingestor = request.app.state.ingestor = Ingestor(get_store(request))
+    assert isinstance(ingestor, Ingestor)
+    return ingestor
+
+
+def get_dispatcher(request: Request) -> Dispatcher | None:
+    """The app's dispatcher; None only before a lifespan that makes the client has run."""
+    dispatcher = getattr(request.app.state, "dispatcher", None)
+    return dispatcher if isinstance(dispatcher, Dispatcher) else None
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+IngestorDep = Annotated[Ingestor, Depends(get_ingestor)]
 StoreDep = Annotated[Store, Depends(get_store)]
 ClientDep = Annotated[Client, Depends(get_client)]
 RouterDep = Annotated[EventRouter, Depends(get_router)]

@@ -23,6 +23,7 @@ NEXT_WINDOW_OPENING = "next_window_opening"
 
 SIGNAL_EVENT = "event"
 SIGNAL_STOP = "stop"
+SIGNAL_IDENTIFIED = "identified"
 
 InstanceStatus = Literal["completed", "exited", "holdout", "archived"]
 
@@ -38,6 +39,8 @@ class JourneyState(BaseModel):
     converted_at: datetime | None = None
     revenue: float | None = None
     enrollment_run_id: str | None = None
+    # Set when the anonymous visitor who entered was identified as a known customer.
+    customer_id: str | None = None
 
 
 class JourneyInput(BaseModel):
@@ -62,6 +65,13 @@ class JourneyResult(BaseModel):
 class StopRequest(BaseModel):
     reason: str = "stopped"
     status: InstanceStatus = "exited"
+
+
+class IdentifiedSignal(BaseModel):
+    """The anonymous profile an instance was started for is now this known customer."""
+
+    customer_id: str
+    previous_id: str
 
 
 class JourneyProgress(BaseModel):

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,7 +190,7 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
         ) from None
 
 
-def _demote(user: pwd.struct_passwd | None):  # type: ignore[no-untyped-def]
+def _demote(user: pwd.struct_passwd | None) -> Callable[[], None] | None:
     if user is None:
         return None
 

@@ -1,9 +1,14 @@
 """Event routing: an event starts the journeys it triggers and reaches the instances
 that listen to it, found through the instance table (never a visibility query).
+
+The published journeys are cached in memory and read again when the catalog changes
+through the same :class:`Store` or after ``catalog_ttl`` seconds (a change made by another
+process).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -37,13 +42,40 @@ class EventRouter:
         task_queue: str,
         search_attributes: bool = True,
         max_steps_per_run: int = 500,
+        catalog_ttl: float = 2.0,
     ) -> None:
         self.store = store
         self.client = client
         self.task_queue = task_queue
         self.search_attributes = search_attributes
         self.max_steps_per_run = max_steps_per_run
+        self.catalog_ttl = catalog_ttl
         self._definitions: dict[tuple[str, int], JourneyDefinition] = {}
+        self._journeys: list[tuple[Journey, JourneyVersion, JourneyDefinition]] = []
+        self._journeys_read: tuple[int, float] | None = None  # (catalog generation, when)
+
+    def journeys(self) -> list[tuple[Journey, JourneyVersion, JourneyDefinition]]:
+        """Every journey with its latest version and parsed definition."""
+        read = self._journeys_read
+        if (
+            read is None
+            or read[0] != self.store.catalog_generation
+            or time.monotonic() - read[1] > self.catalog_ttl
+        ):
+            generation = self.store.catalog_generation
+            self._journeys = [
+                (journey, version, self._definition(version))
+                for journey, version in self.store.published_journeys()
+            ]
+            self._journeys_read = (generation, time.monotonic())
+        return self._journeys
+
+    def concerns(self, name: str) -> bool:
+        """Whether any journey triggers on or listens to events called ``name``."""
+        return any(
+            definition.trigger.event == name or name in definition.listens_to()
+            for _journey, _version, definition in self.journeys()
+        )
 
     def _definition(self, version: JourneyVersion) -> JourneyDefinition:
         cache_key = (version.journey_key, version.version)
@@ -52,8 +84,11 @@ class EventRouter:
         return self._definitions[cache_key]
 
     async def route(self, event: CustomerEvent) -> RouteResult:
-        """Store the event once, then start and signal what it concerns."""
-        result = RouteResult()
+        """Store the event once, then start and signal what it concerns, in this call.
+
+        The API stores events through :mod:`hilo.ingest` and the dispatcher delivers them;
+        this shortcut serves embedded use (simulations, benchmarks).
+        """
         stored = self.store.record_event(
             event.message_id,
             event.customer_id,
@@ -63,9 +98,20 @@ class EventRouter:
             event.source,
         )
         if not stored:
-            result.duplicate = True
-            return result
-        journeys = [(j, v, self._definition(v)) for j, v in self.store.published_journeys()]
+            return RouteResult(duplicate=True)
+        result = await self.deliver(event)
+        # Only now is the event done: a failure above leaves it to be routed again on retry.
+        self.store.event_routed(event.message_id)
+        return result
+
+    async def deliver(self, event: CustomerEvent) -> RouteResult:
+        """Start the journeys ``event`` triggers and signal the instances listening to it.
+
+        Safe to repeat after a failure midway: an entry already made from this event is
+        not made again, and the workflow ignores an event it has seen.
+        """
+        result = RouteResult()
+        journeys = self.journeys()
         for journey, version, definition in journeys:
             if definition.trigger.event != event.name:
                 continue
@@ -88,8 +134,6 @@ class EventRouter:
                 continue
             if await self._signal(self.client.get_workflow_handle(instance.workflow_id), event):
                 result.signalled.append(instance.workflow_id)
-        # Only now is the event done: a failure above leaves it to be routed again on retry.
-        self.store.event_routed(event.message_id)
         return result
 
     async def _enter(
@@ -112,6 +156,9 @@ class EventRouter:
         workflow_id = journey_workflow_id(journey.key, event.customer_id, instance_key)
         previous = self.store.get_instance(workflow_id)
         entry = definition.entry
+        if previous is not None and previous.trigger_message_id == event.message_id:
+            result.not_entered[journey.key] = "already entered from this event"
+            return
         if previous is not None and previous.status == "active":
             result.not_entered[journey.key] = "already in this journey"
             return
@@ -165,6 +212,7 @@ class EventRouter:
             customer_id=event.customer_id,
             instance_key=instance_key,
             run_id=handle.result_run_id or handle.first_execution_run_id or workflow_id,
+            trigger_message_id=event.message_id,
         )
         result.started.append(workflow_id)
         result.handles[workflow_id] = handle

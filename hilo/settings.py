@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
+DEV_WRITE_KEY = "dev-write-key"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,6 +30,24 @@ class Settings(BaseSettings):
     admin_token: str = DEV_ADMIN_TOKEN
     examples_dir: Path = PROJECT_ROOT / "examples" / "journeys"
     max_concurrent_activities: int = 100
+    write_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="Segment write key -> source name, as JSON: "
+        '{"k3y": "web", "an0ther": "ios"}. Development adds dev-write-key -> development.',
+    )
+    dispatcher: bool = Field(
+        True, description="Run the outbox dispatcher in the API process (one holds the lease)."
+    )
+    event_wait_seconds: float = Field(
+        5.0, description="How long POST /events waits for its routing before answering 202."
+    )
+
+    @property
+    def sources(self) -> dict[str, str]:
+        """Write key -> source name."""
+        if self.environment != "production" and not self.write_keys:
+            return {DEV_WRITE_KEY: "development"}
+        return dict(self.write_keys)
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Settings:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, and_, event
+from sqlalchemy import JSON, Column, UniqueConstraint, and_, delete, event, func, or_
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
@@ -48,6 +48,9 @@ class JourneyVersion(SQLModel, table=True):
 
 
 class Profile(SQLModel, table=True):
+    """One customer. An anonymous visitor's profile is keyed by its anonymousId until an
+    identify or alias merges it into the known customer (``merged_into``)."""
+
     __tablename__ = "profiles"
 
     customer_id: str = Field(primary_key=True, max_length=200)
@@ -55,7 +58,85 @@ class Profile(SQLModel, table=True):
     consent: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     timezone: str | None = Field(default=None, max_length=64)
     locale: str | None = Field(default=None, max_length=35)
+    anonymous: bool = False
+    merged_into: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Identity(SQLModel, table=True):
+    """An id a source knows the customer by (userId, anonymousId, email, phone)."""
+
+    __tablename__ = "identities"
+
+    kind: str = Field(primary_key=True, max_length=20)
+    value: str = Field(primary_key=True, max_length=320)
+    customer_id: str = Field(index=True, max_length=200)
+    source: str = Field(default="api", max_length=100)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ConsentChange(SQLModel, table=True):
+    """Every consent change, with where it came from and when: the audit behind
+    ``Profile.consent``."""
+
+    __tablename__ = "consent_changes"
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(index=True, max_length=200)
+    channel: str = Field(max_length=20)
+    granted: bool
+    topic: str | None = Field(default=None, max_length=100)
+    source: str = Field(max_length=100)
+    detail: str | None = Field(default=None, max_length=500)
+    changed_at: datetime = Field(default_factory=utcnow)
+
+
+class Device(SQLModel, table=True):
+    """A push token or web-push subscription of a customer."""
+
+    __tablename__ = "devices"
+    __table_args__ = (UniqueConstraint("kind", "address"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(index=True, max_length=200)
+    kind: str = Field(max_length=20)  # push | webpush
+    address: str = Field(max_length=2000)  # FCM token, or the subscription's endpoint
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    platform: str | None = Field(default=None, max_length=40)
+    active: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class OutboxEntry(SQLModel, table=True):
+    """Work the dispatcher owes Temporal, committed with what caused it.
+
+    ``event``: route a stored event (start and signal); ``merge``: tell the running
+    instances of a merged anonymous profile who their customer is now.
+    """
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(default="event", max_length=20)
+    message_id: str = Field(max_length=200)
+    customer_id: str = Field(index=True, max_length=200)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    available_at: datetime = Field(default_factory=utcnow)
+    attempts: int = 0
+    last_error: str | None = Field(default=None, max_length=1000)
+
+
+class DispatcherLease(SQLModel, table=True):
+    """Which process dispatches: one at a time, so each customer's events stay in order."""
+
+    __tablename__ = "dispatcher_lease"
+
+    name: str = Field(primary_key=True, max_length=40)
+    owner: str = Field(max_length=100)
+    expires_at: datetime
 
 
 class StoredEvent(SQLModel, table=True):
@@ -63,10 +144,15 @@ class StoredEvent(SQLModel, table=True):
 
     message_id: str = Field(primary_key=True, max_length=200)
     customer_id: str = Field(index=True, max_length=200)
+    type: str = Field(default="track", max_length=20)  # Segment call type
     name: str = Field(max_length=200)
     properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    context: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    user_id: str | None = Field(default=None, max_length=200)
+    anonymous_id: str | None = Field(default=None, max_length=200)
     source: str = Field(default="api", max_length=100)
     timestamp: datetime
+    sent_at: datetime | None = None
     received_at: datetime = Field(default_factory=utcnow)
     routed_at: datetime | None = None
 
@@ -87,6 +173,7 @@ class JourneyInstance(SQLModel, table=True):
     version: int
     customer_id: str = Field(index=True, max_length=200)
     instance_key: str | None = Field(default=None, max_length=200)
+    trigger_message_id: str | None = Field(default=None, max_length=200, index=True)
     status: str = Field(default="active", max_length=20, index=True)
     holdout: bool = False
     started_at: datetime = Field(default_factory=utcnow)
@@ -138,6 +225,15 @@ class CapturedMessage(SQLModel, table=True):
     captured_at: datetime = Field(default_factory=utcnow)
 
 
+def _follow(session: Session, customer_id: str) -> Profile | None:
+    profile = session.get(Profile, customer_id)
+    for _hop in range(5):  # merges chain at most a few times; never loop on bad data
+        if profile is None or profile.merged_into is None:
+            return profile
+        profile = session.get(Profile, profile.merged_into)
+    return profile
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets the API read while the worker writes; busy_timeout waits instead of failing.
@@ -165,6 +261,9 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        # Bumped by every catalog change made through this store, so that in-process caches
+        # of the published journeys (the router's) know to read them again.
+        self.catalog_generation = 0
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -189,8 +288,9 @@ class Store:
     # ------------------------------------------------------------ profiles
 
     def get_profile(self, customer_id: str) -> Profile | None:
+        """The customer's profile; an anonymous id merged into a known one leads there."""
         with self.session() as session:
-            return session.get(Profile, customer_id)
+            return _follow(session, customer_id)
 
     def upsert_profile(
         self,
@@ -266,6 +366,104 @@ class Store:
             )
             session.commit()
 
+    # ------------------------------------------------------------ outbox
+
+    def outbox_batch(self, limit: int) -> list[tuple[OutboxEntry, StoredEvent | None]]:
+        """The oldest pending work, with the event each entry routes: one query."""
+        with self.session() as session:
+            rows = session.exec(
+                select(OutboxEntry, StoredEvent)
+                .join(
+                    StoredEvent,
+                    col(StoredEvent.message_id) == col(OutboxEntry.message_id),
+                    isouter=True,
+                )
+                .order_by(col(OutboxEntry.id))
+                .limit(limit)
+            )
+            return [(entry, event) for entry, event in rows]
+
+    def outbox_done(self, entries: list[OutboxEntry]) -> None:
+        """Delivered: drop the entries and mark their events routed, in one transaction."""
+        if not entries:
+            return
+        with self.session() as session:
+            ids = [entry.id for entry in entries]
+            session.exec(delete(OutboxEntry).where(col(OutboxEntry.id).in_(ids)))
+            routed = [entry.message_id for entry in entries if entry.kind == "event"]
+            if routed:
+                session.exec(
+                    update(StoredEvent)
+                    .where(col(StoredEvent.message_id).in_(routed))
+                    .values(routed_at=utcnow())
+                )
+            session.commit()
+
+    def outbox_retry(self, entry: OutboxEntry, error: str, available_at: datetime) -> None:
+        with self.session() as session:
+            session.exec(
+                update(OutboxEntry)
+                .where(col(OutboxEntry.id) == entry.id)
+                .values(
+                    attempts=OutboxEntry.attempts + 1,
+                    available_at=available_at,
+                    last_error=error[:1000],
+                )
+            )
+            session.commit()
+
+    def outbox_size(self) -> int:
+        with self.session() as session:
+            return int(session.exec(select(func.count()).select_from(OutboxEntry)).one())
+
+    def hold_lease(self, name: str, owner: str, ttl: timedelta) -> bool:
+        """Take or renew the lease ``name`` for ``owner``; False while another holds it."""
+        now = utcnow()
+        with self.session() as session:
+            taken = session.exec(
+                update(DispatcherLease)
+                .where(
+                    col(DispatcherLease.name) == name,
+                    or_(
+                        col(DispatcherLease.owner) == owner,
+                        col(DispatcherLease.expires_at) < now,
+                    ),
+                )
+                .values(owner=owner, expires_at=now + ttl)
+            )
+            if taken.rowcount == 0:
+                session.add(DispatcherLease(name=name, owner=owner, expires_at=now + ttl))
+                try:
+                    session.commit()
+                except IntegrityError:
+                    return False  # another process holds it
+                return True
+            session.commit()
+            return True
+
+    def release_lease(self, name: str, owner: str) -> None:
+        with self.session() as session:
+            session.exec(
+                delete(DispatcherLease).where(
+                    col(DispatcherLease.name) == name, col(DispatcherLease.owner) == owner
+                )
+            )
+            session.commit()
+
+    def get_event(self, message_id: str) -> StoredEvent | None:
+        with self.session() as session:
+            return session.get(StoredEvent, message_id)
+
+    def resolve_customer(self, customer_id: str) -> str:
+        """The customer an id stands for now: a merged anonymous profile points on."""
+        with self.session() as session:
+            for _hop in range(5):
+                profile = session.get(Profile, customer_id)
+                if profile is None or profile.merged_into is None:
+                    return customer_id
+                customer_id = profile.merged_into
+            return customer_id
+
     # ------------------------------------------------------------ journeys
 
     def publish(self, key: str, name: str, checksum: str, definition: dict[str, Any]) -> int:
@@ -290,6 +488,7 @@ class Store:
                 )
             )
             session.commit()
+            self.catalog_generation += 1
             return journey.latest_version
 
     def latest_version(self, key: str) -> JourneyVersion | None:
@@ -331,6 +530,7 @@ class Store:
             journey.updated_at = utcnow()
             session.add(journey)
             session.commit()
+            self.catalog_generation += 1
             return journey
 
     def published_journeys(self) -> list[tuple[Journey, JourneyVersion]]:
@@ -367,6 +567,7 @@ class Store:
         instance_key: str | None,
         run_id: str,
         holdout: bool = False,
+        trigger_message_id: str | None = None,
     ) -> None:
         """Record an entry; the router and the workflow both call this, in either order."""
         for _attempt in range(3):
@@ -387,6 +588,7 @@ class Store:
                         customer_id=customer_id,
                         instance_key=instance_key,
                         holdout=holdout,
+                        trigger_message_id=trigger_message_id,
                     )
                 elif instance.holdout or not holdout:
                     return  # already recorded by the other writer: nothing to change
@@ -456,7 +658,7 @@ class Store:
     ) -> tuple[Message | None, Profile | None]:
         """What a send needs to know first, in one session."""
         with self.session() as session:
-            return session.get(Message, message_id), session.get(Profile, customer_id)
+            return session.get(Message, message_id), _follow(session, customer_id)
 
     def record_message(self, message: Message) -> Message:
         """Insert a ledger row once; a second writer gets the first row back."""

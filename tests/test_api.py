@@ -31,8 +31,8 @@ class LabRouter(EventRouter):
         super().__init__(router.store, router.client, router.task_queue)
         self.lab = lab
 
-    async def route(self, event: CustomerEvent) -> RouteResult:
-        result = await super().route(event)
+    async def deliver(self, event: CustomerEvent) -> RouteResult:
+        result = await super().deliver(event)
         self.lab.handles.update(result.handles)
         return result
 
@@ -48,7 +48,7 @@ async def api(lab: JourneyLab) -> AsyncIterator[httpx.AsyncClient]:
     router = app.state.router
     assert isinstance(router, EventRouter)
     assert router.store is lab.store and router.task_queue == lab.router.task_queue
-    app.state.router = LabRouter(router, lab)
+    app.state.router = app.state.dispatcher.router = LabRouter(router, lab)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
         base_url="http://hilo",
@@ -266,13 +266,20 @@ async def test_events_start_journeys_once_and_messages_are_listed(
     assert first.status_code == 202
     assert first.json() == {
         "duplicate": False,
+        "queued": False,
         "started": [WORKFLOW_ID],
         "signalled": [],
         "not_entered": {},
     }
     again = await api.post("/events", json=event)
     assert again.status_code == 202
-    assert again.json() == {"duplicate": True, "started": [], "signalled": [], "not_entered": {}}
+    assert again.json() == {
+        "duplicate": True,
+        "queued": False,
+        "started": [],
+        "signalled": [],
+        "not_entered": {},
+    }
 
     assert (await lab.result(WORKFLOW_ID)).status == "completed"
     messages = await api.get("/profiles/42/messages")

@@ -32,9 +32,11 @@ with workflow.unsafe.imports_passed_through():
         NEXT_WINDOW_OPENING,
         SEND_MESSAGE,
         SIGNAL_EVENT,
+        SIGNAL_IDENTIFIED,
         SIGNAL_STOP,
         UPDATE_PROFILE,
         FinishRequest,
+        IdentifiedSignal,
         InstanceStatus,
         JourneyInput,
         JourneyProgress,
@@ -148,12 +150,25 @@ class JourneyWorkflow:
             self.state.exit_reason = request.reason
             self.final_status = request.status
 
+    @workflow.signal(name=SIGNAL_IDENTIFIED)
+    def on_identified(self, signal: IdentifiedSignal) -> None:
+        # The anonymous visitor who entered is a known customer now: later sends, profile
+        # reads and the operator's search use the known id.
+        self.state.customer_id = signal.customer_id
+        self.profile = None
+        if self.input.search_attributes:
+            workflow.upsert_search_attributes([attrs.CUSTOMER.value_set(signal.customer_id)])
+
+    @property
+    def customer_id(self) -> str:
+        return self.state.customer_id or self.input.customer_id
+
     @workflow.query(name="progress")
     def progress(self) -> JourneyProgress:
         return JourneyProgress(
             journey=self.definition.key,
             version=self.input.journey.version,
-            customer_id=self.input.customer_id,
+            customer_id=self.customer_id,
             step=self.step,
             status=self.status,
             waiting_for=sorted(self.listening),
@@ -210,7 +225,7 @@ class JourneyWorkflow:
             await self._activity(
                 UPDATE_PROFILE,
                 UpdateProfileRequest(
-                    customer_id=self.input.customer_id, set=step.set, unset=step.unset
+                    customer_id=self.customer_id, set=step.set, unset=step.unset
                 ),
                 summary=f"{step.id}: update profile",
             )
@@ -255,7 +270,7 @@ class JourneyWorkflow:
             run_id=self.run_id,
             journey_key=self.definition.key,
             journey_version=self.input.journey.version,
-            customer_id=self.input.customer_id,
+            customer_id=self.customer_id,
             step_id=step_id,
             iteration=iteration,
             channel=channel,
@@ -294,7 +309,7 @@ class JourneyWorkflow:
             opening = await self._activity(
                 NEXT_WINDOW_OPENING,
                 WindowRequest(
-                    customer_id=self.input.customer_id, window=step.until, now=workflow.now()
+                    customer_id=self.customer_id, window=step.until, now=workflow.now()
                 ),
                 summary=f"{step.id}: next {step.until.start}-{step.until.end} local time",
                 result_type=WindowOpening,
@@ -381,7 +396,7 @@ class JourneyWorkflow:
     async def _refresh_profile(self, step_id: str) -> None:
         self.profile = await self._activity(
             LOAD_PROFILE,
-            ProfileRequest(customer_id=self.input.customer_id),
+            ProfileRequest(customer_id=self.customer_id),
             summary=f"{step_id}: read profile",
             result_type=ProfileSnapshot,
         )

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from api.routes import events, health, journeys, profiles
+from api.routes import events, health, journeys, profiles, segment
 
 api_router = APIRouter()
 api_router.include_router(health.router)
@@ -10,3 +10,4 @@ api_router.include_router(journeys.public_router)
 api_router.include_router(journeys.router)
 api_router.include_router(events.router)
 api_router.include_router(profiles.router)
+api_router.include_router(segment.router)

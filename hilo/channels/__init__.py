@@ -1,0 +1,22 @@
+"""Channel providers: where a rendered message leaves Hilo for a real customer.
+
+``base`` holds the interface (``Delivery``, ``ChannelProvider``) and the two failures;
+one module per provider speaks that provider's documented API; ``config`` picks them
+from ``HILO_*`` settings.
+"""
+
+from hilo.channels.base import (
+    ChannelProvider,
+    Delivery,
+    DeliveryFailure,
+    PermanentFailure,
+    RetryableFailure,
+)
+
+__all__ = [
+    "ChannelProvider",
+    "Delivery",
+    "DeliveryFailure",
+    "PermanentFailure",
+    "RetryableFailure",
+]

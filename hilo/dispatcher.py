@@ -1,0 +1,221 @@
+"""The dispatcher: delivers what ingestion committed to the outbox to Temporal.
+
+Each customer's entries go in the order they were accepted, one at a time; different
+customers go concurrently. When Temporal is unreachable an entry waits with exponential
+backoff, and the customer's later entries wait behind it, so order holds through an
+outage. An entry leaves the outbox only after its delivery succeeded; a crash between the
+two delivers it again, which the router and the workflow both recognise (an entry made
+from this event is not made twice; a workflow ignores an event id it has seen).
+
+One process dispatches at a time, holding a lease in the database; others stand by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from temporalio.service import RPCError, RPCStatusCode
+
+from hilo.events import CustomerEvent
+from hilo.journey_runs import SIGNAL_IDENTIFIED, IdentifiedSignal
+from hilo.routing import EventRouter, RouteResult
+from hilo.storage import OutboxEntry, Store, StoredEvent, utcnow
+
+log = logging.getLogger(__name__)
+
+LEASE = "dispatcher"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        router: EventRouter,
+        *,
+        batch_size: int = 500,
+        concurrency: int = 32,
+        idle_poll: float = 1.0,
+        lease_ttl: timedelta = timedelta(seconds=15),
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.idle_poll = idle_poll
+        self.lease_ttl = lease_ttl
+        self.max_backoff = max_backoff
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.running = False
+        self._wake = asyncio.Event()
+        self._pass = asyncio.Lock()
+        self._waiters: dict[str, list[asyncio.Future[RouteResult]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._task is None:
+            self.running = True
+            self._task = asyncio.create_task(self.run(), name="hilo-dispatcher")
+
+    async def stop(self) -> None:
+        self.running = False
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.store.release_lease(LEASE, self.owner)
+
+    def wake(self) -> None:
+        """New entries were committed: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        self.running = True
+        while self.running:
+            try:
+                if not self.store.hold_lease(LEASE, self.owner, self.lease_ttl):
+                    await self._sleep(self.lease_ttl.total_seconds() / 3)
+                    continue
+                delivered, pending = await self.dispatch_once()
+            except Exception:  # the database may be briefly unavailable: keep the loop alive
+                log.exception("dispatcher pass failed")
+                await self._sleep(self.idle_poll)
+                continue
+            if delivered == 0:
+                # Nothing ready: wait for new work, or for the earliest backoff to end.
+                await self._sleep(min(self.idle_poll, pending) if pending else self.idle_poll)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=max(seconds, 0.01))
+        self._wake.clear()
+
+    # ------------------------------------------------------------ delivery
+
+    async def dispatch_once(self) -> tuple[int, float]:
+        """Deliver what is ready; (entries delivered, seconds until the next is due)."""
+        async with self._pass:
+            rows = self.store.outbox_batch(self.batch_size)
+            if not rows:
+                return 0, 0.0
+            now = utcnow()
+            queues: dict[str, list[tuple[OutboxEntry, StoredEvent | None]]] = {}
+            for entry, event in rows:
+                queues.setdefault(entry.customer_id, []).append((entry, event))
+            ready = []
+            next_due: float | None = None
+            for queue in queues.values():
+                due = (_aware(queue[0][0].available_at) - now).total_seconds()
+                if due <= 0:
+                    ready.append(queue)
+                else:
+                    next_due = due if next_due is None else min(next_due, due)
+            gate = asyncio.Semaphore(self.concurrency)
+            done: list[OutboxEntry] = []
+
+            async def customer(queue: Sequence[tuple[OutboxEntry, StoredEvent | None]]) -> None:
+                async with gate:
+                    for entry, event in queue:
+                        try:
+                            result = await self._deliver(entry, event)
+                        except Exception as error:
+                            self._retry(entry, error)
+                            return  # the customer's later entries wait behind this one
+                        done.append(entry)
+                        self._resolve(entry.message_id, result)
+
+            await asyncio.gather(*(customer(queue) for queue in ready))
+            self.store.outbox_done(done)
+            return len(done), next_due or 0.0
+
+    async def _deliver(self, entry: OutboxEntry, event: StoredEvent | None) -> RouteResult:
+        if entry.kind == "merge":
+            return await self._identified(entry)
+        if event is None:
+            return RouteResult()  # the event row is gone (erased): nothing left to route
+        return await self.router.deliver(
+            CustomerEvent(
+                name=event.name,
+                customer_id=event.customer_id,
+                properties=event.properties,
+                timestamp=_aware(event.timestamp),
+                message_id=event.message_id,
+                source=event.source,
+            )
+        )
+
+    async def _identified(self, entry: OutboxEntry) -> RouteResult:
+        """Tell each running instance of a merged anonymous profile who the customer is."""
+        result = RouteResult()
+        signal = IdentifiedSignal(
+            customer_id=str(entry.payload["to"]), previous_id=str(entry.payload["from"])
+        )
+        for workflow_id in entry.payload.get("workflow_ids", []):
+            handle = self.router.client.get_workflow_handle(workflow_id)
+            try:
+                await handle.signal(SIGNAL_IDENTIFIED, signal)
+            except RPCError as error:
+                if error.status == RPCStatusCode.NOT_FOUND:
+                    continue  # it ended meanwhile
+                raise
+            result.signalled.append(workflow_id)
+        return result
+
+    def _retry(self, entry: OutboxEntry, error: Exception) -> None:
+        backoff = min(self.max_backoff, 0.2 * 2 ** min(entry.attempts, 10))
+        log.warning(
+            "delivery of %s for customer %s failed (attempt %d), retrying in %.1fs: %s",
+            entry.message_id,
+            entry.customer_id,
+            entry.attempts + 1,
+            backoff,
+            error,
+        )
+        self.store.outbox_retry(entry, repr(error), utcnow() + timedelta(seconds=backoff))
+
+    # ------------------------------------------------------------ waiting for a delivery
+
+    async def routed(self, message_id: str, timeout: float) -> RouteResult | None:
+        """The result of delivering ``message_id``, or None if not delivered in time.
+
+        When no dispatcher loop runs in this process (an app without its lifespan), the
+        caller's own pass delivers it.
+        """
+        future: asyncio.Future[RouteResult] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(message_id, []).append(future)
+        try:
+            if self._task is None:
+                await self.dispatch_once()
+            else:
+                self.wake()
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            waiting = self._waiters.get(message_id, [])
+            if future in waiting:
+                waiting.remove(future)
+            if not waiting:
+                self._waiters.pop(message_id, None)
+
+    def _resolve(self, message_id: str, result: RouteResult) -> None:
+        for future in self._waiters.get(message_id, []):
+            if not future.done():
+                future.set_result(result)
+
+
+def _aware(moment: datetime) -> datetime:
+    from datetime import UTC
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

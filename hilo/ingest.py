@@ -1,0 +1,508 @@
+"""Acceptance: every call a source sends lands on one profile, committed before we answer.
+
+One transaction per request stores the events, the identities, the profile changes, the
+consent changes and the outbox rows that the dispatcher turns into Temporal starts and
+signals. So an event Hilo acknowledged is never lost, whatever Temporal is doing, and a
+repeated ``messageId`` is stored and routed once.
+
+Identity: a ``userId`` is the customer. An ``anonymousId`` alone is an anonymous profile
+keyed by that id; when an ``identify`` (or ``alias``) ties it to a ``userId``, the
+anonymous profile is merged into the known one: events, journey entries, messages,
+consent and devices move, traits merge (the known profile's win), and the running journey
+instances are told who their customer is now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+from sqlmodel import col
+
+from hilo.events import CustomerEvent
+from hilo.storage import (
+    ConsentChange,
+    Device,
+    Identity,
+    JourneyInstance,
+    Message,
+    OutboxEntry,
+    Profile,
+    Store,
+    StoredEvent,
+    utcnow,
+)
+
+# Segment's page and screen calls reach journeys under the names its destinations use.
+EVENT_NAMES = {"page": "Page Viewed", "screen": "Screen Viewed"}
+# Calls that journeys can trigger on or listen to; identify, group and alias change the
+# profile and are kept on its timeline, but start nothing.
+ROUTED_TYPES = frozenset({"track", "page", "screen"})
+CONSENT_CHANNELS = ("email", "sms", "whatsapp", "push", "webpush")
+# Traits that are also ways to find the customer.
+ADDRESS_IDENTITIES = {"email": "email", "phone": "phone"}
+ROWS_PER_INSERT = 500  # keeps a multi-row INSERT under SQLite's bound-parameter limit
+
+
+class IncomingCall(Protocol):
+    """What ingestion needs of a call: a Segment call, or Hilo's own event."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def anonymous_id(self) -> str | None: ...
+    @property
+    def previous_id(self) -> str | None: ...
+    @property
+    def event(self) -> str | None: ...
+    @property
+    def properties(self) -> dict[str, Any]: ...
+    @property
+    def traits(self) -> dict[str, Any]: ...
+    @property
+    def context(self) -> dict[str, Any]: ...
+    @property
+    def timestamp(self) -> datetime: ...
+    @property
+    def sent_at(self) -> datetime | None: ...
+    @property
+    def timezone(self) -> str | None: ...
+    @property
+    def locale(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class OwnEvent:
+    """A :class:`CustomerEvent` (the ``/events`` API, ``hilo send-event``) as a track call."""
+
+    message_id: str
+    user_id: str
+    event: str
+    properties: dict[str, Any]
+    timestamp: datetime
+    type: str = "track"
+    anonymous_id: str | None = None
+    previous_id: str | None = None
+    traits: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
+    sent_at: datetime | None = None
+    timezone: str | None = None
+    locale: str | None = None
+
+    @classmethod
+    def of(cls, event: CustomerEvent) -> OwnEvent:
+        return cls(
+            message_id=event.message_id,
+            user_id=event.customer_id,
+            event=event.name,
+            properties=event.properties,
+            timestamp=event.timestamp,
+        )
+
+
+@dataclass
+class Accepted:
+    stored: list[str] = field(default_factory=list)  # message ids new to Hilo
+    duplicates: list[str] = field(default_factory=list)
+    routed: list[str] = field(default_factory=list)  # of the stored, those queued for routing
+    customers: dict[str, str] = field(default_factory=dict)  # message id -> customer id
+    merges: list[tuple[str, str]] = field(default_factory=list)  # (anonymous, known)
+
+
+@dataclass
+class _Batch:
+    """The request's view of the database, loaded once and written back once."""
+
+    session: Session
+    source: str
+    identities: dict[tuple[str, str], str] = field(default_factory=dict)
+    new_identities: dict[tuple[str, str], str] = field(default_factory=dict)
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)
+    consent: list[ConsentChange] = field(default_factory=list)
+    devices: dict[tuple[str, str], Device] = field(default_factory=dict)
+
+
+class Ingestor:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        dialect = store.engine.dialect.name
+        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+    def accept_events(self, events: Sequence[CustomerEvent], source: str = "api") -> Accepted:
+        return self.accept([OwnEvent.of(event) for event in events], source)
+
+    def accept(self, calls: Sequence[IncomingCall], source: str) -> Accepted:
+        """Store ``calls`` in one transaction; nothing is stored if anything fails."""
+        result = Accepted()
+        unique: dict[str, IncomingCall] = {}
+        for call in calls:
+            if call.message_id in unique:
+                result.duplicates.append(call.message_id)
+            else:
+                unique[call.message_id] = call
+        if not unique:
+            return result
+        with self.store.session() as session:
+            batch = _Batch(session=session, source=source)
+            self._load(batch, unique.values())
+            rows: list[dict[str, Any]] = []
+            for call in unique.values():
+                customer = self._customer_of(batch, call, result)
+                self._apply_profile(batch, call, customer)
+                result.customers[call.message_id] = customer
+                rows.append(self._event_row(call, customer, source))
+            self._write_profiles(batch)
+            stored = self._insert_events(session, rows)
+            routable = []
+            for row in rows:
+                if row["message_id"] not in stored:
+                    result.duplicates.append(row["message_id"])
+                    continue
+                result.stored.append(row["message_id"])
+                if row["type"] in ROUTED_TYPES:
+                    routable.append(row)
+            if routable:
+                session.execute(
+                    insert(OutboxEntry),
+                    [
+                        {
+                            "kind": "event",
+                            "message_id": row["message_id"],
+                            "customer_id": row["customer_id"],
+                            "payload": {},
+                            "created_at": row["received_at"],
+                            "available_at": row["received_at"],
+                            "attempts": 0,
+                        }
+                        for row in routable
+                    ],
+                )
+                result.routed = [row["message_id"] for row in routable]
+            session.commit()
+        return result
+
+    # ------------------------------------------------------------ loading
+
+    def _load(self, batch: _Batch, calls: Iterable[IncomingCall]) -> None:
+        keys: set[tuple[str, str]] = set()
+        for call in calls:
+            if call.user_id:
+                keys.add(("user_id", call.user_id))
+            if call.anonymous_id:
+                keys.add(("anonymous_id", call.anonymous_id))
+            if call.previous_id:
+                keys.add(("user_id", call.previous_id))
+                keys.add(("anonymous_id", call.previous_id))
+        if keys:
+            found = batch.session.execute(
+                select(col(Identity.kind), col(Identity.value), col(Identity.customer_id)).where(
+                    tuple_(col(Identity.kind), col(Identity.value)).in_(sorted(keys))
+                )
+            )
+            batch.identities = {(kind, value): customer for kind, value, customer in found}
+        customers = set(batch.identities.values())
+        customers.update(value for _kind, value in keys)
+        self._load_profiles(batch, customers)
+
+    def _load_profiles(self, batch: _Batch, customers: set[str]) -> None:
+        wanted = sorted(customers - batch.profiles.keys())
+        if not wanted:
+            return
+        for profile in batch.session.scalars(
+            select(Profile).where(col(Profile.customer_id).in_(wanted))
+        ):
+            batch.profiles[profile.customer_id] = profile
+
+    # ------------------------------------------------------------ identity
+
+    def _customer_of(self, batch: _Batch, call: IncomingCall, result: Accepted) -> str:
+        anonymous = call.anonymous_id
+        if call.type == "alias" and call.previous_id and call.user_id:
+            earlier = self._known(batch, "user_id", call.previous_id) or self._known(
+                batch, "anonymous_id", call.previous_id
+            )
+            self._identify(batch, call.user_id)
+            if earlier and earlier != call.user_id:
+                self._merge(batch, earlier, call.user_id, result)
+            elif not earlier:
+                self._link(batch, "anonymous_id", call.previous_id, call.user_id)
+            return call.user_id
+        if call.user_id:
+            self._identify(batch, call.user_id)
+            if anonymous:
+                earlier = self._known(batch, "anonymous_id", anonymous)
+                if earlier is None:
+                    self._link(batch, "anonymous_id", anonymous, call.user_id)
+                elif earlier != call.user_id and self._is_anonymous(batch, earlier):
+                    self._merge(batch, earlier, call.user_id, result)
+                # An anonymous id already tied to another known customer stays theirs: a
+                # shared device does not merge two people.
+            return call.user_id
+        assert anonymous, "the parser requires userId or anonymousId"
+        known = self._known(batch, "anonymous_id", anonymous)
+        if known is not None:
+            return known
+        self._link(batch, "anonymous_id", anonymous, anonymous)
+        self._profile(batch, anonymous, anonymous=True)
+        return anonymous
+
+    def _known(self, batch: _Batch, kind: str, value: str) -> str | None:
+        return batch.new_identities.get((kind, value)) or batch.identities.get((kind, value))
+
+    def _identify(self, batch: _Batch, user_id: str) -> None:
+        if self._known(batch, "user_id", user_id) is None:
+            self._link(batch, "user_id", user_id, user_id)
+        profile = self._profile(batch, user_id)
+        if profile.anonymous:
+            profile.anonymous = False
+            batch.changed.add(user_id)
+
+    def _link(self, batch: _Batch, kind: str, value: str, customer: str) -> None:
+        if batch.identities.get((kind, value)) == customer:
+            return
+        batch.new_identities[(kind, value)] = customer
+
+    def _is_anonymous(self, batch: _Batch, customer: str) -> bool:
+        profile = batch.profiles.get(customer)
+        return profile is None or profile.anonymous
+
+    def _profile(self, batch: _Batch, customer: str, anonymous: bool = False) -> Profile:
+        profile = batch.profiles.get(customer)
+        if profile is None:
+            self._load_profiles(batch, {customer})
+            profile = batch.profiles.get(customer)
+        if profile is None:
+            profile = Profile(customer_id=customer, anonymous=anonymous)
+            batch.profiles[customer] = profile
+            batch.session.add(profile)
+        return profile
+
+    def _merge(self, batch: _Batch, anonymous: str, known: str, result: Accepted) -> None:
+        """Fold the anonymous profile into the known one, inside this transaction."""
+        session = batch.session
+        session.flush()  # pending rows of either customer are written before they move
+        source = self._profile(batch, anonymous, anonymous=True)
+        target = self._profile(batch, known)
+        target.traits = {**source.traits, **target.traits}
+        target.consent = {**source.consent, **target.consent}
+        target.timezone = target.timezone or source.timezone
+        target.locale = target.locale or source.locale
+        source.merged_into = known
+        source.updated_at = target.updated_at = utcnow()
+        batch.changed.update({anonymous, known})
+        moved = list(
+            session.scalars(
+                select(col(JourneyInstance.workflow_id)).where(
+                    col(JourneyInstance.customer_id) == anonymous,
+                    col(JourneyInstance.status) == "active",
+                )
+            )
+        )
+        for model in (
+            StoredEvent,
+            JourneyInstance,
+            Message,
+            ConsentChange,
+            Device,
+            Identity,
+            OutboxEntry,
+        ):
+            table = model.__table__  # type: ignore[union-attr]
+            session.execute(
+                update(table).where(table.c.customer_id == anonymous).values(customer_id=known)
+            )
+        for key, customer in list(batch.identities.items()):
+            if customer == anonymous:
+                batch.identities[key] = known
+        for key, customer in list(batch.new_identities.items()):
+            if customer == anonymous:
+                batch.new_identities[key] = known
+        for device in batch.devices.values():
+            if device.customer_id == anonymous:
+                device.customer_id = known
+        for change in batch.consent:
+            if change.customer_id == anonymous:
+                change.customer_id = known
+        batch.new_identities[("anonymous_id", anonymous)] = known
+        if moved:
+            session.add(
+                OutboxEntry(
+                    kind="merge",
+                    message_id=f"merge:{anonymous}:{known}",
+                    customer_id=known,
+                    payload={"from": anonymous, "to": known, "workflow_ids": moved},
+                )
+            )
+        result.merges.append((anonymous, known))
+
+    # ------------------------------------------------------------ profile
+
+    def _apply_profile(self, batch: _Batch, call: IncomingCall, customer: str) -> None:
+        traits = call.traits if call.type == "identify" else {}
+        zone = _zone(call.timezone) or _zone(traits.get("timezone"))
+        locale = call.locale or traits.get("locale")
+        device = (call.context or {}).get("device") or {}
+        token = device.get("token") if isinstance(device, dict) else None
+        if not traits and not zone and not locale and not token:
+            return
+        profile = self._profile(batch, customer)
+        if traits:
+            # Consent is kept apart from the traits, each change with its source and time.
+            plain = {name: value for name, value in traits.items() if name != "consent"}
+            if plain:
+                profile.traits = {**profile.traits, **plain}
+            for kind, trait in ADDRESS_IDENTITIES.items():
+                value = plain.get(trait)
+                if isinstance(value, str) and value:
+                    address = value.strip().lower() if kind == "email" else value.strip()
+                    if self._known(batch, kind, address) is None:
+                        self._link(batch, kind, address, customer)
+            consent = traits.get("consent")
+            if isinstance(consent, dict):
+                self._consent(batch, profile, consent, call.timestamp)
+        if zone and profile.timezone != zone:
+            profile.timezone = zone
+        if isinstance(locale, str) and locale and profile.locale != locale[:35]:
+            profile.locale = locale[:35]
+        if isinstance(token, str) and token:
+            self._device(batch, customer, "push", token, device, call.timestamp)
+        profile.updated_at = utcnow()
+        batch.changed.add(customer)
+
+    def _consent(
+        self, batch: _Batch, profile: Profile, consent: dict[str, Any], at: datetime
+    ) -> None:
+        current = dict(profile.consent)
+        for channel, granted in consent.items():
+            if channel not in CONSENT_CHANNELS or not isinstance(granted, bool):
+                continue  # the parser already refused these; identify traits are free-form
+            if current.get(channel) is granted:
+                continue
+            current[channel] = granted
+            batch.consent.append(
+                ConsentChange(
+                    customer_id=profile.customer_id,
+                    channel=channel,
+                    granted=granted,
+                    source=batch.source,
+                    detail="identify traits",
+                    changed_at=at,
+                )
+            )
+        profile.consent = current
+
+    def _device(
+        self,
+        batch: _Batch,
+        customer: str,
+        kind: str,
+        address: str,
+        device: dict[str, Any],
+        at: datetime,
+    ) -> None:
+        batch.devices[(kind, address)] = Device(
+            customer_id=customer,
+            kind=kind,
+            address=address,
+            data={k: v for k, v in device.items() if k != "token"},
+            platform=str(device.get("type") or "")[:40] or None,
+            created_at=at,
+            updated_at=at,
+        )
+
+    # ------------------------------------------------------------ writing
+
+    def _write_profiles(self, batch: _Batch) -> None:
+        session = batch.session
+        for customer in batch.changed:
+            profile = batch.profiles.get(customer)
+            if profile is not None:
+                session.add(profile)
+        fresh = [
+            {
+                "kind": kind,
+                "value": value,
+                "customer_id": customer,
+                "source": batch.source,
+                "created_at": utcnow(),
+            }
+            for (kind, value), customer in batch.new_identities.items()
+            if (kind, value) not in batch.identities
+        ]
+        if fresh:
+            session.execute(self._insert(Identity).values(fresh).on_conflict_do_nothing())
+        for (kind, value), customer in batch.new_identities.items():
+            if (kind, value) in batch.identities:  # re-pointed by a merge
+                session.execute(
+                    update(Identity)
+                    .where(col(Identity.kind) == kind, col(Identity.value) == value)
+                    .values(customer_id=customer)
+                )
+        session.add_all(batch.consent)
+        for (kind, address), device in batch.devices.items():
+            existing = session.scalars(
+                select(Device).where(col(Device.kind) == kind, col(Device.address) == address)
+            ).first()
+            if existing is None:
+                session.add(device)
+            else:
+                existing.customer_id = device.customer_id
+                existing.data = device.data
+                existing.active = True
+                existing.updated_at = device.updated_at
+                session.add(existing)
+        session.flush()
+
+    def _event_row(self, call: IncomingCall, customer: str, source: str) -> dict[str, Any]:
+        name = call.event if call.type == "track" else EVENT_NAMES.get(call.type)
+        return {
+            "message_id": call.message_id,
+            "customer_id": customer,
+            "type": call.type,
+            "name": (name or call.type.capitalize())[:200],
+            "properties": call.traits if call.type == "identify" else call.properties,
+            "context": call.context or {},
+            "user_id": call.user_id,
+            "anonymous_id": call.anonymous_id,
+            "source": source,
+            "timestamp": call.timestamp,
+            "sent_at": call.sent_at,
+            "received_at": utcnow(),
+            "routed_at": None,
+        }
+
+    def _insert_events(self, session: Session, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert what is new; a known message id is a duplicate, stored once."""
+        stored: set[str] = set()
+        table = StoredEvent.__table__  # type: ignore[attr-defined]
+        for start in range(0, len(rows), ROWS_PER_INSERT):
+            chunk = rows[start : start + ROWS_PER_INSERT]
+            statement = (
+                self._insert(table)
+                .values(chunk)
+                .on_conflict_do_nothing(index_elements=["message_id"])
+                .returning(table.c.message_id)
+            )
+            stored.update(session.execute(statement).scalars())
+        return stored
+
+
+def _zone(value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None  # an unknown zone is ignored, not an error: the default applies
+    return value

@@ -1,0 +1,937 @@
+"""Segment-compatible requests: the bytes and headers of a Tracking API call in, validated
+and normalised calls out. Pure: no storage, no network, no clock (the caller passes
+``received_at``).
+
+Every problem is raised as one exception carrying all of them::
+
+    SegmentRejected(status, errors: list[FieldError])
+      400  the body is not gzip/JSON, or a call breaks Segment's spec
+      401  no write key (Basic auth username, or ``writeKey`` in the body)
+      413  the body, a call or a batch is over Segment's limits
+      415  a Content-Encoding other than gzip
+
+A request with any invalid call is rejected whole: nothing from it is to be stored. The
+client then fixes and resends the same request, and since every call keeps its
+``messageId`` nothing is counted twice; with partial acceptance it would have to work out
+which calls to leave out of the resend.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import math
+import re
+import uuid
+import zlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from enum import IntEnum
+from functools import cache
+from typing import Annotated, Any, Literal, cast
+from zoneinfo import available_timezones
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "CALL_TYPES",
+    "KINDS",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_CALLS",
+    "MAX_CALL_BYTES",
+    "MAX_MESSAGE_ID_CHARS",
+    "MAX_NESTING",
+    "AliasCall",
+    "CallType",
+    "FieldError",
+    "GroupCall",
+    "IdentifyCall",
+    "PageCall",
+    "RejectionStatus",
+    "ScreenCall",
+    "SegmentCall",
+    "SegmentContext",
+    "SegmentRejected",
+    "SegmentRequest",
+    "TrackCall",
+    "json_size",
+    "parse_request",
+    "segment_error_body",
+    "segment_success_body",
+]
+
+CallType = Literal["track", "identify", "page", "screen", "group", "alias"]
+CALL_TYPES: tuple[CallType, ...] = ("track", "identify", "page", "screen", "group", "alias")
+KINDS: tuple[str, ...] = (*CALL_TYPES, "batch")
+
+MAX_CALL_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MAX_BATCH_CALLS = 2500
+# Segment asks for message ids of "fewer than 100 characters".
+MAX_MESSAGE_ID_CHARS = 99
+MAX_ID_CHARS = 200
+# Far deeper than any real call; keeps every later step (JSON encoding, storage) off the
+# recursion limit.
+MAX_NESTING = 64
+# Deflate stores incompressible data at 5 bytes per 64 KB, plus an 18-byte gzip frame: a
+# body within its limit never compresses to more than this over it.
+_GZIP_SLACK = 1024
+_MAX_GZIP_MEMBERS = 16
+
+_ISO_HINT = "must be an ISO-8601 date-time string such as 2024-05-01T12:00:00.000Z"
+_TYPE_HINT = "one of " + ", ".join(CALL_TYPES)
+_PAGE_EVENTS = {"page": "Page Viewed", "screen": "Screen Viewed"}
+
+
+class RejectionStatus(IntEnum):
+    """The HTTP status of a rejection. Segment itself answers 400 to oversized payloads;
+    413 says what is wrong, and clients treat both as permanent (no retry)."""
+
+    BAD_REQUEST = 400
+    UNAUTHORIZED = 401
+    PAYLOAD_TOO_LARGE = 413
+    UNSUPPORTED_MEDIA_TYPE = 415
+
+
+class FieldError(BaseModel):
+    """One problem: where it is (``batch[2].timestamp``, ``userId``, ``body``) and what
+    would be right."""
+
+    model_config = ConfigDict(frozen=True)
+
+    field: str = Field(min_length=1, examples=["batch[2].timestamp"])
+    message: str = Field(min_length=1, examples=[_ISO_HINT])
+
+
+_TITLES = {
+    RejectionStatus.BAD_REQUEST: "Invalid request",
+    RejectionStatus.UNAUTHORIZED: "Missing or unusable write key",
+    RejectionStatus.PAYLOAD_TOO_LARGE: "Payload too large",
+    RejectionStatus.UNSUPPORTED_MEDIA_TYPE: "Unsupported Content-Encoding",
+}
+
+
+class SegmentRejected(Exception):
+    """The request as a whole is refused; ``errors`` lists every problem found in it."""
+
+    def __init__(self, status: int, errors: list[FieldError]) -> None:
+        self.status = status
+        self.errors = errors
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        title = _TITLES.get(RejectionStatus(self.status), "Rejected")
+        count = len(self.errors)
+        problems = f"{count} problem{'s' if count != 1 else ''}"
+        if count == 1:
+            problems += f" ({self.errors[0].field} {self.errors[0].message})"
+        return f"{title}: {problems}; nothing from this request was accepted"
+
+
+def segment_error_body(rejected: SegmentRejected) -> dict[str, Any]:
+    """The JSON body of a rejection: Segment's ``success``/``message`` plus our ``errors``."""
+    return {
+        "success": False,
+        "message": rejected.message,
+        "errors": [error.model_dump() for error in rejected.errors],
+    }
+
+
+def segment_success_body() -> dict[str, Any]:
+    """What Segment's Tracking API answers with a 200."""
+    return {"success": True}
+
+
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON: how a call inside a batch is measured
+    against the 32 KB limit (whitespace the client sent does not count against it)."""
+    return len(
+        json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    )
+
+
+# --- what a client sends ------------------------------------------------------------------
+
+
+def _instant(value: Any) -> datetime:
+    """An ISO-8601 string as an aware UTC datetime; naive ones are UTC, as Segment reads them."""
+    if not isinstance(value, str):
+        raise ValueError(_ISO_HINT)
+    text = value.strip()
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(_ISO_HINT) from None
+    if "T" not in text and " " not in text:
+        raise ValueError(f"{_ISO_HINT}; a date alone is not enough")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"is out of range; {_ISO_HINT}") from None
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(_instant)]
+
+
+class _SpecModel(BaseModel):
+    # Strict: a number where a string belongs is a client bug to report, not to coerce.
+    # Extra fields are kept, as Segment keeps them.
+    model_config = ConfigDict(extra="allow", strict=True, alias_generator=to_camel)
+
+
+class SegmentContext(_SpecModel):
+    """``context`` as Segment's spec lists it; other keys are accepted as they are."""
+
+    active: bool | None = None
+    app: dict[str, Any] | None = None
+    campaign: dict[str, Any] | None = None
+    device: dict[str, Any] | None = None
+    ip: str | None = None
+    library: dict[str, Any] | None = None
+    locale: str | None = None
+    location: dict[str, Any] | None = None
+    network: dict[str, Any] | None = None
+    os: dict[str, Any] | None = None
+    page: dict[str, Any] | None = None
+    referrer: dict[str, Any] | None = None
+    screen: dict[str, Any] | None = None
+    timezone: str | None = None
+    group_id: str | None = None
+    traits: dict[str, Any] | None = None
+    user_agent: str | None = None
+
+
+class _CommonCall(_SpecModel):
+    type: str | None = None
+    message_id: str | None = Field(None, max_length=MAX_MESSAGE_ID_CHARS)
+    # Hilo keys profiles by these ids: 200 characters is its column size.
+    user_id: str | None = Field(None, max_length=MAX_ID_CHARS)
+    anonymous_id: str | None = Field(None, max_length=MAX_ID_CHARS)
+    timestamp: IsoDateTime | None = None
+    original_timestamp: IsoDateTime | None = None
+    sent_at: IsoDateTime | None = None
+    context: SegmentContext | None = None
+    # Values (true/false or a settings object) are checked by _integration_errors, which
+    # can name the destination at fault.
+    integrations: dict[str, Any] | None = None
+
+
+class TrackCall(_CommonCall):
+    event: str | None = Field(None, max_length=MAX_ID_CHARS)
+    properties: dict[str, Any] | None = None
+
+
+class IdentifyCall(_CommonCall):
+    traits: dict[str, Any] | None = None
+
+
+class PageCall(_CommonCall):
+    name: str | None = None
+    category: str | None = None
+    properties: dict[str, Any] | None = None
+
+
+class ScreenCall(PageCall):
+    pass
+
+
+class GroupCall(_CommonCall):
+    group_id: str | None = None
+    traits: dict[str, Any] | None = None
+
+
+class AliasCall(_CommonCall):
+    previous_id: str | None = Field(None, max_length=MAX_ID_CHARS)
+
+
+_CALL_MODELS: dict[str, type[_CommonCall]] = {
+    "track": TrackCall,
+    "identify": IdentifyCall,
+    "page": PageCall,
+    "screen": ScreenCall,
+    "group": GroupCall,
+    "alias": AliasCall,
+}
+
+
+# --- what Hilo keeps ----------------------------------------------------------------------
+
+
+class SegmentCall(BaseModel):
+    """One call, normalised: the same shape whatever type it is and however it was sent."""
+
+    type: CallType
+    message_id: str = Field(
+        description="The client's messageId, the deduplication key; generated if absent."
+    )
+    user_id: str | None = None
+    anonymous_id: str | None = None
+    previous_id: str | None = Field(None, description="alias: the id being merged away.")
+    group_id: str | None = Field(None, description="group: the account joined.")
+    event: str | None = Field(
+        None,
+        description="track: its event; page/screen: 'Page Viewed'/'Screen Viewed'; otherwise None.",
+    )
+    properties: dict[str, Any] = Field(
+        default_factory=dict,
+        description="track/page/screen properties; page/screen also carry name and category.",
+    )
+    traits: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The person's traits: identify's traits over context.traits, "
+        "context.traits for every other type.",
+    )
+    group_traits: dict[str, Any] = Field(
+        default_factory=dict,
+        description="group: the account's traits (kept apart so they never reach a profile).",
+    )
+    context: dict[str, Any] = Field(
+        default_factory=dict, description="The call's context, batch defaults merged in."
+    )
+    integrations: dict[str, Any] = Field(
+        default_factory=dict, description="The call's integrations, batch defaults merged in."
+    )
+    timestamp: datetime = Field(
+        description="When it happened, UTC, corrected for the client's clock skew."
+    )
+    original_timestamp: datetime | None = Field(
+        None, description="The client's own timestamp, uncorrected."
+    )
+    sent_at: datetime | None = Field(None, description="The client's clock when it sent.")
+    received_at: datetime = Field(description="The server's clock when the request came in.")
+    timezone: str | None = Field(
+        None, description="context.timezone when it is a known IANA zone, else None."
+    )
+    locale: str | None = None
+    ip: str | None = None
+    raw: dict[str, Any] = Field(
+        description="The call's JSON object as received (without writeKey), for the archive; "
+        "batch-level defaults are not merged into it."
+    )
+
+
+class SegmentRequest(BaseModel):
+    """A whole request, accepted: its source's write key (not yet checked against any
+    source) and its calls in the order sent."""
+
+    write_key: str
+    calls: list[SegmentCall]
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+
+class _TooLarge(FieldError):
+    """A FieldError that makes the rejection a 413."""
+
+
+def parse_request(
+    kind: str, body: bytes, headers: Mapping[str, str], *, received_at: datetime
+) -> SegmentRequest:
+    """Parse one Tracking API request (``kind`` is its endpoint: track ... alias, batch).
+
+    Raises ``SegmentRejected`` listing every problem; any other exception is a bug.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    received_at = _as_utc(received_at)
+    lowered = {name.lower(): value for name, value in headers.items()}
+    limit = MAX_BATCH_BYTES if kind == "batch" else MAX_CALL_BYTES
+
+    text = _decoded_body(body, lowered.get("content-encoding", ""), limit, kind)
+    payload = _json_object(text)
+    write_key = _write_key(lowered.get("authorization"), payload)
+
+    errors: list[FieldError] = []
+    if kind == "batch":
+        calls = _batch_calls(payload, received_at, errors)
+    else:
+        call = _call(payload, kind, "", _Defaults(), received_at, errors)
+        calls = [call] if call else []
+    if errors:
+        too_large = any(isinstance(error, _TooLarge) for error in errors)
+        status = RejectionStatus.PAYLOAD_TOO_LARGE if too_large else RejectionStatus.BAD_REQUEST
+        # Plain FieldErrors out, whatever was used to pick the status.
+        raise SegmentRejected(status, [FieldError(**error.model_dump()) for error in errors])
+    return SegmentRequest(write_key=write_key, calls=calls)
+
+
+def _reject(status: RejectionStatus, field: str, message: str) -> SegmentRejected:
+    return SegmentRejected(status, [FieldError(field=field, message=message)])
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _decoded_body(body: bytes, encoding: str, limit: int, kind: str) -> str:
+    what = "a batch request" if kind == "batch" else "a single call"
+    too_large = f"{what} must be at most {limit:,} bytes ({limit // 1024} KB)"
+    if kind == "batch":
+        too_large += "; split it into smaller batches"
+    encoding = encoding.strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        if len(body) > limit + _GZIP_SLACK:
+            raise _reject(
+                RejectionStatus.PAYLOAD_TOO_LARGE,
+                "body",
+                f"is {len(body):,} bytes compressed; {too_large}",
+            )
+        body = _gunzip(body, limit, too_large)
+    elif encoding not in ("", "identity"):
+        raise _reject(
+            RejectionStatus.UNSUPPORTED_MEDIA_TYPE,
+            "Content-Encoding",
+            f"{_quote(encoding)} is not supported; send gzip or an uncompressed body",
+        )
+    if len(body) > limit:
+        raise _reject(
+            RejectionStatus.PAYLOAD_TOO_LARGE, "body", f"is {len(body):,} bytes; {too_large}"
+        )
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        hint = (
+            "; it looks gzip-compressed: send Content-Encoding: gzip"
+            if body[:2] == b"\x1f\x8b"
+            else ""
+        )
+        raise _reject(
+            RejectionStatus.BAD_REQUEST,
+            "body",
+            f"is not UTF-8 (byte {exc.start}){hint}; send UTF-8 JSON",
+        ) from None
+
+
+def _gunzip(body: bytes, limit: int, too_large: str) -> bytes:
+    """Decompress, stopping as soon as the output passes ``limit``: a small bomb never costs
+    more than ``limit`` bytes of memory."""
+    out = bytearray()
+    data = body
+    try:
+        # Clients send one gzip member; a few are allowed, as gzip itself allows them, but
+        # not thousands of empty ones (each member copies the rest of the input).
+        for _member in range(_MAX_GZIP_MEMBERS):
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out += inflater.decompress(data, limit + 1 - len(out))
+            while inflater.unconsumed_tail and len(out) <= limit:
+                out += inflater.decompress(inflater.unconsumed_tail, limit + 1 - len(out))
+            if len(out) > limit:
+                raise _reject(
+                    RejectionStatus.PAYLOAD_TOO_LARGE,
+                    "body",
+                    f"decompresses to more than {limit:,} bytes; {too_large}",
+                )
+            if not inflater.eof:
+                raise zlib.error("truncated")
+            data = inflater.unused_data
+            # gzip writers may pad the last member with zero bytes.
+            if not data or (data[0] == 0 and not data.strip(b"\x00")):
+                return bytes(out)
+        raise zlib.error("too many members")
+    except zlib.error:
+        raise _reject(
+            RejectionStatus.BAD_REQUEST,
+            "body",
+            "is not valid gzip (corrupt or truncated); compress the whole JSON body with gzip, "
+            "or drop Content-Encoding",
+        ) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        # 1e400 would be stored as Infinity, which is not JSON either.
+        raise ValueError(f"number {text[:30]} is out of range")
+    return number
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise _reject(
+            RejectionStatus.BAD_REQUEST,
+            "body",
+            f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+        ) from None
+    except RecursionError:
+        raise _reject(
+            RejectionStatus.BAD_REQUEST, "body", f"nests deeper than {MAX_NESTING} levels"
+        ) from None
+    except ValueError as exc:  # our hooks, and integers longer than Python will parse
+        raise _reject(RejectionStatus.BAD_REQUEST, "body", f"is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise _reject(
+            RejectionStatus.BAD_REQUEST,
+            "body",
+            f"must be a JSON object, not {_json_type(payload)}",
+        )
+    problems = _shape_errors(payload)
+    if problems:
+        raise SegmentRejected(RejectionStatus.BAD_REQUEST, problems)
+    return payload
+
+
+def _shape_errors(payload: dict[str, Any]) -> list[FieldError]:
+    """Too-deep nesting and text that cannot be stored as UTF-8 (lone surrogates from
+    ``\\ud800`` escapes), found without recursion."""
+    errors: list[FieldError] = []
+    stack: list[tuple[Any, str, int]] = [(payload, "", 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_NESTING:
+                errors.append(
+                    FieldError(
+                        field=path or "body",
+                        message=f"nests deeper than {MAX_NESTING} levels; flatten it",
+                    )
+                )
+                continue
+            if isinstance(node, dict):
+                children = [(child, _key_path(path, key)) for key, child in node.items()]
+            else:
+                children = [(child, f"{path}[{index}]") for index, child in enumerate(node)]
+            stack.extend((child, child_path, depth + 1) for child, child_path in reversed(children))
+            if isinstance(node, dict):
+                errors += [
+                    FieldError(field=_key_path(path, key), message="name is not valid Unicode")
+                    for key in node
+                    if not _encodable(key)
+                ]
+        elif isinstance(node, str) and not _encodable(node):
+            errors.append(
+                FieldError(
+                    field=path or "body",
+                    message="contains an unpaired UTF-16 surrogate; send valid Unicode text",
+                )
+            )
+    return errors
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]*")
+
+
+def _key_path(path: str, key: str) -> str:
+    """``properties.total``, or ``properties["a.b"]`` when the key would read ambiguously."""
+    if _PLAIN_KEY.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]" if path else json.dumps(key)
+
+
+def _quote(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= limit else text[: limit - 4] + '..."'
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _write_key(authorization: str | None, payload: dict[str, Any]) -> str:
+    header_key = _basic_auth_user(authorization) if authorization else None
+    body_key = payload.get("writeKey")
+    if body_key is not None and not isinstance(body_key, str):
+        raise _reject(
+            RejectionStatus.UNAUTHORIZED,
+            "writeKey",
+            f"must be a string (the source's write key), not {_json_type(body_key)}",
+        )
+    body_key = body_key or None
+    if header_key and body_key and header_key != body_key:
+        raise _reject(
+            RejectionStatus.UNAUTHORIZED,
+            "writeKey",
+            "differs from the write key in the Authorization header; send one write key",
+        )
+    write_key = header_key or body_key
+    if not write_key:
+        raise _reject(
+            RejectionStatus.UNAUTHORIZED,
+            "writeKey",
+            "is missing: send the source's write key as the Basic auth username with an "
+            "empty password, or as writeKey in the body",
+        )
+    return write_key
+
+
+def _basic_auth_user(authorization: str) -> str | None:
+    """The Basic auth username; other schemes (an OAuth bearer token) leave the write key
+    to the body, as Segment does."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise _reject(
+            RejectionStatus.UNAUTHORIZED,
+            "Authorization",
+            "is not valid Basic auth: send 'Basic ' and the base64 of '<write key>:'",
+        ) from None
+    # Segment still accepts a write key encoded without the colon; so do we.
+    username, _, _password = decoded.partition(":")
+    return username or None
+
+
+@dataclasses.dataclass
+class _Defaults:
+    """What a batch's top level gives each of its calls."""
+
+    context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    integrations: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sent_at: datetime | None = None
+
+
+def _batch_calls(
+    payload: dict[str, Any], received_at: datetime, errors: list[FieldError]
+) -> list[SegmentCall]:
+    defaults = _Defaults()
+    context = payload.get("context")
+    if context is not None:
+        context_errors = _model_errors(SegmentContext, context, "context")
+        errors += context_errors
+        if not context_errors:
+            defaults.context = context
+    integrations = payload.get("integrations")
+    if integrations is not None:
+        integration_errors = _integration_errors(integrations, "integrations")
+        errors += integration_errors
+        if not integration_errors:
+            defaults.integrations = integrations
+    if payload.get("sentAt") is not None:
+        try:
+            defaults.sent_at = _instant(payload["sentAt"])
+        except ValueError as exc:
+            errors.append(FieldError(field="sentAt", message=str(exc)))
+
+    items = payload.get("batch")
+    if not isinstance(items, list):
+        message = (
+            "is required: an array of calls, each with a type"
+            if items is None
+            else f"must be an array of calls, not {_json_type(items)}"
+        )
+        errors.append(FieldError(field="batch", message=message))
+        return []
+    if len(items) > MAX_BATCH_CALLS:
+        # Its calls are not checked one by one: they cannot be accepted together anyway,
+        # and tens of thousands of tiny bad calls would make a huge error body.
+        errors.append(
+            _TooLarge(
+                field="batch",
+                message=f"has {len(items):,} calls; send at most {MAX_BATCH_CALLS:,} a request",
+            )
+        )
+        return []
+
+    calls: list[SegmentCall] = []
+    for index, item in enumerate(items):
+        path = f"batch[{index}]"
+        if not isinstance(item, dict):
+            errors.append(
+                FieldError(
+                    field=path,
+                    message=f"must be a call (a JSON object with a type), not {_json_type(item)}",
+                )
+            )
+            continue
+        size = json_size(item)
+        if size > MAX_CALL_BYTES:
+            errors.append(
+                _TooLarge(
+                    field=path,
+                    message=f"is {size:,} bytes; a call must be at most {MAX_CALL_BYTES:,} bytes "
+                    "(32 KB): keep large data out of properties and traits",
+                )
+            )
+            continue
+        call_type = item.get("type")
+        if call_type not in CALL_TYPES:
+            message = (
+                f"is required in a batch: {_TYPE_HINT}"
+                if call_type is None
+                else f"must be {_TYPE_HINT}, not {_quote(call_type)}"
+            )
+            errors.append(FieldError(field=f"{path}.type", message=message))
+            continue
+        call = _call(item, call_type, path, defaults, received_at, errors)
+        if call:
+            calls.append(call)
+    return calls
+
+
+def _call(
+    data: dict[str, Any],
+    call_type: str,
+    path: str,
+    defaults: _Defaults,
+    received_at: datetime,
+    errors: list[FieldError],
+) -> SegmentCall | None:
+    """Validate one call (``path`` prefixes its errors) and normalise it."""
+    before = len(errors)
+    stated_type = data.get("type")
+    # A non-string type is reported by the model.
+    if isinstance(stated_type, str) and stated_type != call_type:
+        errors.append(
+            FieldError(
+                field=_key_path(path, "type"),
+                message=f"is {_quote(stated_type)} but this is a {call_type} request; "
+                f"drop type or send it as {_quote(stated_type)}",
+            )
+        )
+    merged = dict(data)
+    for key, default in (("context", defaults.context), ("integrations", defaults.integrations)):
+        if default:
+            merged[key] = _merge(default, data.get(key))
+
+    model_class = _CALL_MODELS[call_type]
+    model: _CommonCall | None = None
+    try:
+        model = model_class.model_validate(merged)
+    except ValidationError as exc:
+        errors += _translate(exc, path)
+    bad_fields = {error.field for error in errors[before:]}
+    if isinstance(merged.get("integrations"), dict):
+        errors += _integration_errors(merged["integrations"], _key_path(path, "integrations"))
+    errors += _required_errors(call_type, data, path, bad_fields)
+
+    timestamp: datetime | None = None
+    if model is not None:
+        try:
+            timestamp = _corrected(model, defaults.sent_at, received_at)
+        except OverflowError:
+            errors.append(
+                FieldError(
+                    field=_key_path(path, "sentAt"),
+                    message="is so far from the call's timestamp that correcting clock skew "
+                    "leaves the calendar; check the client's clock",
+                )
+            )
+    if len(errors) > before or model is None or timestamp is None:
+        return None
+    return _normalised(model, call_type, merged, data, defaults, timestamp, received_at)
+
+
+def _merge(default: dict[str, Any], own: Any) -> Any:
+    """A batch default under a call's own value: the call wins, nested objects merge."""
+    if own is None:
+        return default
+    if not isinstance(own, dict):
+        return own  # the wrong type is the call's to report
+    merged = dict(default)
+    for key, value in own.items():
+        merged[key] = (
+            _merge(merged[key], value)
+            if isinstance(merged.get(key), dict) and isinstance(value, dict)
+            else value
+        )
+    return merged
+
+
+def _model_errors(model_class: type[BaseModel], value: Any, path: str) -> list[FieldError]:
+    try:
+        model_class.model_validate(value)
+    except ValidationError as exc:
+        return _translate(exc, path)
+    return []
+
+
+_MESSAGES = {
+    "string_type": "must be a string",
+    "dict_type": "must be a JSON object",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "bool_type": "must be true or false",
+    "datetime_type": _ISO_HINT,
+}
+
+
+def _translate(exc: ValidationError, path: str) -> list[FieldError]:
+    """Pydantic's errors as FieldErrors at the client's own field names, under ``path``."""
+    errors: list[FieldError] = []
+    for item in exc.errors(include_url=False, include_input=False):
+        field = path
+        for part in item["loc"]:
+            field = f"{field}[{part}]" if isinstance(part, int) else _key_path(field, str(part))
+        kind = item["type"]
+        if kind in _MESSAGES:
+            message = _MESSAGES[kind]
+        elif kind == "string_too_long":
+            message = f"must be at most {item['ctx']['max_length']} characters"
+        elif kind == "value_error":
+            message = str(item["ctx"]["error"])
+        else:
+            message = item["msg"]
+        errors.append(FieldError(field=field or "body", message=message))
+    return errors
+
+
+def _integration_errors(value: Any, path: str) -> list[FieldError]:
+    if not isinstance(value, dict):
+        return [FieldError(field=path, message="must be a JSON object")]
+    return [
+        FieldError(
+            field=_key_path(path, name),
+            message="must be true, false or an object of destination settings",
+        )
+        for name, setting in value.items()
+        if not isinstance(setting, bool | dict)
+    ]
+
+
+def _present(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key)
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _required_errors(
+    call_type: str, data: dict[str, Any], path: str, bad_fields: set[str]
+) -> list[FieldError]:
+    """Segment's rules across fields; a field already reported (wrong type) is not
+    reported again."""
+    errors: list[FieldError] = []
+
+    def require(key: str, message: str) -> None:
+        field = _key_path(path, key)
+        if field not in bad_fields and not _present(data, key):
+            errors.append(FieldError(field=field, message=message))
+
+    if call_type == "alias":
+        require("previousId", "is required for alias: the id the customer had before")
+        require("userId", "is required for alias: the id the customer has now")
+        return errors
+    user_id, anonymous_id = _key_path(path, "userId"), _key_path(path, "anonymousId")
+    if (
+        user_id not in bad_fields
+        and anonymous_id not in bad_fields
+        and not (_present(data, "userId") or _present(data, "anonymousId"))
+    ):
+        errors.append(
+            FieldError(
+                field=user_id,
+                message="userId or anonymousId is required: the customer's id, or an "
+                "anonymous id until they sign in",
+            )
+        )
+    if call_type == "track":
+        require("event", 'is required for track: what the customer did, e.g. "Order Completed"')
+    if call_type == "group":
+        require("groupId", "is required for group: the id of the account joined")
+    return errors
+
+
+def _corrected(
+    model: _CommonCall, batch_sent_at: datetime | None, received_at: datetime
+) -> datetime:
+    """Segment's rule: timestamp = receivedAt - (sentAt - originalTimestamp), which removes
+    the client clock's skew; without sentAt the client's time is taken as given (historical
+    imports), without any client time it is receivedAt."""
+    client_time = model.timestamp or model.original_timestamp
+    sent_at = model.sent_at or batch_sent_at
+    if client_time is None:
+        return received_at
+    if sent_at is None:
+        return client_time
+    return received_at - (sent_at - client_time)
+
+
+@cache
+def _known_zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def _non_blank(value: str | None) -> str | None:
+    """Blank ids are absent ids."""
+    return value if value is not None and value.strip() else None
+
+
+def _normalised(
+    model: _CommonCall,
+    call_type: str,
+    merged: dict[str, Any],
+    data: dict[str, Any],
+    defaults: _Defaults,
+    timestamp: datetime,
+    received_at: datetime,
+) -> SegmentCall:
+    context = model.context or SegmentContext()
+    context_traits = dict(context.traits or {})
+    event: str | None = None
+    properties: dict[str, Any] = {}
+    traits = context_traits
+    group_traits: dict[str, Any] = {}
+    previous_id = group_id = None
+    if isinstance(model, TrackCall):
+        event = model.event
+        properties = dict(model.properties or {})
+    elif isinstance(model, PageCall):
+        event = _PAGE_EVENTS[call_type]
+        properties = dict(model.properties or {})
+        # Destinations read page/screen name and category from properties; the call's own
+        # fields are the authority when both are given.
+        for key in ("name", "category"):
+            if getattr(model, key) is not None:
+                properties[key] = getattr(model, key)
+    elif isinstance(model, IdentifyCall):
+        traits = {**context_traits, **(model.traits or {})}
+    elif isinstance(model, GroupCall):
+        group_id = model.group_id
+        group_traits = dict(model.traits or {})
+    elif isinstance(model, AliasCall):
+        previous_id = model.previous_id
+    timezone = context.timezone if context.timezone in _known_zones() else None
+    return SegmentCall(
+        type=cast(CallType, call_type),  # checked against CALL_TYPES by the caller
+        # Segment's libraries always send one; a hand-written call without one gets a random
+        # id, so resending that call is not recognised as a duplicate.
+        message_id=_non_blank(model.message_id) or f"hilo-{uuid.uuid4()}",
+        user_id=_non_blank(model.user_id),
+        anonymous_id=_non_blank(model.anonymous_id),
+        previous_id=previous_id,
+        group_id=group_id,
+        event=event,
+        properties=properties,
+        traits=traits,
+        group_traits=group_traits,
+        context=merged.get("context") or {},
+        integrations=merged.get("integrations") or {},
+        timestamp=timestamp,
+        original_timestamp=model.timestamp or model.original_timestamp,
+        sent_at=model.sent_at or defaults.sent_at,
+        received_at=received_at,
+        timezone=timezone,
+        locale=context.locale,
+        ip=context.ip,
+        raw={key: value for key, value in data.items() if key != "writeKey"},
+    )
