@@ -6,6 +6,7 @@ Each is idempotent: Temporal may run an activity again after a crash, and the da
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime, time, timedelta
 from typing import Any
@@ -14,8 +15,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.providers import CaptureProvider, ChannelProvider
+from activities.providers import CaptureProvider
 from hilo import templates
+from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
+from hilo.channels.links import LinkSigner, rewrite_links
 from hilo.journey_runs import (
     FINISH,
     LOAD_PROFILE,
@@ -35,8 +38,15 @@ from hilo.journeys import WEEKDAYS, TimeWindow
 from hilo.storage import Message, Profile, Store
 
 # Where no consent was recorded: email is opt-out (soft opt-in), the rest need an opt-in.
-CONSENT_DEFAULTS = {"email": True, "sms": False, "whatsapp": False, "push": False}
+CONSENT_DEFAULTS = {
+    "email": True,
+    "sms": False,
+    "whatsapp": False,
+    "push": False,
+    "webpush": False,
+}
 ADDRESS_TRAITS = {"email": "email", "sms": "phone", "whatsapp": "phone"}
+DEVICE_CHANNELS = frozenset({"push", "webpush"})
 
 
 class JourneyActivities:
@@ -45,8 +55,10 @@ class JourneyActivities:
         store: Store,
         providers: dict[str, ChannelProvider] | None = None,
         default_timezone: str = "UTC",
+        links: LinkSigner | None = None,
     ) -> None:
         self.store = store
+        self.links = links
         capture = CaptureProvider(store)
         self.providers: dict[str, ChannelProvider] = providers or {}
         self.fallback: ChannelProvider = capture
@@ -95,37 +107,114 @@ class JourneyActivities:
 
     @activity.defn(name=SEND_MESSAGE)
     def send_message(self, request: SendRequest) -> SendResult:
+        """Send one message exactly once, as far as the provider allows.
+
+        The ledger row is written (``queued``) before the provider is called and completed
+        after. A retry finds the row: when it is complete, the stored result is returned and
+        the provider is not called; when it is still ``queued`` (the worker died while the
+        provider answered) the provider is called again with the same idempotency key, the
+        message id, so that a provider honouring it delivers once.
+        """
         stored, found = self.store.message_and_profile(request.message_id, request.customer_id)
-        if stored is not None:
-            # A retry after success: answer from the ledger, never call the provider again.
+        if stored is not None and stored.status != "queued":
             return _result(stored)
         profile = _snapshot(found, request.customer_id)
-        skip = self._skip_reason(request, profile)
-        recipient = _recipient(request.channel, profile)
-        if skip is None and request.channel in ADDRESS_TRAITS and not recipient:
-            skip = f"no {ADDRESS_TRAITS[request.channel]} on the profile"
-        rendered: dict[str, str] = {}
-        if skip is None:
-            context = {
-                "profile": profile.as_context(),
-                "customer": profile.traits,
-                "trigger": request.trigger,
-                "journey": {"key": request.journey_key, "version": request.journey_version},
-                "message": {"id": request.message_id},
-            }
-            try:
-                rendered = {
-                    field: templates.render(source, context)
-                    for field, source in request.content.items()
+        provider = self._provider(request.channel)
+        recipient = self._recipient(request.channel, profile)
+        skip = self._skip_reason(request, profile, recipient)
+        if skip is not None:
+            return _result(self.store.record_message(self._ledger_row(request, provider, skip)))
+        content = stored.content if stored is not None else self._render(request, profile)
+        unsubscribe_url = None
+        if self.links is not None and request.category == "marketing":
+            unsubscribe_url = self.links.unsubscribe_url(
+                request.message_id, profile.customer_id, request.channel
+            )
+            if request.channel == "email" and "html" in content and stored is None:
+                content = {
+                    **content,
+                    "html": rewrite_links(content["html"], request.message_id, self.links),
                 }
-            except Exception as error:  # a template that rendered at publish but not now
-                raise ApplicationError(
-                    f"{request.step_id}: template did not render: {error}",
-                    type="TemplateError",
-                    non_retryable=True,
-                ) from error
-        provider = self.providers.get(request.channel, self.fallback)
-        message = Message(
+        row = self._ledger_row(request, provider, None, content=content, recipient=recipient)
+        queued = self.store.queue_message(row)
+        delivery = Delivery(
+            message_id=request.message_id,
+            channel=request.channel,
+            customer_id=profile.customer_id,
+            journey_key=request.journey_key,
+            step_id=request.step_id,
+            template=request.template,
+            category=request.category,
+            recipient=recipient,
+            content=queued.content,
+            profile=profile.traits,
+            unsubscribe_url=unsubscribe_url,
+        )
+        try:
+            provider_message_id = provider.deliver(delivery)
+        except PermanentFailure as failure:
+            self.store.message_outcome(request.message_id, "failed", reason=failure.reason)
+            raise ApplicationError(
+                f"{request.step_id}: {provider.name} refused the message: {failure.reason}",
+                type="PermanentDeliveryFailure",
+                non_retryable=True,
+            ) from failure
+        except RetryableFailure as failure:
+            info = activity.info()
+            last = info.retry_policy is not None and info.attempt >= (
+                info.retry_policy.maximum_attempts or 10**9
+            )
+            if last:
+                self.store.message_outcome(request.message_id, "failed", reason=failure.reason)
+            raise ApplicationError(
+                f"{request.step_id}: {provider.name} failed, will retry: {failure.reason}",
+                type="RetryableDeliveryFailure",
+                non_retryable=last,
+                next_retry_delay=(
+                    timedelta(seconds=failure.retry_after) if failure.retry_after else None
+                ),
+            ) from failure
+        return _result(
+            self.store.message_outcome(
+                request.message_id, "sent", provider_message_id=provider_message_id
+            )
+        )
+
+    def _provider(self, channel: str) -> ChannelProvider:
+        provider = self.providers.get(channel)
+        if provider is None and channel == "handoff":
+            provider = self.providers.get("webhook")  # a helpdesk hears hand-offs by webhook
+        return provider or self.fallback
+
+    def _render(self, request: SendRequest, profile: ProfileSnapshot) -> dict[str, str]:
+        context = {
+            "profile": profile.as_context(),
+            "customer": profile.traits,
+            "trigger": request.trigger,
+            "journey": {"key": request.journey_key, "version": request.journey_version},
+            "message": {"id": request.message_id},
+        }
+        try:
+            return {
+                field: templates.render(source, context)
+                for field, source in request.content.items()
+            }
+        except Exception as error:  # a template that rendered at publish but not now
+            raise ApplicationError(
+                f"{request.step_id}: template did not render: {error}",
+                type="TemplateError",
+                non_retryable=True,
+            ) from error
+
+    def _ledger_row(
+        self,
+        request: SendRequest,
+        provider: ChannelProvider,
+        skip: str | None,
+        content: dict[str, str] | None = None,
+        recipient: str | None = None,
+    ) -> Message:
+        return Message(
             message_id=request.message_id,
             workflow_id=request.workflow_id,
             run_id=request.run_id,
@@ -137,22 +226,47 @@ class JourneyActivities:
             channel=request.channel,
             template=request.template,
             category=request.category,
-            content=rendered,
-            status="skipped" if skip else "sent",
+            content=content or {},
+            status="skipped" if skip else "queued",
             reason=skip,
             provider=provider.name,
+            recipient=recipient,
+            attempts=0 if skip else 1,
             scheduled_at=request.scheduled_at,
         )
-        if skip is None:
-            message.provider_message_id = provider.deliver(request, recipient, rendered)
-        return _result(self.store.record_message(message))
 
-    def _skip_reason(self, request: SendRequest, profile: ProfileSnapshot) -> str | None:
-        if request.channel not in CONSENT_DEFAULTS:
+    def _recipient(self, channel: str, profile: ProfileSnapshot) -> str | None:
+        trait = ADDRESS_TRAITS.get(channel)
+        if trait:
+            value = profile.traits.get(trait)
+            return str(value) if value else None
+        if channel in DEVICE_CHANNELS:
+            devices = self.store.devices(profile.customer_id, channel)
+            if not devices:
+                return None
+            device = devices[0]
+            if channel == "webpush":
+                return json.dumps({"endpoint": device.address, "keys": device.data.get("keys", {})})
+            return device.address
+        if channel == "audience":
+            return profile.traits.get("email") or profile.traits.get("phone")
+        return None
+
+    def _skip_reason(
+        self, request: SendRequest, profile: ProfileSnapshot, recipient: str | None
+    ) -> str | None:
+        if request.channel in CONSENT_DEFAULTS:
+            consent = profile.consent.get(request.channel, CONSENT_DEFAULTS[request.channel])
+            if request.category == "marketing" and consent is not True:
+                return f"no {request.channel} consent"
+        if recipient:
             return None
-        consent = profile.consent.get(request.channel, CONSENT_DEFAULTS[request.channel])
-        if request.category == "marketing" and consent is not True:
-            return f"no {request.channel} consent"
+        if request.channel in ADDRESS_TRAITS:
+            return f"no {ADDRESS_TRAITS[request.channel]} on the profile"
+        if request.channel in DEVICE_CHANNELS:
+            return f"no {request.channel} device on the profile"
+        if request.channel == "audience":
+            return "no email or phone to match an audience with"
         return None
 
 
@@ -187,13 +301,8 @@ def _snapshot(profile: Profile | None, customer_id: str) -> ProfileSnapshot:
     )
 
 
-def _recipient(channel: str, profile: ProfileSnapshot) -> str | None:
-    trait = ADDRESS_TRAITS.get(channel)
-    value = profile.traits.get(trait) if trait else None
-    return str(value) if value else None
-
-
 def _result(message: Message) -> SendResult:
+    # Feedback (delivered, opened ...) may have moved the row on: to the journey it was sent.
     status = message.status if message.status in ("sent", "skipped", "failed") else "sent"
     return SendResult(
         message_id=message.message_id,

@@ -1,33 +1,15 @@
-"""Channel providers: where a rendered message leaves Hilo.
+"""The capture provider: the default channel of ``hilo dev``, simulations and tests.
 
-Only the capture provider lives here for now: it records each message in the database so
-that development, simulation and tests can see exactly what a customer would receive.
+It records each message in the database instead of sending it, so that development sees
+exactly what a customer would receive. Real providers live in :mod:`hilo.channels`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
+from hilo.channels.base import ChannelProvider, Delivery
 from hilo.storage import CapturedMessage, Store
 
-
-class OutgoingMessage(Protocol):
-    message_id: str
-    channel: str
-    template: str
-    customer_id: str
-    journey_key: str
-    step_id: str
-
-
-class ChannelProvider(Protocol):
-    name: str
-
-    def deliver(
-        self, message: OutgoingMessage, recipient: str | None, rendered: dict[str, str]
-    ) -> str:
-        """Hand the message over; return the provider's id for it. Idempotent per message id."""
-        ...
+__all__ = ["CaptureProvider", "ChannelProvider"]
 
 
 class CaptureProvider:
@@ -38,19 +20,17 @@ class CaptureProvider:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def deliver(
-        self, message: OutgoingMessage, recipient: str | None, rendered: dict[str, str]
-    ) -> str:
+    def deliver(self, delivery: Delivery) -> str:
         captured = self.store.capture(
             CapturedMessage(
-                message_id=message.message_id,
-                channel=message.channel,
-                template=message.template,
-                customer_id=message.customer_id,
-                journey_key=message.journey_key,
-                step_id=message.step_id,
-                recipient=recipient,
-                content=rendered,
+                message_id=delivery.message_id,
+                channel=delivery.channel,
+                template=delivery.template,
+                customer_id=delivery.customer_id,
+                journey_key=delivery.journey_key,
+                step_id=delivery.step_id,
+                recipient=(delivery.recipient or "")[:320] or None,
+                content=delivery.content,
             )
         )
         return f"capture-{captured.id}"

@@ -317,6 +317,7 @@ class Bench:
                 traits={"email": f"{customer}@example.com", "first_name": "Ana"},
                 consent={"email": True, "push": True},
             )
+            self.store.register_device(customer, "push", f"token-{customer}")
             ids.append(customer)
         return ids
 

@@ -32,7 +32,7 @@ def _port(address: str) -> int:
 
 async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
     from api.app import create_app
-    from worker.main import build_worker, connect
+    from worker.main import build_worker, configured_activities, connect
 
     state = settings.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,11 @@ async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
                 note = "published" if published.created else "unchanged"
                 print(f"  journey {published.key} v{published.version} ({note})")
         worker = build_worker(
-            client, store, settings.task_queue, settings.max_concurrent_activities
+            client,
+            store,
+            settings.task_queue,
+            settings.max_concurrent_activities,
+            activities=configured_activities(store),
         )
         app = create_app(settings, store=store, client=client)
         api = _Api(

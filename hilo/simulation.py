@@ -77,6 +77,11 @@ class ScenarioCustomer(BaseModel):
     consent: dict[str, Any] = Field(default_factory=dict)
     timezone: str | None = None
     locale: str | None = None
+    devices: list[str] | None = Field(
+        None,
+        description="Push device tokens; by default one simulated device when push consent "
+        "is given, none otherwise.",
+    )
 
 
 class ScenarioEvent(BaseModel):
@@ -238,6 +243,11 @@ async def run_scenario(
         timezone=customer.timezone,
         locale=customer.locale,
     )
+    devices = customer.devices
+    if devices is None:
+        devices = [f"simulated-device-{customer.id}"] if customer.consent.get("push") else []
+    for token in devices:
+        lab.store.register_device(customer.id, "push", token)
     lab.publish(definition)
     begin = await lab.now()
     if scenario.start is not None:

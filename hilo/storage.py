@@ -200,12 +200,55 @@ class Message(SQLModel, table=True):
     template: str = Field(max_length=200)
     category: str = Field(max_length=20)
     content: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    status: str = Field(max_length=20)  # sent | skipped | failed
+    # queued (handed to the provider, answer not recorded yet) | sent | skipped | failed, then
+    # from the provider's feedback: delivered | opened | clicked | bounced | complained
+    status: str = Field(max_length=20, index=True)
     reason: str | None = Field(default=None, max_length=500)
     provider: str = Field(default="capture", max_length=40)
-    provider_message_id: str | None = Field(default=None, max_length=200)
+    provider_message_id: str | None = Field(default=None, max_length=200, index=True)
+    recipient: str | None = Field(default=None, max_length=2000)
+    attempts: int = 0
     scheduled_at: datetime
     created_at: datetime = Field(default_factory=utcnow)
+    sent_at: datetime | None = None
+    delivered_at: datetime | None = None
+    opened_at: datetime | None = None
+    clicked_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+# How far a message got: feedback never moves a message back (a late "delivered" after an
+# "opened" keeps "opened"); bounced and complained end it whatever came before.
+MESSAGE_PROGRESS = {
+    "queued": 0,
+    "failed": 1,
+    "skipped": 1,
+    "sent": 2,
+    "deferred": 2,
+    "delivered": 3,
+    "opened": 4,
+    "clicked": 5,
+    "unsubscribed": 6,
+    "bounced": 7,
+    "complained": 8,
+}
+
+
+class DeliveryEventRow(SQLModel, table=True):
+    """Each provider callback or tracked open/click once: a replayed callback changes nothing."""
+
+    __tablename__ = "delivery_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    raw_id: str = Field(unique=True, max_length=300)
+    message_id: str | None = Field(default=None, index=True, max_length=80)
+    provider: str = Field(max_length=40)
+    status: str = Field(max_length=20)
+    address: str | None = Field(default=None, max_length=320)
+    reason: str | None = Field(default=None, max_length=500)
+    url: str | None = Field(default=None, max_length=2000)
+    occurred_at: datetime
+    received_at: datetime = Field(default_factory=utcnow)
 
 
 class CapturedMessage(SQLModel, table=True):
@@ -659,6 +702,79 @@ class Store:
         """What a send needs to know first, in one session."""
         with self.session() as session:
             return session.get(Message, message_id), _follow(session, customer_id)
+
+    def queue_message(self, message: Message) -> Message:
+        """The ledger row before the provider is called, or the row an earlier attempt left;
+        counts the attempt."""
+        with self.session() as session:
+            session.add(message)
+            try:
+                session.commit()
+                return message
+            except IntegrityError:
+                session.rollback()
+            stored = session.get(Message, message.message_id)
+            assert stored is not None
+            stored.attempts += 1
+            stored.updated_at = utcnow()
+            session.add(stored)
+            session.commit()
+            return stored
+
+    def message_outcome(
+        self,
+        message_id: str,
+        status: str,
+        reason: str | None = None,
+        provider_message_id: str | None = None,
+    ) -> Message:
+        """What the provider answered: sent (with its id) or failed (with the reason)."""
+        with self.session() as session:
+            message = session.get(Message, message_id)
+            assert message is not None, f"no ledger row for {message_id}"
+            if message.status == "queued":  # feedback may already have moved it on
+                message.status = status
+            message.reason = reason
+            if provider_message_id:
+                message.provider_message_id = provider_message_id
+            now = utcnow()
+            if status == "sent":
+                message.sent_at = now
+            message.updated_at = now
+            session.add(message)
+            session.commit()
+            return message
+
+    def register_device(
+        self, customer_id: str, kind: str, address: str, data: dict[str, Any] | None = None
+    ) -> Device:
+        """Add or move a push token / web-push subscription to ``customer_id``."""
+        with self.session() as session:
+            device = session.exec(
+                select(Device).where(col(Device.kind) == kind, col(Device.address) == address)
+            ).first() or Device(customer_id=customer_id, kind=kind, address=address)
+            device.customer_id = customer_id
+            device.data = data or device.data
+            device.active = True
+            device.updated_at = utcnow()
+            session.add(device)
+            session.commit()
+            return device
+
+    def devices(self, customer_id: str, kind: str) -> list[Device]:
+        """Active devices of a kind, most recently seen first."""
+        with self.session() as session:
+            return list(
+                session.exec(
+                    select(Device)
+                    .where(
+                        col(Device.customer_id) == customer_id,
+                        col(Device.kind) == kind,
+                        col(Device.active).is_(True),
+                    )
+                    .order_by(col(Device.updated_at).desc())
+                )
+            )
 
     def record_message(self, message: Message) -> Message:
         """Insert a ledger row once; a second writer gets the first row back."""

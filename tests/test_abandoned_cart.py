@@ -21,6 +21,7 @@ def shopper(lab: JourneyLab, push: bool = True, customer_id: str = "42") -> None
         traits={"email": "ana@example.com", "first_name": "Ana"},
         consent={"push": push},
     )
+    lab.store.register_device(customer_id, "push", f"fcm-token-{customer_id}")
 
 
 async def test_no_purchase_runs_the_whole_sequence(lab: JourneyLab) -> None:

@@ -251,6 +251,7 @@ async def test_events_start_journeys_once_and_messages_are_listed(
     assert profile.json()["traits"]["first_name"] == "Ana"
     assert profile.json()["consent"] == {"push": True}
     assert profile.json()["timezone"] == "Europe/Madrid"
+    lab.store.register_device("42", "push", "fcm-token-42")  # push needs a device to reach
 
     merged = await api.put("/profiles/42", json={"traits": {"plan": "pro"}, "locale": "es-ES"})
     assert merged.json()["traits"] == {

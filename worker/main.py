@@ -13,6 +13,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from activities.journey_activities import JourneyActivities
+from hilo.channels.config import ChannelSettings, build_providers
 from hilo.settings import Settings
 from hilo.storage import Store
 from workflows.journey import JourneyWorkflow
@@ -29,6 +30,17 @@ async def connect(settings: Settings) -> Client:
         data_converter=pydantic_data_converter,
         interceptors=interceptors,
     )
+
+
+def configured_activities(
+    store: Store, channels: ChannelSettings | None = None
+) -> JourneyActivities:
+    """The activities with the providers HILO_* settings choose (capture by default).
+
+    Credentials are read here, in the worker, and never travel in workflow inputs.
+    """
+    channels = channels or ChannelSettings()
+    return JourneyActivities(store, providers=build_providers(channels))
 
 
 def build_worker(
@@ -57,7 +69,13 @@ async def run_worker(settings: Settings) -> None:
     store = Store(settings.resolved_database_url)
     store.migrate()
     client = await connect(settings)
-    worker = build_worker(client, store, settings.task_queue, settings.max_concurrent_activities)
+    worker = build_worker(
+        client,
+        store,
+        settings.task_queue,
+        settings.max_concurrent_activities,
+        activities=configured_activities(store),
+    )
     await worker.run()
 
 

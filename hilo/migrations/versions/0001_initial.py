@@ -56,6 +56,26 @@ def upgrade() -> None:
         )
 
     op.create_table(
+        "delivery_events",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("raw_id", sa.String(length=300), nullable=False),
+        sa.Column("message_id", sa.String(length=80), nullable=True),
+        sa.Column("provider", sa.String(length=40), nullable=False),
+        sa.Column("status", sa.String(length=20), nullable=False),
+        sa.Column("address", sa.String(length=320), nullable=True),
+        sa.Column("reason", sa.String(length=500), nullable=True),
+        sa.Column("url", sa.String(length=2000), nullable=True),
+        sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("raw_id"),
+    )
+    with op.batch_alter_table("delivery_events", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_delivery_events_message_id"), ["message_id"], unique=False
+        )
+
+    op.create_table(
         "devices",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("customer_id", sa.String(length=200), nullable=False),
@@ -177,13 +197,24 @@ def upgrade() -> None:
         sa.Column("reason", sa.String(length=500), nullable=True),
         sa.Column("provider", sa.String(length=40), nullable=False),
         sa.Column("provider_message_id", sa.String(length=200), nullable=True),
+        sa.Column("recipient", sa.String(length=2000), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("opened_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("clicked_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("message_id"),
     )
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_messages_customer_id"), ["customer_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_messages_journey_key"), ["journey_key"], unique=False)
+        batch_op.create_index(
+            batch_op.f("ix_messages_provider_message_id"), ["provider_message_id"], unique=False
+        )
+        batch_op.create_index(batch_op.f("ix_messages_status"), ["status"], unique=False)
         batch_op.create_index(batch_op.f("ix_messages_workflow_id"), ["workflow_id"], unique=False)
 
     op.create_table(
@@ -251,6 +282,8 @@ def downgrade() -> None:
     op.drop_table("outbox")
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_messages_workflow_id"))
+        batch_op.drop_index(batch_op.f("ix_messages_status"))
+        batch_op.drop_index(batch_op.f("ix_messages_provider_message_id"))
         batch_op.drop_index(batch_op.f("ix_messages_journey_key"))
         batch_op.drop_index(batch_op.f("ix_messages_customer_id"))
 
@@ -277,6 +310,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_devices_customer_id"))
 
     op.drop_table("devices")
+    with op.batch_alter_table("delivery_events", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_delivery_events_message_id"))
+
+    op.drop_table("delivery_events")
     with op.batch_alter_table("consent_changes", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_consent_changes_customer_id"))
 

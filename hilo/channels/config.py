@@ -1,0 +1,286 @@
+"""Which provider each channel uses, and its credentials, from ``HILO_*`` environment variables.
+
+Every channel defaults to ``capture`` (messages are recorded, nothing leaves Hilo), so a
+fresh install never messages a real customer. Base URLs default to the providers' real
+hosts and exist so tests can point them at local servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hilo.channels.audiences import GoogleAdsCustomerMatch, MetaCustomAudiences
+from hilo.channels.base import DEFAULT_TIMEOUT_SECONDS, ChannelProvider
+from hilo.channels.fcm import FcmPush, ServiceAccount
+from hilo.channels.sendgrid import SendGridEmail
+from hilo.channels.smtp import SmtpEmail
+from hilo.channels.twilio import TwilioMessages
+from hilo.channels.webhook import SignedWebhook
+from hilo.channels.webpush import WebPush
+from hilo.channels.whatsapp_cloud import WhatsAppCloud
+
+__all__ = ["ChannelSettings", "build_providers"]
+
+
+class ChannelSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HILO_", env_file=".env", extra="ignore")
+
+    email_provider: Literal["capture", "smtp", "sendgrid"] = "capture"
+    sms_provider: Literal["capture", "twilio"] = "capture"
+    whatsapp_provider: Literal["capture", "twilio", "whatsapp_cloud"] = "capture"
+    push_provider: Literal["capture", "fcm"] = "capture"
+    webpush_provider: Literal["capture", "vapid"] = "capture"
+    audience_provider: Literal["capture", "meta", "google_ads"] = "capture"
+    provider_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_username: str = ""
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = True
+    smtp_from: str = ""
+
+    sendgrid_api_key: SecretStr | None = None
+    sendgrid_base_url: str = "https://api.sendgrid.com"
+    sendgrid_from: str = ""
+
+    twilio_account_sid: str = ""
+    twilio_auth_token: SecretStr | None = None
+    twilio_from: str = ""
+    twilio_whatsapp_from: str = ""
+    twilio_messaging_service_sid: str = ""
+    twilio_base_url: str = "https://api.twilio.com"
+    twilio_status_callback_url: str = ""
+
+    whatsapp_cloud_token: SecretStr | None = None
+    whatsapp_cloud_phone_number_id: str = ""
+    whatsapp_cloud_base_url: str = "https://graph.facebook.com"
+    whatsapp_cloud_api_version: str = "v25.0"
+
+    fcm_service_account_file: Path | None = None
+    fcm_service_account_json: SecretStr | None = None
+    fcm_project_id: str = ""  # empty: the service account's project
+    fcm_base_url: str = "https://fcm.googleapis.com"
+    fcm_token_url: str = ""  # empty: the service account's token_uri
+
+    vapid_private_key: SecretStr | None = None
+    vapid_subject: str = ""
+    webpush_ttl_seconds: int = 24 * 3600
+
+    webhook_url: str = ""
+    webhook_secret: SecretStr | None = None
+
+    meta_access_token: SecretStr | None = None
+    meta_base_url: str = "https://graph.facebook.com"
+    meta_api_version: str = "v25.0"
+
+    google_ads_developer_token: SecretStr | None = None
+    google_ads_customer_id: str = ""
+    google_ads_login_customer_id: str = ""
+    google_ads_access_token: SecretStr | None = None
+    google_ads_base_url: str = "https://googleads.googleapis.com"
+    google_ads_api_version: str = "v26"
+
+
+def build_providers(settings: ChannelSettings) -> dict[str, ChannelProvider]:
+    """The configured real provider per channel; channels left on capture are omitted.
+
+    Raises ValueError naming the HILO_ variables a chosen provider is missing.
+    """
+    builders: dict[str, tuple[str, Callable[[ChannelSettings], ChannelProvider]]] = {}
+    if settings.email_provider == "smtp":
+        builders["email"] = ("HILO_EMAIL_PROVIDER=smtp", _smtp)
+    elif settings.email_provider == "sendgrid":
+        builders["email"] = ("HILO_EMAIL_PROVIDER=sendgrid", _sendgrid)
+    if settings.sms_provider == "twilio":
+        builders["sms"] = ("HILO_SMS_PROVIDER=twilio", _twilio_sms)
+    if settings.whatsapp_provider == "twilio":
+        builders["whatsapp"] = ("HILO_WHATSAPP_PROVIDER=twilio", _twilio_whatsapp)
+    elif settings.whatsapp_provider == "whatsapp_cloud":
+        builders["whatsapp"] = ("HILO_WHATSAPP_PROVIDER=whatsapp_cloud", _whatsapp_cloud)
+    if settings.push_provider == "fcm":
+        builders["push"] = ("HILO_PUSH_PROVIDER=fcm", _fcm)
+    if settings.webpush_provider == "vapid":
+        builders["webpush"] = ("HILO_WEBPUSH_PROVIDER=vapid", _webpush)
+    if settings.webhook_url:
+        builders["webhook"] = ("HILO_WEBHOOK_URL", _webhook)
+    if settings.audience_provider == "meta":
+        builders["audience"] = ("HILO_AUDIENCE_PROVIDER=meta", _meta)
+    elif settings.audience_provider == "google_ads":
+        builders["audience"] = ("HILO_AUDIENCE_PROVIDER=google_ads", _google_ads)
+
+    providers: dict[str, ChannelProvider] = {}
+    for channel, (choice, build) in builders.items():
+        try:
+            providers[channel] = build(settings)
+        except _Missing as missing:
+            raise ValueError(
+                f"{choice} needs {', '.join(missing.names)}; set it or choose capture"
+            ) from None
+        except ValueError as error:
+            raise ValueError(f"{choice}: {error}") from error
+    return providers
+
+
+class _Missing(Exception):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+def _require(settings: ChannelSettings, *fields: str) -> None:
+    """Fail with every missing field at once; ``a|b`` means either will do."""
+    missing = []
+    for field in fields:
+        alternatives = field.split("|")
+        if not any(getattr(settings, name) for name in alternatives):
+            missing.append(" or ".join(f"HILO_{name.upper()}" for name in alternatives))
+    if missing:
+        raise _Missing(missing)
+
+
+def _secret(value: SecretStr | None) -> str:
+    return value.get_secret_value() if value else ""
+
+
+def _smtp(settings: ChannelSettings) -> ChannelProvider:
+    _require(settings, "smtp_host", "smtp_from")
+    return SmtpEmail(
+        settings.smtp_host,
+        settings.smtp_port,
+        sender=settings.smtp_from,
+        username=settings.smtp_username or None,
+        password=_secret(settings.smtp_password) or None,
+        starttls=settings.smtp_starttls,
+        timeout=settings.provider_timeout_seconds,
+    )
+
+
+def _sendgrid(settings: ChannelSettings) -> ChannelProvider:
+    _require(settings, "sendgrid_api_key", "sendgrid_from")
+    return SendGridEmail(
+        _secret(settings.sendgrid_api_key),
+        sender=settings.sendgrid_from,
+        base_url=settings.sendgrid_base_url,
+        timeout=settings.provider_timeout_seconds,
+    )
+
+
+def _twilio_sms(settings: ChannelSettings) -> ChannelProvider:
+    _require(
+        settings,
+        "twilio_account_sid",
+        "twilio_auth_token",
+        "twilio_from|twilio_messaging_service_sid",
+    )
+    return _twilio(settings, "sms", settings.twilio_from)
+
+
+def _twilio_whatsapp(settings: ChannelSettings) -> ChannelProvider:
+    _require(
+        settings,
+        "twilio_account_sid",
+        "twilio_auth_token",
+        "twilio_whatsapp_from|twilio_messaging_service_sid",
+    )
+    return _twilio(settings, "whatsapp", settings.twilio_whatsapp_from)
+
+
+def _twilio(
+    settings: ChannelSettings, channel: Literal["sms", "whatsapp"], sender: str
+) -> ChannelProvider:
+    return TwilioMessages(
+        settings.twilio_account_sid,
+        _secret(settings.twilio_auth_token),
+        channel=channel,
+        sender=sender or None,
+        messaging_service_sid=settings.twilio_messaging_service_sid or None,
+        status_callback_url=settings.twilio_status_callback_url or None,
+        base_url=settings.twilio_base_url,
+        timeout=settings.provider_timeout_seconds,
+    )
+
+
+def _whatsapp_cloud(settings: ChannelSettings) -> ChannelProvider:
+    _require(settings, "whatsapp_cloud_token", "whatsapp_cloud_phone_number_id")
+    return WhatsAppCloud(
+        _secret(settings.whatsapp_cloud_token),
+        settings.whatsapp_cloud_phone_number_id,
+        base_url=settings.whatsapp_cloud_base_url,
+        api_version=settings.whatsapp_cloud_api_version,
+        timeout=settings.provider_timeout_seconds,
+    )
+
+
+def _fcm(settings: ChannelSettings) -> ChannelProvider:
+    _require(settings, "fcm_service_account_json|fcm_service_account_file")
+    try:
+        if settings.fcm_service_account_json:
+            account = ServiceAccount.from_json(_secret(settings.fcm_service_account_json))
+        else:
+            assert settings.fcm_service_account_file is not None  # _require saw one of the two
+            account = ServiceAccount.from_file(settings.fcm_service_account_file)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            "HILO_FCM_SERVICE_ACCOUNT_JSON or HILO_FCM_SERVICE_ACCOUNT_FILE is not a usable "
+            f"service-account key (the JSON file Firebase lets you download): {error}"
+        ) from error
+    return FcmPush(
+        account,
+        project_id=settings.fcm_project_id or None,
+        base_url=settings.fcm_base_url,
+        token_url=settings.fcm_token_url or None,
+        timeout=settings.provider_timeout_seconds,
+    )
+
+
+def _webpush(settings: ChannelSettings) -> ChannelProvider:
+    _require(settings, "vapid_private_key", "vapid_subject")
+    try:
+        return WebPush(
+            _secret(settings.vapid_private_key),
+            settings.vapid_subject,
+            ttl_seconds=settings.webpush_ttl_seconds,
+            timeout=settings.provider_timeout_seconds,
+        )
+    except ValueError as error:
+        raise ValueError(f"HILO_VAPID_PRIVATE_KEY or HILO_VAPID_SUBJECT: {error}") from error
+
+
+def _webhook(settings: ChannelSettings) -> ChannelProvider:
+    _require(settings, "webhook_secret")
+    return SignedWebhook(
+        settings.webhook_url,
+        _secret(settings.webhook_secret),
+        timeout=settings.provider_timeout_seconds,
+    )
+
+
+def _meta(settings: ChannelSettings) -> ChannelProvider:
+    _require(settings, "meta_access_token")
+    return MetaCustomAudiences(
+        _secret(settings.meta_access_token),
+        base_url=settings.meta_base_url,
+        api_version=settings.meta_api_version,
+        timeout=settings.provider_timeout_seconds,
+    )
+
+
+def _google_ads(settings: ChannelSettings) -> ChannelProvider:
+    _require(
+        settings, "google_ads_developer_token", "google_ads_customer_id", "google_ads_access_token"
+    )
+    return GoogleAdsCustomerMatch(
+        _secret(settings.google_ads_developer_token),
+        settings.google_ads_customer_id,
+        _secret(settings.google_ads_access_token),
+        login_customer_id=settings.google_ads_login_customer_id or None,
+        base_url=settings.google_ads_base_url,
+        api_version=settings.google_ads_api_version,
+        timeout=settings.provider_timeout_seconds,
+    )
