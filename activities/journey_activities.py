@@ -35,7 +35,7 @@ from hilo.journey_runs import (
     WindowRequest,
 )
 from hilo.journeys import WEEKDAYS, TimeWindow
-from hilo.storage import Message, Profile, Store
+from hilo.storage import Device, Message, Profile, Store
 
 # Where no consent was recorded: email is opt-out (soft opt-in), the rest need an opt-in.
 CONSENT_DEFAULTS = {
@@ -115,28 +115,34 @@ class JourneyActivities:
         provider answered) the provider is called again with the same idempotency key, the
         message id, so that a provider honouring it delivers once.
         """
-        stored, found = self.store.message_and_profile(request.message_id, request.customer_id)
+        stored, found, devices = self.store.message_and_profile(
+            request.message_id,
+            request.customer_id,
+            request.channel if request.channel in DEVICE_CHANNELS else None,
+        )
         if stored is not None and stored.status != "queued":
             return _result(stored)
         profile = _snapshot(found, request.customer_id)
         provider = self._provider(request.channel)
-        recipient = self._recipient(request.channel, profile)
+        recipient = _recipient(request.channel, profile, devices)
         skip = self._skip_reason(request, profile, recipient)
         if skip is not None:
             return _result(self.store.record_message(self._ledger_row(request, provider, skip)))
         content = stored.content if stored is not None else self._render(request, profile)
+        queued = self.store.queue_message(
+            self._ledger_row(request, provider, None, content=content, recipient=recipient)
+        )
+        # The ledger keeps the message as rendered; providers get it in their shape.
+        outgoing = dict(queued.content)
         unsubscribe_url = None
+        if request.channel == "email":
+            outgoing = templates.email_parts(outgoing)
         if self.links is not None and request.category == "marketing":
             unsubscribe_url = self.links.unsubscribe_url(
                 request.message_id, profile.customer_id, request.channel
             )
-            if request.channel == "email" and "html" in content and stored is None:
-                content = {
-                    **content,
-                    "html": rewrite_links(content["html"], request.message_id, self.links),
-                }
-        row = self._ledger_row(request, provider, None, content=content, recipient=recipient)
-        queued = self.store.queue_message(row)
+            if "html" in outgoing:
+                outgoing["html"] = rewrite_links(outgoing["html"], request.message_id, self.links)
         delivery = Delivery(
             message_id=request.message_id,
             channel=request.channel,
@@ -146,7 +152,7 @@ class JourneyActivities:
             template=request.template,
             category=request.category,
             recipient=recipient,
-            content=queued.content,
+            content=outgoing,
             profile=profile.traits,
             unsubscribe_url=unsubscribe_url,
         )
@@ -174,10 +180,11 @@ class JourneyActivities:
                     timedelta(seconds=failure.retry_after) if failure.retry_after else None
                 ),
             ) from failure
-        return _result(
-            self.store.message_outcome(
-                request.message_id, "sent", provider_message_id=provider_message_id
-            )
+        self.store.message_outcome(
+            request.message_id, "sent", provider_message_id=provider_message_id
+        )
+        return SendResult(
+            message_id=request.message_id, status="sent", provider_message_id=provider_message_id
         )
 
     def _provider(self, channel: str) -> ChannelProvider:
@@ -235,23 +242,6 @@ class JourneyActivities:
             scheduled_at=request.scheduled_at,
         )
 
-    def _recipient(self, channel: str, profile: ProfileSnapshot) -> str | None:
-        trait = ADDRESS_TRAITS.get(channel)
-        if trait:
-            value = profile.traits.get(trait)
-            return str(value) if value else None
-        if channel in DEVICE_CHANNELS:
-            devices = self.store.devices(profile.customer_id, channel)
-            if not devices:
-                return None
-            device = devices[0]
-            if channel == "webpush":
-                return json.dumps({"endpoint": device.address, "keys": device.data.get("keys", {})})
-            return device.address
-        if channel == "audience":
-            return profile.traits.get("email") or profile.traits.get("phone")
-        return None
-
     def _skip_reason(
         self, request: SendRequest, profile: ProfileSnapshot, recipient: str | None
     ) -> str | None:
@@ -299,6 +289,25 @@ def _snapshot(profile: Profile | None, customer_id: str) -> ProfileSnapshot:
         timezone=profile.timezone,
         locale=profile.locale,
     )
+
+
+def _recipient(channel: str, profile: ProfileSnapshot, devices: list[Device]) -> str | None:
+    trait = ADDRESS_TRAITS.get(channel)
+    if trait:
+        value = profile.traits.get(trait)
+        return str(value) if value else None
+    if channel in DEVICE_CHANNELS:
+        if not devices:
+            return None
+        if channel == "webpush":
+            return json.dumps(
+                {"endpoint": devices[0].address, "keys": devices[0].data.get("keys", {})}
+            )
+        return devices[0].address
+    if channel == "audience":
+        value = profile.traits.get("email") or profile.traits.get("phone")
+        return str(value) if value else None
+    return None
 
 
 def _result(message: Message) -> SendResult:

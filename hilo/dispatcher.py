@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -31,6 +33,7 @@ from hilo.storage import OutboxEntry, Store, StoredEvent, utcnow
 log = logging.getLogger(__name__)
 
 LEASE = "dispatcher"
+LEASE_RENEWAL = 1.0  # seconds; far inside the lease's time to live
 
 
 class Dispatcher:
@@ -52,6 +55,7 @@ class Dispatcher:
         self.idle_poll = idle_poll
         self.lease_ttl = lease_ttl
         self.max_backoff = max_backoff
+        self._renewal = min(LEASE_RENEWAL, lease_ttl.total_seconds() / 3)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running = False
         self._wake = asyncio.Event()
@@ -82,11 +86,20 @@ class Dispatcher:
 
     async def run(self) -> None:
         self.running = True
+        renewed = -math.inf
         while self.running:
             try:
-                if not self.store.hold_lease(LEASE, self.owner, self.lease_ttl):
-                    await self._sleep(self.lease_ttl.total_seconds() / 3)
-                    continue
+                # Renewed every LEASE_RENEWAL seconds, not on every pass: under load that is a
+                # pass per request, each paying a write transaction for the lease alone.
+                if time.monotonic() - renewed >= self._renewal:
+                    held = await asyncio.to_thread(
+                        self.store.hold_lease, LEASE, self.owner, self.lease_ttl
+                    )
+                    if not held:
+                        renewed = -math.inf
+                        await self._sleep(self.lease_ttl.total_seconds() / 3)
+                        continue
+                    renewed = time.monotonic()
                 delivered, pending = await self.dispatch_once()
             except Exception:  # the database may be briefly unavailable: keep the loop alive
                 log.exception("dispatcher pass failed")
@@ -106,7 +119,9 @@ class Dispatcher:
     async def dispatch_once(self) -> tuple[int, float]:
         """Deliver what is ready; (entries delivered, seconds until the next is due)."""
         async with self._pass:
-            rows = self.store.outbox_batch(self.batch_size)
+            # Database work in a thread: the event loop (the API's, in production) goes on
+            # serving requests meanwhile, and a write waiting for SQLite's lock holds nothing.
+            rows = await asyncio.to_thread(self.store.outbox_batch, self.batch_size)
             if not rows:
                 return 0, 0.0
             now = utcnow()
@@ -130,13 +145,13 @@ class Dispatcher:
                         try:
                             result = await self._deliver(entry, event)
                         except Exception as error:
-                            self._retry(entry, error)
+                            await self._retry(entry, error)
                             return  # the customer's later entries wait behind this one
                         done.append(entry)
                         self._resolve(entry.message_id, result)
 
             await asyncio.gather(*(customer(queue) for queue in ready))
-            self.store.outbox_done(done)
+            await asyncio.to_thread(self.store.outbox_done, done)
             return len(done), next_due or 0.0
 
     async def _deliver(self, entry: OutboxEntry, event: StoredEvent | None) -> RouteResult:
@@ -172,7 +187,7 @@ class Dispatcher:
             result.signalled.append(workflow_id)
         return result
 
-    def _retry(self, entry: OutboxEntry, error: Exception) -> None:
+    async def _retry(self, entry: OutboxEntry, error: Exception) -> None:
         backoff = min(self.max_backoff, 0.2 * 2 ** min(entry.attempts, 10))
         log.warning(
             "delivery of %s for customer %s failed (attempt %d), retrying in %.1fs: %s",
@@ -182,7 +197,8 @@ class Dispatcher:
             backoff,
             error,
         )
-        self.store.outbox_retry(entry, repr(error), utcnow() + timedelta(seconds=backoff))
+        due = utcnow() + timedelta(seconds=backoff)
+        await asyncio.to_thread(self.store.outbox_retry, entry, repr(error), due)
 
     # ------------------------------------------------------------ waiting for a delivery
 

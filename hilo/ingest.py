@@ -14,6 +14,8 @@ instances are told who their customer is now.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
@@ -47,7 +50,11 @@ ROUTED_TYPES = frozenset({"track", "page", "screen"})
 CONSENT_CHANNELS = ("email", "sms", "whatsapp", "push", "webpush")
 # Traits that are also ways to find the customer.
 ADDRESS_IDENTITIES = {"email": "email", "phone": "phone"}
-ROWS_PER_INSERT = 500  # keeps a multi-row INSERT under SQLite's bound-parameter limit
+# The identity and device columns' sizes: a longer trait is no address (it stays a trait)
+# and a longer token no device, rather than a failed request.
+MAX_ADDRESS_CHARS = 320
+MAX_DEVICE_TOKEN_CHARS = 2000
+CONFLICT_ATTEMPTS = 5
 
 
 class IncomingCall(Protocol):
@@ -128,6 +135,7 @@ class _Batch:
     identities: dict[tuple[str, str], str] = field(default_factory=dict)
     new_identities: dict[tuple[str, str], str] = field(default_factory=dict)
     profiles: dict[str, Profile] = field(default_factory=dict)
+    looked_up: set[str] = field(default_factory=set)  # customers read, with a profile or not
     changed: set[str] = field(default_factory=set)
     consent: list[ConsentChange] = field(default_factory=list)
     devices: dict[tuple[str, str], Device] = field(default_factory=dict)
@@ -138,12 +146,31 @@ class Ingestor:
         self.store = store
         dialect = store.engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._sqlite = dialect == "sqlite"
+        # SQLite has one writer at a time. This process's requests queue here, where the next
+        # goes as soon as the lock is free, rather than in SQLite's busy handler, which sleeps
+        # in steps of up to 100 ms.
+        self._writer: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self._sqlite else contextlib.nullcontext()
+        )
 
     def accept_events(self, events: Sequence[CustomerEvent], source: str = "api") -> Accepted:
         return self.accept([OwnEvent.of(event) for event in events], source)
 
     def accept(self, calls: Sequence[IncomingCall], source: str) -> Accepted:
         """Store ``calls`` in one transaction; nothing is stored if anything fails."""
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                with self._writer:
+                    return self._accept_once(calls, source)
+            except IntegrityError:
+                # A concurrent request created the same profile first (PostgreSQL): read it and
+                # go again.
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _accept_once(self, calls: Sequence[IncomingCall], source: str) -> Accepted:
         result = Accepted()
         unique: dict[str, IncomingCall] = {}
         for call in calls:
@@ -154,6 +181,10 @@ class Ingestor:
         if not unique:
             return result
         with self.store.session() as session:
+            if self._sqlite:
+                # SQLite has one writer at a time anyway: taking the lock before reading means
+                # no concurrent request can create a profile this one is about to create.
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
             batch = _Batch(session=session, source=source)
             self._load(batch, unique.values())
             rows: list[dict[str, Any]] = []
@@ -216,9 +247,10 @@ class Ingestor:
         self._load_profiles(batch, customers)
 
     def _load_profiles(self, batch: _Batch, customers: set[str]) -> None:
-        wanted = sorted(customers - batch.profiles.keys())
+        wanted = sorted(customers - batch.profiles.keys() - batch.looked_up)
         if not wanted:
             return
+        batch.looked_up.update(wanted)
         for profile in batch.session.scalars(
             select(Profile).where(col(Profile.customer_id).in_(wanted))
         ):
@@ -357,6 +389,7 @@ class Ingestor:
         if not traits and not zone and not locale and not token:
             return
         profile = self._profile(batch, customer)
+        before = (profile.traits, profile.consent, profile.timezone, profile.locale)
         if traits:
             # Consent is kept apart from the traits, each change with its source and time.
             plain = {name: value for name, value in traits.items() if name != "consent"}
@@ -364,8 +397,10 @@ class Ingestor:
                 profile.traits = {**profile.traits, **plain}
             for kind, trait in ADDRESS_IDENTITIES.items():
                 value = plain.get(trait)
-                if isinstance(value, str) and value:
+                if isinstance(value, str) and value.strip():
                     address = value.strip().lower() if kind == "email" else value.strip()
+                    if len(address) > MAX_ADDRESS_CHARS:
+                        continue
                     if self._known(batch, kind, address) is None:
                         self._link(batch, kind, address, customer)
             consent = traits.get("consent")
@@ -375,10 +410,13 @@ class Ingestor:
             profile.timezone = zone
         if isinstance(locale, str) and locale and profile.locale != locale[:35]:
             profile.locale = locale[:35]
-        if isinstance(token, str) and token:
+        if isinstance(token, str) and token and len(token) <= MAX_DEVICE_TOKEN_CHARS:
             self._device(batch, customer, "push", token, device, call.timestamp)
-        profile.updated_at = utcnow()
-        batch.changed.add(customer)
+        # A call that repeats what the profile holds (the locale of every page view) writes
+        # nothing.
+        if (profile.traits, profile.consent, profile.timezone, profile.locale) != before:
+            profile.updated_at = utcnow()
+            batch.changed.add(customer)
 
     def _consent(
         self, batch: _Batch, profile: Profile, consent: dict[str, Any], at: datetime
@@ -441,7 +479,8 @@ class Ingestor:
             if (kind, value) not in batch.identities
         ]
         if fresh:
-            session.execute(self._insert(Identity).values(fresh).on_conflict_do_nothing())
+            # Parameter sets rather than a VALUES list: the statement compiles once, cached.
+            session.execute(self._insert(Identity).on_conflict_do_nothing(), fresh)
         for (kind, value), customer in batch.new_identities.items():
             if (kind, value) in batch.identities:  # re-pointed by a merge
                 session.execute(
@@ -484,18 +523,15 @@ class Ingestor:
 
     def _insert_events(self, session: Session, rows: list[dict[str, Any]]) -> set[str]:
         """Insert what is new; a known message id is a duplicate, stored once."""
-        stored: set[str] = set()
         table = StoredEvent.__table__  # type: ignore[attr-defined]
-        for start in range(0, len(rows), ROWS_PER_INSERT):
-            chunk = rows[start : start + ROWS_PER_INSERT]
-            statement = (
-                self._insert(table)
-                .values(chunk)
-                .on_conflict_do_nothing(index_elements=["message_id"])
-                .returning(table.c.message_id)
-            )
-            stored.update(session.execute(statement).scalars())
-        return stored
+        # One statement with parameter sets, not a VALUES list: SQLAlchemy caches its compiled
+        # form and pages the rows itself ("insertmanyvalues"), within SQLite's parameter limit.
+        statement = (
+            self._insert(table)
+            .on_conflict_do_nothing(index_elements=["message_id"])
+            .returning(table.c.message_id)
+        )
+        return set(session.execute(statement, rows).scalars())
 
 
 def _zone(value: Any) -> str | None:

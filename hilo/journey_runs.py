@@ -52,6 +52,8 @@ class JourneyInput(BaseModel):
     # Continue-as-new after this many steps in one run, or when Temporal suggests it.
     max_steps_per_run: int = 500
     search_attributes: bool = True
+    # How long one attempt of a send may take before Temporal tries again elsewhere.
+    send_timeout_seconds: float = 60.0
 
 
 class JourneyResult(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -43,6 +43,8 @@ class EventRouter:
         search_attributes: bool = True,
         max_steps_per_run: int = 500,
         catalog_ttl: float = 2.0,
+        send_timeout: timedelta = timedelta(seconds=60),
+        task_timeout: timedelta | None = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -50,6 +52,8 @@ class EventRouter:
         self.search_attributes = search_attributes
         self.max_steps_per_run = max_steps_per_run
         self.catalog_ttl = catalog_ttl
+        self.send_timeout = send_timeout
+        self.task_timeout = task_timeout
         self._definitions: dict[tuple[str, int], JourneyDefinition] = {}
         self._journeys: list[tuple[Journey, JourneyVersion, JourneyDefinition]] = []
         self._journeys_read: tuple[int, float] | None = None  # (catalog generation, when)
@@ -185,9 +189,11 @@ class EventRouter:
                     trigger=event,
                     max_steps_per_run=self.max_steps_per_run,
                     search_attributes=self.search_attributes,
+                    send_timeout_seconds=self.send_timeout.total_seconds(),
                 ),
                 id=workflow_id,
                 task_queue=self.task_queue,
+                task_timeout=self.task_timeout,
                 id_reuse_policy=(
                     WorkflowIDReusePolicy.REJECT_DUPLICATE
                     if entry.reentry == "once"

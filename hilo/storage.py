@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, and_, delete, event, func, or_
+from sqlalchemy import JSON, Column, UniqueConstraint, and_, case, delete, event, func, or_
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
@@ -697,11 +697,28 @@ class Store:
     # ------------------------------------------------------------ messages
 
     def message_and_profile(
-        self, message_id: str, customer_id: str
-    ) -> tuple[Message | None, Profile | None]:
-        """What a send needs to know first, in one session."""
+        self, message_id: str, customer_id: str, device_kind: str | None = None
+    ) -> tuple[Message | None, Profile | None, list[Device]]:
+        """What a send needs to know first, in one session: its ledger row, the profile, and
+        the customer's active devices of ``device_kind``."""
         with self.session() as session:
-            return session.get(Message, message_id), _follow(session, customer_id)
+            message = session.get(Message, message_id)
+            profile = _follow(session, customer_id)
+            devices: list[Device] = []
+            if device_kind is not None:
+                devices = list(
+                    session.exec(
+                        select(Device)
+                        .where(
+                            col(Device.customer_id)
+                            == (profile.customer_id if profile else customer_id),
+                            col(Device.kind) == device_kind,
+                            col(Device.active).is_(True),
+                        )
+                        .order_by(col(Device.updated_at).desc())
+                    )
+                )
+            return message, profile, devices
 
     def queue_message(self, message: Message) -> Message:
         """The ledger row before the provider is called, or the row an earlier attempt left;
@@ -727,23 +744,28 @@ class Store:
         status: str,
         reason: str | None = None,
         provider_message_id: str | None = None,
-    ) -> Message:
-        """What the provider answered: sent (with its id) or failed (with the reason)."""
+    ) -> None:
+        """What the provider answered: sent (with its id) or failed (with the reason).
+
+        One UPDATE; feedback that already moved the row on (delivered, opened ...) keeps
+        its status.
+        """
+        now = utcnow()
+        values: dict[str, Any] = {"reason": reason, "updated_at": now}
+        if provider_message_id:
+            values["provider_message_id"] = provider_message_id
+        if status == "sent":
+            values["sent_at"] = now
         with self.session() as session:
-            message = session.get(Message, message_id)
-            assert message is not None, f"no ledger row for {message_id}"
-            if message.status == "queued":  # feedback may already have moved it on
-                message.status = status
-            message.reason = reason
-            if provider_message_id:
-                message.provider_message_id = provider_message_id
-            now = utcnow()
-            if status == "sent":
-                message.sent_at = now
-            message.updated_at = now
-            session.add(message)
+            session.exec(
+                update(Message)
+                .where(col(Message.message_id) == message_id)
+                .values(
+                    status=case((col(Message.status) == "queued", status), else_=Message.status),
+                    **values,
+                )
+            )
             session.commit()
-            return message
 
     def register_device(
         self, customer_id: str, kind: str, address: str, data: dict[str, Any] | None = None

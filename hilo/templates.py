@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import html
+import re
 from typing import TYPE_CHECKING, Any
 
 from liquid import BoundTemplate, Environment, StrictUndefined
@@ -102,3 +104,24 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
                         )
                     )
     return problems
+
+
+_TAG = re.compile(r"<[a-zA-Z!/][^>]*>")
+
+
+def email_parts(rendered: dict[str, str]) -> dict[str, str]:
+    """A journey's email ``body`` as the text and HTML parts providers send.
+
+    A body with markup is the HTML part, and its text part is the same words without tags
+    (mail clients that show text only, and spam filters, expect both); a plain body is text.
+    """
+    if "body" not in rendered or "text" in rendered or "html" in rendered:
+        return rendered
+    parts = {name: value for name, value in rendered.items() if name != "body"}
+    body = rendered["body"]
+    if _TAG.search(body):
+        parts["html"] = body
+        parts["text"] = html.unescape(_TAG.sub("", body)).strip()
+    else:
+        parts["text"] = body
+    return parts

@@ -110,7 +110,7 @@ async def test_a_300_dollar_cart_takes_the_premium_branch(lab: JourneyLab) -> No
     await lab.send("Cart Abandoned", "42", cart_id="c1", cart_value=300, product_name="Tent")
     await lab.result(WID)
     assert lab.timeline("42", begin)[0] == "+45m email cart_reminder_premium"
-    assert "personal shopper" in lab.store.captured("42")[0].content["body"]
+    assert "personal shopper" in lab.store.captured("42")[0].content["text"]
 
 
 async def test_one_instance_per_cart_and_reentry_after_it_ends(lab: JourneyLab) -> None:

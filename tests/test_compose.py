@@ -17,6 +17,7 @@ import pytest
 import typer.main
 import yaml
 
+from hilo.channels.config import ChannelSettings
 from hilo.search_attributes import CLI_TYPES
 from hilo.settings import PROJECT_ROOT, Settings
 
@@ -25,7 +26,7 @@ DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 HILO_SERVICES = ("hilo-api", "hilo-worker")
 # What a production deployment cannot do without (Settings field names).
 PRODUCTION_FIELDS = ("database_url", "temporal_address", "temporal_namespace", "task_queue")
-SECRET_FIELDS = ("admin_token",)
+SECRET_FIELDS = ("admin_token", "link_secret")
 HILO_VARIABLE = re.compile(r"\bHILO_[A-Z0-9_]+\b")
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error}, ${NAME?error}
 INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
@@ -99,11 +100,12 @@ def test_the_services_exist(services: dict[str, Any]) -> None:
 def test_every_hilo_variable_is_a_setting(path: Path) -> None:
     named = set(HILO_VARIABLE.findall(path.read_text()))
     assert named, f"{path.name} names no HILO_* variable"
-    known = {env_name(field) for field in Settings.model_fields}
+    known = {env_name(field) for field in Settings.model_fields} | {
+        env_name(field) for field in ChannelSettings.model_fields
+    }
     unknown = sorted(named - known)
     assert not unknown, (
-        f"{path.name} sets {unknown}, which hilo.settings.Settings does not read "
-        f"(it reads {sorted(known)})"
+        f"{path.name} sets {unknown}, which Hilo's settings do not read (it reads {sorted(known)})"
     )
 
 
@@ -111,7 +113,8 @@ def test_every_hilo_variable_is_a_setting(path: Path) -> None:
 def test_hilo_services_have_the_production_settings(services: dict[str, Any], service: str) -> None:
     env = environment(services[service])
     for field in (*PRODUCTION_FIELDS, *SECRET_FIELDS):
-        assert field in Settings.model_fields, f"Settings has no field {field!r} any more"
+        known = field in Settings.model_fields or field in ChannelSettings.model_fields
+        assert known, f"no setting {field!r} any more"
         assert env.get(env_name(field)), f"{service} does not set {env_name(field)}"
     assert env[env_name("environment")] == "production"
     assert env[env_name("database_url")].startswith("postgresql+psycopg://")
@@ -134,8 +137,14 @@ def test_api_and_worker_share_database_namespace_and_queue(services: dict[str, A
 def test_the_environment_makes_valid_settings(
     services: dict[str, Any], service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    given = {"POSTGRES_PASSWORD": "s3cret", "HILO_ADMIN_TOKEN": "a-long-random-production-token"}
-    for name in list(Settings.model_fields):
+    given = {
+        "POSTGRES_PASSWORD": "s3cret",
+        "HILO_ADMIN_TOKEN": "a-long-random-production-token",
+        "HILO_WRITE_KEYS": '{"wk-web-0123456789": "web"}',
+        "HILO_PUBLIC_URL": "https://hilo.shop.example",
+        "HILO_LINK_SECRET": "a-random-link-secret-of-at-least-32-chars",
+    }
+    for name in [*Settings.model_fields, *ChannelSettings.model_fields]:
         monkeypatch.delenv(env_name(name), raising=False)
     for key, value in environment(services[service]).items():
         monkeypatch.setenv(key, interpolate(value, given))
@@ -145,6 +154,11 @@ def test_the_environment_makes_valid_settings(
     assert settings.resolved_database_url == (
         "postgresql+psycopg://hilo:s3cret@postgresql:5432/hilo"
     )
+    assert settings.sources == {"wk-web-0123456789": "web"}
+    # The worker signs unsubscribe and tracked links with these, and refuses to start
+    # without them in production.
+    channels = ChannelSettings(_env_file=None)  # type: ignore[call-arg]
+    assert channels.link_signer() is not None
 
 
 def test_search_attributes_match_the_code(services: dict[str, Any]) -> None:

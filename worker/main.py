@@ -40,7 +40,9 @@ def configured_activities(
     Credentials are read here, in the worker, and never travel in workflow inputs.
     """
     channels = channels or ChannelSettings()
-    return JourneyActivities(store, providers=build_providers(channels))
+    return JourneyActivities(
+        store, providers=build_providers(channels), links=channels.link_signer()
+    )
 
 
 def build_worker(

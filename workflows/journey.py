@@ -224,9 +224,7 @@ class JourneyWorkflow:
             self._show(step, "updating profile", f"update profile: {step.id}")
             await self._activity(
                 UPDATE_PROFILE,
-                UpdateProfileRequest(
-                    customer_id=self.customer_id, set=step.set, unset=step.unset
-                ),
+                UpdateProfileRequest(customer_id=self.customer_id, set=step.set, unset=step.unset),
                 summary=f"{step.id}: update profile",
             )
             self.profile = None  # read it again when a later step needs it
@@ -285,7 +283,7 @@ class JourneyWorkflow:
                 SEND_MESSAGE,
                 request,
                 result_type=SendResult,
-                start_to_close_timeout=timedelta(seconds=60),
+                start_to_close_timeout=timedelta(seconds=self.input.send_timeout_seconds),
                 retry_policy=SEND_RETRY,
                 summary=f"{step_id}: {channel} {template}",
             )
@@ -308,9 +306,7 @@ class JourneyWorkflow:
             assert step.until is not None
             opening = await self._activity(
                 NEXT_WINDOW_OPENING,
-                WindowRequest(
-                    customer_id=self.customer_id, window=step.until, now=workflow.now()
-                ),
+                WindowRequest(customer_id=self.customer_id, window=step.until, now=workflow.now()),
                 summary=f"{step.id}: next {step.until.start}-{step.until.end} local time",
                 result_type=WindowOpening,
             )

@@ -1,16 +1,30 @@
-"""Customer profiles and what was sent to them.
+"""Customer profiles: who the customer is, what they agreed to, what happened to them.
 
-PUT is a minimal stand-in until Segment-compatible ingestion exists.
+GET gives the profile (a merged anonymous id gives the known customer's), ``/timeline``
+what happened newest first, ``/consent`` records a consent statement with its source, and
+``/messages`` the message ledger. PUT sets traits and consent directly.
 """
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.deps import ADMIN_ONLY, StoreDep
+from hilo.profiles import (
+    MAX_TIMELINE,
+    ConsentError,
+    ProfileView,
+    TimelineEntry,
+    profile_view,
+    record_consent,
+    resolve_customer,
+    timeline,
+)
 
 router = APIRouter(prefix="/profiles", tags=["profiles"], dependencies=ADMIN_ONLY)
 
@@ -82,3 +96,118 @@ def upsert_profile(customer_id: str, update: ProfileUpdate, store: StoreDep) -> 
 def messages(customer_id: str, store: StoreDep) -> list[SentMessage]:
     """Oldest first; an unknown customer simply has none."""
     return [SentMessage.model_validate(row) for row in store.messages(customer_id=customer_id)]
+
+
+class WebPushKeys(BaseModel):
+    p256dh: str = Field(description="The browser's P-256 public key, base64url.")
+    auth: str = Field(description="The 16-byte authentication secret, base64url.")
+
+
+class WebPushSubscription(BaseModel):
+    """The browser's ``PushSubscription.toJSON()``."""
+
+    endpoint: str = Field(examples=["https://fcm.googleapis.com/fcm/send/abc"])
+    keys: WebPushKeys
+    expiration_time: int | None = Field(None, alias="expirationTime")
+
+
+class ConsentRequest(BaseModel):
+    """One consent statement, kept with its source and time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: Literal["email", "sms", "whatsapp", "push", "webpush"]
+    granted: bool
+    source: str = Field(
+        min_length=1,
+        max_length=100,
+        description="Who recorded it: a preference centre, an agent, an import.",
+        examples=["preference-center"],
+    )
+    topic: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="A topic within the channel; the channel's own consent stays as it is.",
+        examples=["newsletter"],
+    )
+    detail: str | None = Field(None, max_length=500, examples=["ticket 4711"])
+    token: str | None = Field(None, description="push: the device's FCM token.")
+    subscription: WebPushSubscription | None = Field(
+        None, description="webpush: the browser's push subscription."
+    )
+
+
+def _not_found(customer_id: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_404_NOT_FOUND,
+        f"no profile '{customer_id}': Hilo has seen no call with this userId or anonymousId "
+        f"(send an identify, or PUT /profiles/{customer_id})",
+    )
+
+
+@router.get("/{customer_id}")
+def get_profile(customer_id: str, store: StoreDep) -> ProfileView:
+    """The profile; an anonymous id merged into a known customer gives that customer's."""
+    view = profile_view(store, customer_id)
+    if view is None:
+        raise _not_found(customer_id)
+    return view
+
+
+@router.get("/{customer_id}/timeline")
+def get_timeline(
+    customer_id: str,
+    store: StoreDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_TIMELINE)] = 200,
+    before: Annotated[
+        datetime | None,
+        Query(description="Only what happened before this; the last entry's `at` pages on."),
+    ] = None,
+) -> list[TimelineEntry]:
+    """Events, journey entries and exits, messages, consent changes and contact-policy
+    decisions, newest first."""
+    if resolve_customer(store, customer_id) is None:
+        raise _not_found(customer_id)
+    return timeline(store, customer_id, limit=limit, before=before)
+
+
+# The profile's key column: a longer id could never have been stored.
+CustomerId = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+@router.post("/{customer_id}/consent")
+async def post_consent(
+    customer_id: CustomerId, body: ConsentRequest, store: StoreDep
+) -> ProfileView:
+    """Record consent for a channel (or one of its topics); a push token or web-push
+    subscription given with it becomes one of the customer's devices."""
+    device: str | dict[str, Any] | None = body.token
+    if body.subscription is not None:
+        if body.token is not None:
+            raise _invalid("token", "send either token (push) or subscription (webpush)")
+        device = body.subscription.model_dump(by_alias=True, exclude_none=True)
+    try:
+        await run_in_threadpool(
+            record_consent,
+            store,
+            customer_id,
+            body.channel,
+            body.granted,
+            body.source,
+            topic=body.topic,
+            detail=body.detail,
+            device=device,
+        )
+    except ConsentError as error:
+        raise _invalid(error.field, error.message) from None
+    view = await run_in_threadpool(profile_view, store, customer_id)
+    assert view is not None  # just written
+    return view
+
+
+def _invalid(field: str, message: str) -> RequestValidationError:
+    """A 422 shaped as FastAPI's own, so clients read one format."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", *field.split(".")), "msg": message}]
+    )

@@ -3,20 +3,26 @@
 Every channel defaults to ``capture`` (messages are recorded, nothing leaves Hilo), so a
 fresh install never messages a real customer. Base URLs default to the providers' real
 hosts and exist so tests can point them at local servers.
+
+The feedback side lives here too: the public URL providers and customers reach Hilo at, the
+secret that signs our links, and what verifies each provider's webhooks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hilo.channels.audiences import GoogleAdsCustomerMatch, MetaCustomAudiences
 from hilo.channels.base import DEFAULT_TIMEOUT_SECONDS, ChannelProvider
 from hilo.channels.fcm import FcmPush, ServiceAccount
+from hilo.channels.links import MIN_SECRET_LENGTH, LinkSigner
+from hilo.channels.preferences import Topic
 from hilo.channels.sendgrid import SendGridEmail
 from hilo.channels.smtp import SmtpEmail
 from hilo.channels.twilio import TwilioMessages
@@ -24,11 +30,37 @@ from hilo.channels.webhook import SignedWebhook
 from hilo.channels.webpush import WebPush
 from hilo.channels.whatsapp_cloud import WhatsAppCloud
 
-__all__ = ["ChannelSettings", "build_providers"]
+__all__ = ["DEV_LINK_SECRET", "ChannelSettings", "build_providers"]
+
+# Signs links on a developer's machine only: production refuses it, like the admin token.
+DEV_LINK_SECRET = "dev-only-link-secret-refused-in-production"
 
 
 class ChannelSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HILO_", env_file=".env", extra="ignore")
+
+    # The same HILO_ENVIRONMENT as hilo.settings.Settings: production refuses dev secrets.
+    environment: Literal["development", "test", "production"] = "development"
+    public_url: str = Field(
+        "http://127.0.0.1:8000",
+        description="Where providers and customers reach Hilo's public endpoints (webhooks, "
+        "links); Twilio signs its callbacks over this URL.",
+    )
+    link_secret: SecretStr | None = Field(
+        None,
+        description=f"Signs unsubscribe, preference, click and open links; at least "
+        f"{MIN_SECRET_LENGTH} characters. Required in production; elsewhere a dev-only secret "
+        "stands in.",
+    )
+    link_previous_secrets: list[SecretStr] = Field(
+        default_factory=list,
+        description="Earlier link secrets, as JSON, still accepted after a rotation.",
+    )
+    preference_topics: list[Topic] = Field(
+        default_factory=list,
+        description="What the preference page offers, as JSON: "
+        '[{"key": "new-arrivals", "name": "New arrivals"}].',
+    )
 
     email_provider: Literal["capture", "smtp", "sendgrid"] = "capture"
     sms_provider: Literal["capture", "twilio"] = "capture"
@@ -48,6 +80,8 @@ class ChannelSettings(BaseSettings):
     sendgrid_api_key: SecretStr | None = None
     sendgrid_base_url: str = "https://api.sendgrid.com"
     sendgrid_from: str = ""
+    # "Verification Key" of SendGrid's Signed Event Webhook: a public key, not a secret.
+    sendgrid_webhook_public_key: str = ""
 
     twilio_account_sid: str = ""
     twilio_auth_token: SecretStr | None = None
@@ -61,6 +95,8 @@ class ChannelSettings(BaseSettings):
     whatsapp_cloud_phone_number_id: str = ""
     whatsapp_cloud_base_url: str = "https://graph.facebook.com"
     whatsapp_cloud_api_version: str = "v25.0"
+    whatsapp_app_secret: SecretStr | None = None  # signs Meta's webhook bodies
+    whatsapp_verify_token: SecretStr | None = None  # ours, echoed by Meta's GET handshake
 
     fcm_service_account_file: Path | None = None
     fcm_service_account_json: SecretStr | None = None
@@ -85,6 +121,64 @@ class ChannelSettings(BaseSettings):
     google_ads_access_token: SecretStr | None = None
     google_ads_base_url: str = "https://googleads.googleapis.com"
     google_ads_api_version: str = "v26"
+
+    @field_validator("public_url")
+    @classmethod
+    def _web_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"{value!r} is not an http(s) URL; give the base URL customers and providers "
+                "reach Hilo at, e.g. https://hilo.example.com"
+            )
+        return value.rstrip("/")
+
+    @field_validator("link_secret", "link_previous_secrets")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | list[SecretStr] | None) -> Any:
+        for secret in value if isinstance(value, list) else [value]:
+            if secret is not None and len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
+                raise ValueError(
+                    f"needs at least {MIN_SECRET_LENGTH} characters of random text, for "
+                    "example from python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _no_dev_link_secret(self) -> ChannelSettings:
+        secret = self.link_secret.get_secret_value() if self.link_secret else None
+        if self.environment == "production" and secret == DEV_LINK_SECRET:
+            raise ValueError(
+                "HILO_LINK_SECRET is the development placeholder; set a secret of your own "
+                "for production"
+            )
+        return self
+
+    def link_signer(self) -> LinkSigner:
+        """Signs and checks our links under ``public_url``.
+
+        Raises ValueError in production without HILO_LINK_SECRET or with a loopback
+        HILO_PUBLIC_URL: links made then would not work for anyone who receives them.
+        """
+        secret = _secret(self.link_secret)
+        if self.environment == "production":
+            if not secret:
+                raise ValueError(
+                    "HILO_LINK_SECRET is not set; production signs its unsubscribe and "
+                    f"tracking links with a secret of its own, at least {MIN_SECRET_LENGTH} "
+                    "characters"
+                )
+            host = urlsplit(self.public_url).hostname or ""
+            if host in ("localhost", "::1") or host.startswith("127."):
+                raise ValueError(
+                    f"HILO_PUBLIC_URL is {self.public_url}, which only this machine can reach; "
+                    "set the URL customers and providers reach Hilo at"
+                )
+        return LinkSigner(
+            secret or DEV_LINK_SECRET,
+            self.public_url,
+            previous_secrets=[_secret(old) for old in self.link_previous_secrets],
+        )
 
 
 def build_providers(settings: ChannelSettings) -> dict[str, ChannelProvider]:

@@ -19,7 +19,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hilo.channels.base import DEFAULT_TIMEOUT_SECONDS, Delivery, http_client, send
+from hilo.channels.base import (
+    DEFAULT_TIMEOUT_SECONDS,
+    Delivery,
+    PermanentFailure,
+    http_client,
+    send,
+)
 
 __all__ = ["SIGNATURE_VERSION", "SignedWebhook", "sign", "verify_signature"]
 
@@ -80,10 +86,14 @@ class SignedWebhook:
     def deliver(self, delivery: Delivery) -> str:
         body = json.dumps(self.payload(delivery), separators=(",", ":"), default=str).encode()
         timestamp = str(int(self.clock()))
+        # A journey's webhook step names its endpoint; the setting is the default.
+        url = delivery.content.get("url") or self.url
+        if not url.startswith(("https://", "http://")):
+            raise PermanentFailure(f"webhook URL {url!r} must start with https://")
         response = send(
             self.client,
             "POST",
-            self.url,
+            url,
             provider=self.name,
             content=body,
             headers={

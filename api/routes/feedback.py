@@ -1,0 +1,500 @@
+"""Hilo's public endpoints: provider webhooks and the signed links in our messages.
+
+None of these take the admin token: providers and customers call them, and each request
+proves itself instead. Webhooks carry the provider's signature (403 and nothing stored when
+it does not verify); links carry our own signed token (404 when it is changed, expired or of
+another kind). A GET never unsubscribes, so a mail scanner following links changes nothing.
+
+    /webhooks/sendgrid   SendGrid Signed Event Webhook (ECDSA over timestamp + body)
+    /webhooks/twilio     Twilio status callbacks (HMAC-SHA1 over our public URL + form)
+    /webhooks/whatsapp   WhatsApp Cloud API: GET handshake, POST statuses (HMAC-SHA256)
+    /l/c/<token>         click: record it, then 302 to the signed target and nowhere else
+    /l/o/<token>         open pixel: record it, answer a transparent 1x1 GIF
+    /l/u/<token>         unsubscribe: GET the page, POST to leave (RFC 8058 one-click too)
+    /l/p/<token>         preference page and its form
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from datetime import UTC, datetime
+from email import policy
+from email.parser import BytesParser
+from typing import Annotated
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+
+from api.deps import StoreDep
+from hilo.channels.config import ChannelSettings
+from hilo.channels.feedback import (
+    DeliveryEvent,
+    SignatureRejected,
+    parse_sendgrid,
+    parse_twilio,
+    parse_whatsapp,
+    verify_sendgrid,
+    verify_twilio,
+    verify_whatsapp,
+    whatsapp_challenge,
+)
+from hilo.channels.links import LINK_PATHS, LinkClaims, LinkKind, LinkRejected, LinkSigner
+from hilo.channels.preferences import (
+    PreferenceFormError,
+    parse_preference_form,
+    render_confirmation,
+    render_preference_page,
+)
+from hilo.delivery_feedback import (
+    apply_preferences,
+    current_preferences,
+    record_delivery_events,
+    tracked_click,
+    tracked_open,
+    unsubscribe,
+)
+from hilo.storage import Store
+
+__all__ = [
+    "ONE_CLICK_SOURCE",
+    "PREFERENCE_PAGE_SOURCE",
+    "TWILIO_PATH",
+    "UNSUBSCRIBE_PAGE_SOURCE",
+    "feedback_router",
+    "get_channel_settings",
+    "get_link_signer",
+]
+
+log = logging.getLogger(__name__)
+
+# The source each consent change names, so an audit can tell how the customer left.
+ONE_CLICK_SOURCE = "one-click unsubscribe (RFC 8058)"
+UNSUBSCRIBE_PAGE_SOURCE = "unsubscribe page"
+PREFERENCE_PAGE_SOURCE = "preference page"
+
+SENDGRID_SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
+SENDGRID_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
+TWILIO_PATH = "/webhooks/twilio"
+
+# The smallest transparent GIF: 1x1, one transparent colour.
+PIXEL = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+NO_STORE = {"Cache-Control": "no-store, max-age=0", "Pragma": "no-cache"}
+# The token is in the URL: keep it out of Referer headers, indexes and other sites' frames.
+PAGE_HEADERS = {
+    **NO_STORE,
+    "Referrer-Policy": "no-referrer",
+    "X-Robots-Tag": "noindex, nofollow",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+}
+INVALID_LINK_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<meta name="robots" content="noindex, nofollow">
+<title>This link doesn't work</title>
+</head>
+<body>
+<main style="max-width:34rem;margin:0 auto;padding:2rem 1.25rem;font-family:system-ui,sans-serif">
+<h1>This link doesn't work</h1>
+<p>It may have expired or been changed on its way to you.
+The links in our most recent message to you will work.</p>
+</main>
+</body>
+</html>
+"""
+
+
+# ================================================================ dependencies
+
+
+def get_channel_settings(request: Request) -> ChannelSettings:
+    """``HILO_*`` channel settings, read once per app (tests put their own on app.state)."""
+    settings = getattr(request.app.state, "channel_settings", None)
+    if settings is None:
+        try:
+            settings = ChannelSettings()
+        except ValidationError as error:
+            # Names the variables only: the input values may be secrets.
+            problems = "; ".join(
+                f"HILO_{'_'.join(str(part) for part in problem['loc']).upper() or 'SETTINGS'}: "
+                f"{problem['msg']}"
+                for problem in error.errors()
+            )
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, f"channel settings are invalid: {problems}"
+            ) from None
+        request.app.state.channel_settings = settings
+    assert isinstance(settings, ChannelSettings)
+    return settings
+
+
+ChannelSettingsDep = Annotated[ChannelSettings, Depends(get_channel_settings)]
+
+
+def get_link_signer(request: Request, settings: ChannelSettingsDep) -> LinkSigner:
+    signer = getattr(request.app.state, "link_signer", None)
+    if signer is None:
+        try:
+            signer = settings.link_signer()
+        except ValueError as error:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
+        request.app.state.link_signer = signer
+    assert isinstance(signer, LinkSigner)
+    return signer
+
+
+LinkSignerDep = Annotated[LinkSigner, Depends(get_link_signer)]
+
+
+# ================================================================ webhooks
+
+webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+
+class FeedbackReceived(BaseModel):
+    """What a webhook call changed; providers only look at the status code."""
+
+    received: int = Field(description="Events in the request we act on.")
+    recorded: int = Field(description="Events new to Hilo.")
+    duplicates: int = Field(description="Events seen before: nothing changed.")
+    unmatched: int = Field(description="Recorded events whose message is not in the ledger.")
+
+
+def _not_configured(setting: str, provider: str) -> HTTPException:
+    # 503, not 403: the request may be genuine, and the provider retries until we are set up.
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        f"{provider} webhooks are not configured: set {setting}",
+    )
+
+
+def _rejected(error: SignatureRejected) -> HTTPException:
+    return HTTPException(status.HTTP_403_FORBIDDEN, error.reason)
+
+
+async def _record(store: Store, events: list[DeliveryEvent]) -> FeedbackReceived:
+    outcome = await run_in_threadpool(record_delivery_events, store, events)
+    return FeedbackReceived(
+        received=len(events),
+        recorded=len(outcome.recorded),
+        duplicates=len(outcome.duplicates),
+        unmatched=len(outcome.unmatched),
+    )
+
+
+@webhooks.post("/sendgrid")
+async def sendgrid_events(
+    request: Request, store: StoreDep, settings: ChannelSettingsDep
+) -> FeedbackReceived:
+    """SendGrid's Event Webhook, signed: delivered, open, click, bounce, spamreport ..."""
+    key = settings.sendgrid_webhook_public_key
+    if not key:
+        raise _not_configured("HILO_SENDGRID_WEBHOOK_PUBLIC_KEY", "SendGrid")
+    body = await request.body()
+    try:
+        verify_sendgrid(
+            key,
+            body,
+            request.headers.get(SENDGRID_SIGNATURE, ""),
+            request.headers.get(SENDGRID_TIMESTAMP, ""),
+        )
+    except SignatureRejected as error:
+        raise _rejected(error) from None
+    except ValueError as error:  # our key, not their request
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, f"HILO_SENDGRID_WEBHOOK_PUBLIC_KEY: {error}"
+        ) from None
+    try:
+        events = parse_sendgrid(body)
+    except ValueError as error:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
+    return await _record(store, events)
+
+
+@webhooks.post("/twilio")
+async def twilio_status(
+    request: Request, store: StoreDep, settings: ChannelSettingsDep
+) -> FeedbackReceived:
+    """Twilio's status callback; ``?message_id=`` in the callback URL names our message."""
+    auth_token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
+    if not auth_token:
+        raise _not_configured("HILO_TWILIO_AUTH_TOKEN", "Twilio")
+    params = await _form(request)
+    # Twilio signs the URL it called, which is ours as the public sees it, not as we see it.
+    url = settings.public_url + TWILIO_PATH
+    if request.url.query:
+        url += "?" + request.url.query
+    try:
+        verify_twilio(auth_token, url, params, request.headers.get("X-Twilio-Signature", ""))
+    except SignatureRejected as error:
+        raise _rejected(error) from None
+    event = parse_twilio(params, message_id=request.query_params.get("message_id") or None)
+    return await _record(store, [event] if event is not None else [])
+
+
+@webhooks.get("/whatsapp", response_class=PlainTextResponse)
+def whatsapp_verify(request: Request, settings: ChannelSettingsDep) -> PlainTextResponse:
+    """Meta's subscription handshake: echo the challenge for our own verify token."""
+    verify_token = (
+        settings.whatsapp_verify_token.get_secret_value() if settings.whatsapp_verify_token else ""
+    )
+    challenge = whatsapp_challenge(
+        request.query_params.get("hub.mode"),
+        request.query_params.get("hub.verify_token"),
+        request.query_params.get("hub.challenge"),
+        verify_token,
+    )
+    if challenge is None:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "hub.verify_token does not match HILO_WHATSAPP_VERIFY_TOKEN (or hub.mode is not "
+            "subscribe)",
+        )
+    return PlainTextResponse(challenge)
+
+
+@webhooks.post("/whatsapp")
+async def whatsapp_statuses(
+    request: Request, store: StoreDep, settings: ChannelSettingsDep
+) -> FeedbackReceived:
+    """WhatsApp Cloud API webhooks: message statuses (incoming messages are skipped)."""
+    secret = settings.whatsapp_app_secret.get_secret_value() if settings.whatsapp_app_secret else ""
+    if not secret:
+        raise _not_configured("HILO_WHATSAPP_APP_SECRET", "WhatsApp")
+    body = await request.body()
+    try:
+        verify_whatsapp(secret, body, request.headers.get("X-Hub-Signature-256"))
+    except SignatureRejected as error:
+        raise _rejected(error) from None
+    try:
+        events = parse_whatsapp(body)
+    except ValueError as error:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(error)) from None
+    return await _record(store, events)
+
+
+# ================================================================ links
+
+links = APIRouter(tags=["links"])
+
+
+def _path(kind: LinkKind) -> str:
+    return LINK_PATHS[kind] + "{token}"
+
+
+def _page(html: str, status_code: int = status.HTTP_200_OK) -> HTMLResponse:
+    return HTMLResponse(html, status_code=status_code, headers=PAGE_HEADERS)
+
+
+def _verified(signer: LinkSigner, token: str, kind: LinkKind) -> LinkClaims | None:
+    try:
+        return signer.verify(token, kind)
+    except LinkRejected as error:
+        log.info("refused a %s link: %s", kind, error.reason)
+        return None
+
+
+def _invalid_link() -> HTMLResponse:
+    return _page(INVALID_LINK_PAGE, status.HTTP_404_NOT_FOUND)
+
+
+async def _track(store: Store, event: DeliveryEvent) -> None:
+    try:
+        await run_in_threadpool(record_delivery_events, store, [event])
+    except SQLAlchemyError:
+        # The customer's click must reach its target even while the database is down.
+        log.exception("could not record %s of message %s", event.status, event.message_id)
+
+
+@links.get(_path("click"), response_class=RedirectResponse, status_code=status.HTTP_302_FOUND)
+async def follow_click(token: str, store: StoreDep, signer: LinkSignerDep) -> Response:
+    """Record the click, then send the customer to the target signed into the link."""
+    claims = _verified(signer, token, "click")
+    if claims is None or claims.target_url is None:
+        return _invalid_link()
+    await _track(store, tracked_click(claims))
+    return RedirectResponse(
+        claims.target_url,
+        status_code=status.HTTP_302_FOUND,
+        headers={**NO_STORE, "Referrer-Policy": "no-referrer"},
+    )
+
+
+@links.get(_path("open"), response_class=Response)
+async def open_pixel(token: str, store: StoreDep, signer: LinkSignerDep) -> Response:
+    """The open pixel: a transparent 1x1 GIF, never cached, so each load reaches us."""
+    claims = _verified(signer, token, "open")
+    if claims is None or claims.message_id is None:
+        return Response(status_code=status.HTTP_404_NOT_FOUND, headers=NO_STORE)
+    await _track(store, tracked_open(claims.message_id))
+    return Response(PIXEL, media_type="image/gif", headers=NO_STORE)
+
+
+def _topic_keys(settings: ChannelSettings) -> set[str]:
+    return {topic.key for topic in settings.preference_topics}
+
+
+@links.get(_path("unsubscribe"), response_class=HTMLResponse)
+def unsubscribe_page(
+    token: str, store: StoreDep, settings: ChannelSettingsDep, signer: LinkSignerDep
+) -> HTMLResponse:
+    """The elegant exit: gentler options first, and leaving in one click all the same."""
+    claims = _verified(signer, token, "unsubscribe")
+    if claims is None or claims.customer_id is None:
+        return _invalid_link()
+    current = current_preferences(store, claims.customer_id, _topic_keys(settings))
+    action = signer.base_url + LINK_PATHS["unsubscribe"] + token
+    return _page(render_preference_page(claims, current, settings.preference_topics, action))
+
+
+@links.post(_path("unsubscribe"), response_class=HTMLResponse)
+async def unsubscribe_post(
+    token: str,
+    request: Request,
+    store: StoreDep,
+    settings: ChannelSettingsDep,
+    signer: LinkSignerDep,
+) -> Response:
+    """RFC 8058 one-click (``List-Unsubscribe=One-Click``), or the page's form."""
+    form = await _form(request)
+    claims = _verified(signer, token, "unsubscribe")
+    if claims is None or claims.customer_id is None:
+        return _invalid_link()
+    if form.get("List-Unsubscribe") == "One-Click":
+        await run_in_threadpool(
+            unsubscribe, store, claims, ONE_CLICK_SOURCE, known_topics=_topic_keys(settings)
+        )
+        return PlainTextResponse("You are unsubscribed.\n", headers=NO_STORE)
+    if "opt_out" not in form and "frequency" not in form:
+        return PlainTextResponse(
+            "Expected the body List-Unsubscribe=One-Click (RFC 8058) or the form of the "
+            "unsubscribe page.\n",
+            status_code=status.HTTP_400_BAD_REQUEST,
+            headers=NO_STORE,
+        )
+    action = signer.base_url + LINK_PATHS["unsubscribe"] + token
+    return await _save_choices(store, settings, signer, form, claims, action)
+
+
+@links.get(_path("preferences"), response_class=HTMLResponse)
+def preference_page(
+    token: str, store: StoreDep, settings: ChannelSettingsDep, signer: LinkSignerDep
+) -> HTMLResponse:
+    claims = _verified(signer, token, "preferences")
+    if claims is None or claims.customer_id is None:
+        return _invalid_link()
+    current = current_preferences(store, claims.customer_id, _topic_keys(settings))
+    action = signer.base_url + LINK_PATHS["preferences"] + token
+    return _page(render_preference_page(claims, current, settings.preference_topics, action))
+
+
+@links.post(_path("preferences"), response_class=HTMLResponse)
+async def preference_form(
+    token: str,
+    request: Request,
+    store: StoreDep,
+    settings: ChannelSettingsDep,
+    signer: LinkSignerDep,
+) -> HTMLResponse:
+    form = await _form(request)
+    claims = _verified(signer, token, "preferences")
+    if claims is None or claims.customer_id is None:
+        return _invalid_link()
+    action = signer.base_url + LINK_PATHS["preferences"] + token
+    return await _save_choices(store, settings, signer, form, claims, action)
+
+
+async def _save_choices(
+    store: Store,
+    settings: ChannelSettings,
+    signer: LinkSigner,
+    form: dict[str, str],
+    claims: LinkClaims,
+    action: str,
+) -> HTMLResponse:
+    """Apply the preference form; the page again, with what was wrong, when it can't be read."""
+    customer_id = claims.customer_id
+    assert customer_id is not None  # the callers checked
+    topics = settings.preference_topics
+    keys = _topic_keys(settings)
+    current = await run_in_threadpool(current_preferences, store, customer_id, keys)
+    try:
+        change = parse_preference_form(form, datetime.now(UTC), current=current, known_topics=keys)
+    except PreferenceFormError as error:
+        page = render_preference_page(claims, current, topics, action, errors=error.errors)
+        return _page(page, status.HTTP_400_BAD_REQUEST)
+    if change.opt_out and claims.kind == "unsubscribe":
+        # The page's button says "all marketing": the whole channel, whatever the topic.
+        await run_in_threadpool(
+            unsubscribe, store, replace(claims, topic=None), UNSUBSCRIBE_PAGE_SOURCE
+        )
+    else:
+        await run_in_threadpool(
+            lambda: apply_preferences(
+                store, customer_id, change, source=PREFERENCE_PAGE_SOURCE, known_topics=keys
+            )
+        )
+    page = render_confirmation(
+        change,
+        topics,
+        preferences_url=signer.preferences_url(customer_id),
+        channel=claims.channel,
+    )
+    return _page(page)
+
+
+# ================================================================ forms
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """An HTML form's fields, urlencoded or multipart (RFC 8058 allows both)."""
+    body = await request.body()
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        return _multipart(content_type, body)
+    if media not in ("application/x-www-form-urlencoded", ""):
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            f"expected a form (application/x-www-form-urlencoded), got {media}",
+        )
+    try:
+        return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, f"the form is not UTF-8 urlencoded: {error}"
+        ) from None
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, str]:
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the multipart form has no parts")
+    fields: dict[str, str] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str) and part.get_filename() is None:
+            payload = part.get_payload(decode=True)
+            fields[name] = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+    return fields
+
+
+# ================================================================ the router to include
+
+feedback_router = APIRouter()
+feedback_router.include_router(webhooks)
+feedback_router.include_router(links)

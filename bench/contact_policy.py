@@ -1,0 +1,277 @@
+"""Contact-policy decisions against a bare single-row upsert, on SQLite and PostgreSQL.
+
+Each database (a SQLite file in a temp dir; a throwaway PostgreSQL server) is migrated and
+given a realistic policy: 3 messages per 24h and 6 per calendar week overall, 1 email per
+calendar day, a 1h gap, quiet hours 21:00-08:00, customers in America/New_York. Workloads:
+
+* **many**: decisions spread over ``--customers`` customers (allow, defer and skip mixed);
+* **hot**: every decision for one customer (after its first sends, all skipped by the caps);
+* **upsert**: ``INSERT .. ON CONFLICT (k) DO UPDATE`` of one row keyed by customer, one
+  transaction each, on a connection from the same pool: the floor any decision has to pay.
+
+Each workload runs with 1 thread, then with ``--threads`` threads. A cell prints
+decisions (or upserts) per second and the p50/p99 latency of one call; the ratio column
+divides the decision's p50 latency by the upsert's in the same run (same database, same
+threads). Compare figures only within one run: the machine is shared.
+
+    .venv/bin/python bench/contact_policy.py                 # 2000 calls per cell
+    .venv/bin/python bench/contact_policy.py --calls 500 --databases sqlite
+    .venv/bin/python bench/contact_policy.py --quick         # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from hilo.contact_policy import ContactPolicyService, SendIntent  # noqa: E402
+from hilo.postgres_server import PostgresServer  # noqa: E402
+from hilo.storage import Profile, Store  # noqa: E402
+
+POLICY = {
+    "default_timezone": "America/New_York",
+    "global": {
+        "caps": [{"count": 3, "window": "24h"}, {"count": 6, "window": "calendar_week"}],
+        "min_gap": "1h",
+        "quiet_hours": {"start": "21:00", "end": "08:00"},
+    },
+    "channels": {"email": {"caps": [{"count": 1, "window": "calendar_day"}]}},
+    "journeys": {"welcome": {"priority": 10}},
+}
+# A Tuesday, 15:00 in New York: inside the allowed hours.
+START = datetime(2026, 3, 10, 19, 0, tzinfo=UTC)
+JOURNEYS = ("welcome", "abandoned_cart", "win_back")
+CHANNELS = ("email", "push", "sms")
+
+
+@dataclass
+class Cell:
+    database: str
+    workload: str
+    threads: int
+    calls: int
+    seconds: float
+    latencies: list[float]
+    outcomes: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds
+
+    def percentile(self, share: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000
+
+
+def run_threads(threads: int, calls: int, one: Callable[[int], str | None]) -> Cell:
+    latencies: list[float] = []
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+    barrier = threading.Barrier(threads + 1)
+
+    def worker(offset: int) -> None:
+        mine: list[float] = []
+        seen: dict[str, int] = {}
+        barrier.wait()
+        for index in range(offset, calls, threads):
+            started = time.perf_counter()
+            outcome = one(index)
+            mine.append(time.perf_counter() - started)
+            if outcome:
+                seen[outcome] = seen.get(outcome, 0) + 1
+        with lock:
+            latencies.extend(mine)
+            for key, value in seen.items():
+                outcomes[key] = outcomes.get(key, 0) + value
+
+    pool = [threading.Thread(target=worker, args=(offset,)) for offset in range(threads)]
+    for thread in pool:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in pool:
+        thread.join()
+    return Cell("", "", threads, calls, time.perf_counter() - started, latencies, outcomes)
+
+
+class Bench:
+    def __init__(self, name: str, store: Store, customers: int) -> None:
+        self.name = name
+        self.store = store
+        self.customers = customers
+        self.service = ContactPolicyService(store)
+        self.service.set_policy(POLICY, actor="bench", note="benchmark policy")
+        self.run_id = 0
+        consent = {"email": True, "push": True, "sms": True}
+        with store.session() as session:
+            session.add_all(
+                Profile(
+                    customer_id=f"c{number}",
+                    traits={"email": f"c{number}@example.com", "phone": f"+1555{number:07d}"},
+                    consent=consent,
+                    timezone="America/New_York",
+                )
+                for number in range(customers)
+            )
+            session.add(Profile(customer_id="hot", consent=consent, timezone="America/New_York"))
+            session.commit()
+        with store.engine.begin() as connection:
+            connection.execute(
+                text("CREATE TABLE bench_upsert (k VARCHAR(200) PRIMARY KEY, v INTEGER NOT NULL)")
+            )
+        self.upsert_sql = (
+            "INSERT INTO bench_upsert (k, v) VALUES ({k}, {v}) "
+            "ON CONFLICT (k) DO UPDATE SET v = excluded.v"
+        )
+        sqlite = store.engine.dialect.name == "sqlite"
+        self.upsert_sql = self.upsert_sql.format(
+            k="?" if sqlite else "%s", v="?" if sqlite else "%s"
+        )
+        # The cheapest durable write: one statement, one transaction, no ping (PostgreSQL in
+        # autocommit, so one round trip), as the decision path's own pool does.
+        self.upsert_engine = (
+            store.engine
+            if sqlite
+            else create_engine(store.url, pool_pre_ping=False, isolation_level="AUTOCOMMIT")
+        )
+
+    def decide(self, workload: str) -> Callable[[int], str | None]:
+        self.run_id += 1
+        run = self.run_id
+        # Each run starts a week after the last, so earlier runs' sends fall out of every cap.
+        base = START + timedelta(weeks=run)
+
+        def one(index: int) -> str | None:
+            customer = "hot" if workload == "hot" else f"c{index % self.customers}"
+            intent = SendIntent(
+                message_id=f"{workload}-{run}-{index}",
+                customer_id=customer,
+                journey_key=JOURNEYS[index % len(JOURNEYS)],
+                channel=CHANNELS[(index // self.customers) % len(CHANNELS)],
+            )
+            # Time moves on a little with every call: 30 s, so a run spans hours.
+            return self.service.decide(intent, base + timedelta(seconds=30 * index)).outcome
+
+        return one
+
+    def upsert(self) -> Callable[[int], str | None]:
+        def one(index: int) -> str | None:
+            proxied = self.upsert_engine.raw_connection()
+            try:
+                cursor = proxied.cursor()
+                cursor.execute(self.upsert_sql, (f"c{index % self.customers}", index))
+                proxied.commit()
+                cursor.close()
+            finally:
+                proxied.close()
+            return None
+
+        return one
+
+    def measure(self, threads: Sequence[int], calls: int) -> list[Cell]:
+        cells = []
+        warm = self.decide("warmup")
+        for index in range(min(200, calls)):
+            warm(index)
+        for count in threads:
+            for workload in ("upsert", "many", "hot"):
+                one = self.upsert() if workload == "upsert" else self.decide(workload)
+                cell = run_threads(count, calls, one)
+                cell.database, cell.workload = self.name, workload
+                cells.append(cell)
+                print(
+                    f"  {self.name:<10} {workload:<6} {count:>2} thread(s): "
+                    f"{cell.rate:8.0f}/s  p50 {cell.percentile(0.5):6.2f} ms  "
+                    f"p99 {cell.percentile(0.99):6.2f} ms  {cell.outcomes or ''}",
+                    flush=True,
+                )
+        return cells
+
+    def close(self) -> None:
+        self.service.close()
+        if self.upsert_engine is not self.store.engine:
+            self.upsert_engine.dispose()
+        self.store.dispose()
+
+
+def report(cells: list[Cell]) -> None:
+    print()
+    print(
+        f"{'database':<10} {'workload':<6} {'thr':>3} {'calls/s':>9} {'p50 ms':>7} "
+        f"{'p99 ms':>7} {'upsert/s':>9} {'up p50':>7} {'up p99':>7} {'p50 ratio':>9}"
+    )
+    baseline = {(c.database, c.threads): c for c in cells if c.workload == "upsert"}
+    for cell in cells:
+        if cell.workload == "upsert":
+            continue
+        floor = baseline[(cell.database, cell.threads)]
+        print(
+            f"{cell.database:<10} {cell.workload:<6} {cell.threads:>3} {cell.rate:>9.0f} "
+            f"{cell.percentile(0.5):>7.2f} {cell.percentile(0.99):>7.2f} {floor.rate:>9.0f} "
+            f"{floor.percentile(0.5):>7.2f} {floor.percentile(0.99):>7.2f} "
+            f"{cell.percentile(0.5) / floor.percentile(0.5):>8.1f}x"
+        )
+    print()
+    print("target: >= 2000 decisions/s and p99 < 5 ms; ratio = decision p50 / upsert p50")
+
+
+def main(args: argparse.Namespace) -> int:
+    cells: list[Cell] = []
+    threads = sorted({1, args.threads})
+    with tempfile.TemporaryDirectory(prefix="hilo-bench-policy-") as folder:
+        if "sqlite" in args.databases:
+            store = Store(f"sqlite:///{Path(folder) / 'hilo.db'}")
+            store.migrate()
+            bench = Bench("sqlite", store, args.customers)
+            try:
+                cells += bench.measure(threads, args.calls)
+            finally:
+                bench.close()
+        if "postgresql" in args.databases:
+            server = PostgresServer().start()
+            try:
+                store = Store(server.url)
+                store.migrate()
+                bench = Bench("postgresql", store, args.customers)
+                try:
+                    cells += bench.measure(threads, args.calls)
+                finally:
+                    bench.close()
+            finally:
+                server.stop()
+    report(cells)
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--calls", type=int, default=2000, help="calls per cell (2000)")
+    parser.add_argument("--threads", type=int, default=4, help="threads of the second run (4)")
+    parser.add_argument("--customers", type=int, default=500, help="customers for 'many' (500)")
+    parser.add_argument(
+        "--databases",
+        default="sqlite,postgresql",
+        type=lambda value: value.split(","),
+        help="comma-separated: sqlite, postgresql",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke test: 100 calls per cell")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.calls, args.customers = 100, 50
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))
