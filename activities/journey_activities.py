@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -18,6 +18,7 @@ from temporalio.exceptions import ApplicationError
 from activities.providers import CaptureProvider
 from hilo import templates
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
+from hilo.channels.config import DEV_LINK_SECRET
 from hilo.channels.links import LinkSigner, rewrite_links
 from hilo.journey_runs import (
     FINISH,
@@ -35,7 +36,7 @@ from hilo.journey_runs import (
     WindowRequest,
 )
 from hilo.journeys import WEEKDAYS, TimeWindow
-from hilo.storage import Device, Message, Profile, Store
+from hilo.storage import Device, Message, Profile, Store, StoredEvent
 
 # Where no consent was recorded: email is opt-out (soft opt-in), the rest need an opt-in.
 CONSENT_DEFAULTS = {
@@ -58,7 +59,8 @@ class JourneyActivities:
         links: LinkSigner | None = None,
     ) -> None:
         self.store = store
-        self.links = links
+        # Without settings (simulations, tests) links are signed with the development secret.
+        self.links = links or LinkSigner(DEV_LINK_SECRET, "http://127.0.0.1:8000")
         capture = CaptureProvider(store)
         self.providers: dict[str, ChannelProvider] = providers or {}
         self.fallback: ChannelProvider = capture
@@ -115,10 +117,11 @@ class JourneyActivities:
         provider answered) the provider is called again with the same idempotency key, the
         message id, so that a provider honouring it delivers once.
         """
-        stored, found, devices = self.store.message_and_profile(
+        stored, found, devices, trigger = self.store.message_and_profile(
             request.message_id,
             request.customer_id,
             request.channel if request.channel in DEVICE_CHANNELS else None,
+            event_id=request.trigger_message_id if request.trigger is None else None,
         )
         if stored is not None and stored.status != "queued":
             return _result(stored)
@@ -128,20 +131,22 @@ class JourneyActivities:
         skip = self._skip_reason(request, profile, recipient)
         if skip is not None:
             return _result(self.store.record_message(self._ledger_row(request, provider, skip)))
-        content = stored.content if stored is not None else self._render(request, profile)
+        unsubscribe_url = self.links.unsubscribe_url(
+            request.message_id, profile.customer_id, request.channel
+        )
+        content = (
+            stored.content
+            if stored is not None
+            else self._render(request, profile, unsubscribe_url, _trigger_context(request, trigger))
+        )
         queued = self.store.queue_message(
             self._ledger_row(request, provider, None, content=content, recipient=recipient)
         )
         # The ledger keeps the message as rendered; providers get it in their shape.
         outgoing = dict(queued.content)
-        unsubscribe_url = None
         if request.channel == "email":
             outgoing = templates.email_parts(outgoing)
-        if self.links is not None and request.category == "marketing":
-            unsubscribe_url = self.links.unsubscribe_url(
-                request.message_id, profile.customer_id, request.channel
-            )
-            if "html" in outgoing:
+            if "html" in outgoing and request.category == "marketing":
                 outgoing["html"] = rewrite_links(outgoing["html"], request.message_id, self.links)
         delivery = Delivery(
             message_id=request.message_id,
@@ -154,7 +159,7 @@ class JourneyActivities:
             recipient=recipient,
             content=outgoing,
             profile=profile.traits,
-            unsubscribe_url=unsubscribe_url,
+            unsubscribe_url=unsubscribe_url if request.category == "marketing" else None,
         )
         try:
             provider_message_id = provider.deliver(delivery)
@@ -193,11 +198,18 @@ class JourneyActivities:
             provider = self.providers.get("webhook")  # a helpdesk hears hand-offs by webhook
         return provider or self.fallback
 
-    def _render(self, request: SendRequest, profile: ProfileSnapshot) -> dict[str, str]:
+    def _render(
+        self,
+        request: SendRequest,
+        profile: ProfileSnapshot,
+        unsubscribe_url: str,
+        trigger: dict[str, Any],
+    ) -> dict[str, str]:
         context = {
+            "unsubscribe_url": unsubscribe_url,
             "profile": profile.as_context(),
             "customer": profile.traits,
-            "trigger": request.trigger,
+            "trigger": trigger,
             "journey": {"key": request.journey_key, "version": request.journey_version},
             "message": {"id": request.message_id},
         }
@@ -289,6 +301,22 @@ def _snapshot(profile: Profile | None, customer_id: str) -> ProfileSnapshot:
         timezone=profile.timezone,
         locale=profile.locale,
     )
+
+
+def _trigger_context(request: SendRequest, event: StoredEvent | None) -> dict[str, Any]:
+    """What templates see under ``trigger``: the same shape as CustomerEvent.as_context()."""
+    if request.trigger is not None:
+        return request.trigger
+    if event is None:
+        return {}
+    moment = event.timestamp if event.timestamp.tzinfo else event.timestamp.replace(tzinfo=UTC)
+    return {
+        "name": event.name,
+        "customer_id": event.customer_id,
+        "properties": event.properties,
+        "timestamp": moment.isoformat(),
+        "message_id": event.message_id,
+    }
 
 
 def _recipient(channel: str, profile: ProfileSnapshot, devices: list[Device]) -> str | None:

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -185,23 +186,43 @@ class HistoryCounts:
         )
 
 
+LOCAL_ACTIVITY_MARKER = "core_local_activity"
+
+
+def _local_activity_type(event: Any) -> str:
+    data = event.marker_recorded_event_attributes.details.get("data")
+    try:
+        return str(json.loads(data.payloads[0].data)["activity_type"])
+    except (AttributeError, IndexError, KeyError, ValueError):
+        return "local activity"
+
+
 async def history_counts(handle: WorkflowHandle[Any, Any]) -> HistoryCounts:
     history = await handle.fetch_history()
     kinds: Counter[int] = Counter()
     activity_types: Counter[str] = Counter()
     plan = BarePlan()
     timer_seconds = 0.0
+    local_activities = 0
     for event in history.events:
         kinds[event.event_type] += 1
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             plan.steps.append("activity")
             activity_types[event.activity_task_scheduled_event_attributes.activity_type.name] += 1
+        elif event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED and (
+            event.marker_recorded_event_attributes.marker_name == LOCAL_ACTIVITY_MARKER
+        ):
+            # Hilo runs its bookkeeping (profile read, finish) as local activities; the bare
+            # workflow runs the same number of activities, all of them regular ones.
+            plan.steps.append("activity")
+            local_activities += 1
+            activity_types[f"{_local_activity_type(event)} (local)"] += 1
         elif event.event_type == EventType.EVENT_TYPE_TIMER_STARTED:
             seconds = event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
             plan.steps.append(seconds.total_seconds())
             timer_seconds += seconds.total_seconds()
     return HistoryCounts(
-        activities=kinds[EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED],
+        activities=kinds[EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED] + local_activities,
         timers=kinds[EventType.EVENT_TYPE_TIMER_STARTED],
         events=len(history.events),
         workflow_tasks=kinds[EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED],

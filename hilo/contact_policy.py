@@ -968,7 +968,7 @@ class _SQLiteBackend(_Backend):
         connection.isolation_level = None
         cursor = connection.cursor()
         try:
-            cursor.execute("BEGIN")
+            cursor.execute("BEGIN IMMEDIATE")
             try:
                 yield _Transaction(cursor)
             except BaseException:
@@ -1008,8 +1008,8 @@ class _PostgresBackend(_Backend):
 
     @contextmanager
     def transaction(self, customer_id: str, commit: bool) -> Iterator[_Transaction]:
-        proxied, connection = self._locked(customer_id)
-        tx = _Transaction(connection.cursor())
+        proxied, connection, cursor = self._locked(customer_id)
+        tx = _Transaction(cursor)
         try:
             yield tx
         except BaseException:
@@ -1022,23 +1022,24 @@ class _PostgresBackend(_Backend):
             tx.cursor.close()
             proxied.close()
 
-    def _locked(self, customer_id: str) -> tuple[Any, Any]:
+    def _locked(self, customer_id: str) -> tuple[Any, Any, Any]:
         """A connection in a transaction that holds the customer's lock."""
         disconnected = self.engine.dialect.loaded_dbapi.OperationalError
         # The key is an integer we computed: safe to write into the statement, which lets
         # BEGIN and the lock share one round trip (no parameters: simple query protocol).
-        lock = "BEGIN"
+        lock = f"BEGIN; SELECT pg_advisory_xact_lock({_lock_key(customer_id)})"
         for attempt in range(2):
             proxied = self.engine.raw_connection()
             connection: Any = proxied.driver_connection
+            cursor = connection.cursor()
             try:
-                connection.execute(lock)
+                cursor.execute(lock)
             except disconnected:
                 proxied.invalidate()
                 if attempt:
                     raise
                 continue
-            return proxied, connection
+            return proxied, connection, cursor
         raise AssertionError("unreachable")
 
     def write(
@@ -1061,23 +1062,34 @@ class _PostgresBackend(_Backend):
         self.engine.dispose()
 
 
-def _history_since(policy: ContactPolicy, intent: SendIntent, now: datetime) -> datetime | None:
-    """How far back any cap or gap of this send can look (before its time zone is known)."""
-    horizons: list[timedelta] = []
-    for scope in _scopes(policy, intent):
-        if scope.rules.min_gap is not None:
-            horizons.append(scope.rules.min_gap)
-        for cap in scope.rules.caps:
-            rolling = cap.rolling
-            # A local day or week started at most this long ago, in any zone.
-            horizons.append(
-                rolling
-                if rolling is not None
-                else timedelta(days=2 if cap.window == "calendar_day" else 8)
-            )
-    if not horizons:
-        return None
-    return now - max(horizons) - timedelta(seconds=1)
+@dataclass(frozen=True)
+class _Plan:
+    """What a policy says for one kind of send (channel, category, journey), worked out once."""
+
+    scopes: list[_Scope]
+    timings: list[_Timing]
+    horizon: timedelta | None  # how far back any cap or gap can look, in any time zone
+
+    @classmethod
+    def of(cls, policy: ContactPolicy, intent: SendIntent) -> _Plan:
+        scopes = _scopes(policy, intent)
+        horizons: list[timedelta] = []
+        for scope in scopes:
+            if scope.rules.min_gap is not None:
+                horizons.append(scope.rules.min_gap)
+            for cap in scope.rules.caps:
+                rolling = cap.rolling
+                # A local day or week started at most this long ago, in any zone.
+                horizons.append(
+                    rolling
+                    if rolling is not None
+                    else timedelta(days=2 if cap.window == "calendar_day" else 8)
+                )
+        horizon = max(horizons) + timedelta(seconds=1) if horizons else None
+        return cls(scopes, _timings(scopes), horizon)
+
+    def since(self, now: datetime) -> datetime | None:
+        return None if self.horizon is None else now - self.horizon
 
 
 class ContactPolicyService:
@@ -1110,6 +1122,7 @@ class ContactPolicyService:
         else:
             raise ValueError(f"the contact policy supports SQLite and PostgreSQL, not {dialect}")
         self._policy: tuple[int, ContactPolicy] = (0, ContactPolicy())
+        self._plans: dict[tuple[int, str, str, str], _Plan] = {}
         # Threads of this process queue here first: waking from a lock is immediate, where a
         # database waiter polls (SQLite's busy handler sleeps) and holds a pooled connection.
         # SQLite has one writer whatever the customer; PostgreSQL locks per customer, striped.
@@ -1120,6 +1133,15 @@ class ContactPolicyService:
         self._backend.close()
 
     # ------------------------------------------------------------ the policy document
+
+    def _plan(self, version: int, policy: ContactPolicy, intent: SendIntent) -> _Plan:
+        key = (version, intent.channel, intent.category, intent.journey_key)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 10_000:
+                self._plans.clear()
+            plan = self._plans[key] = _Plan.of(policy, intent)
+        return plan
 
     def _policy_version(self, cursor: Any, version: int) -> ContactPolicy:
         cached_version, cached = self._policy
@@ -1209,7 +1231,7 @@ class ContactPolicyService:
         backend = self._backend
         address = _normalise_address(intent.channel, intent.address)
         cached_version, cached_policy = self._policy
-        since = _history_since(cached_policy, intent, now)
+        since = self._plan(cached_version, cached_policy, intent).since(now)
         gate = self._gates[_lock_key(intent.customer_id) % len(self._gates)]
         with gate, backend.transaction(intent.customer_id, commit=persist) as tx:
             cursor = tx.cursor
@@ -1231,8 +1253,9 @@ class ContactPolicyService:
             version = snapshot.policy_version
             policy = self._policy_version(cursor, version)
             history = snapshot.history
+            plan = self._plan(version, policy, intent)
             if version != cached_version:
-                history = self._history(cursor, intent, _history_since(policy, intent, now))
+                history = self._history(cursor, intent, plan.since(now))
             zone = (
                 _zone_or_none(intent.timezone)
                 or _zone_or_none(snapshot.profile_timezone)
@@ -1254,6 +1277,7 @@ class ContactPolicyService:
                 intent,
                 now,
                 policy,
+                plan,
                 zone,
                 history,
                 consent=snapshot.consent,
@@ -1365,6 +1389,7 @@ class ContactPolicyService:
         intent: SendIntent,
         now: datetime,
         policy: ContactPolicy,
+        plan: _Plan,
         zone: ZoneInfo,
         history: Sequence[_Sent],
         consent: Mapping[str, Any],
@@ -1397,7 +1422,7 @@ class ContactPolicyService:
                 "exempt_categories",
                 counted=False,
             )
-        scopes = _scopes(policy, intent)
+        scopes = plan.scopes
         # Timing: the earliest moment every gap, quiet window and day list allows.
         at, rule, reason = now, None, ""
         for scope in scopes:
@@ -1414,7 +1439,7 @@ class ContactPolicyService:
                     f"min gap {format_duration(gap)} between {scope.label()}: "
                     f"the last went out {_local_label(last, zone)}"
                 )
-        timings = _timings(scopes)
+        timings = plan.timings
         blocking = [timing for timing in timings if timing.blocks(at, zone)]
         if blocking:
             opening = next_allowed(at, zone, timings)

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -235,13 +235,16 @@ class Ingestor:
             if call.previous_id:
                 keys.add(("user_id", call.previous_id))
                 keys.add(("anonymous_id", call.previous_id))
-        if keys:
+        # One query per kind: SQLite answers ``(kind, value) IN (...)`` by scanning the whole
+        # table, ``kind = ? AND value IN (...)`` from the primary key.
+        for kind in sorted({kind for kind, _value in keys}):
             found = batch.session.execute(
-                select(col(Identity.kind), col(Identity.value), col(Identity.customer_id)).where(
-                    tuple_(col(Identity.kind), col(Identity.value)).in_(sorted(keys))
+                select(col(Identity.value), col(Identity.customer_id)).where(
+                    col(Identity.kind) == kind,
+                    col(Identity.value).in_(sorted(value for k, value in keys if k == kind)),
                 )
             )
-            batch.identities = {(kind, value): customer for kind, value, customer in found}
+            batch.identities.update(((kind, value), customer) for value, customer in found)
         customers = set(batch.identities.values())
         customers.update(value for _kind, value in keys)
         self._load_profiles(batch, customers)

@@ -128,7 +128,10 @@ class SendRequest(BaseModel):
     template: str
     category: Literal["marketing", "transactional"]
     content: dict[str, str]
-    trigger: dict[str, Any]
+    # The triggering event is read from the events table by id rather than carried in every
+    # send's history; ``trigger`` is for callers that have no stored event.
+    trigger_message_id: str | None = None
+    trigger: dict[str, Any] | None = None
     scheduled_at: datetime
 
 

@@ -697,13 +697,18 @@ class Store:
     # ------------------------------------------------------------ messages
 
     def message_and_profile(
-        self, message_id: str, customer_id: str, device_kind: str | None = None
-    ) -> tuple[Message | None, Profile | None, list[Device]]:
-        """What a send needs to know first, in one session: its ledger row, the profile, and
-        the customer's active devices of ``device_kind``."""
+        self,
+        message_id: str,
+        customer_id: str,
+        device_kind: str | None = None,
+        event_id: str | None = None,
+    ) -> tuple[Message | None, Profile | None, list[Device], StoredEvent | None]:
+        """What a send needs to know first, in one session: its ledger row, the profile, the
+        customer's active devices of ``device_kind`` and the triggering event."""
         with self.session() as session:
             message = session.get(Message, message_id)
             profile = _follow(session, customer_id)
+            event = session.get(StoredEvent, event_id) if event_id else None
             devices: list[Device] = []
             if device_kind is not None:
                 devices = list(
@@ -718,7 +723,7 @@ class Store:
                         .order_by(col(Device.updated_at).desc())
                     )
                 )
-            return message, profile, devices
+            return message, profile, devices, event
 
     def queue_message(self, message: Message) -> Message:
         """The ledger row before the provider is called, or the row an earlier attempt left;

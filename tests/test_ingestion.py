@@ -647,6 +647,11 @@ async def test_consent_from_traits_and_the_endpoint_keeps_source_and_time(
 
 
 BAD_CONSENT: list[tuple[dict[str, Any], list[str]]] = [
+    (
+        {"channel": "webpush", "granted": True, "source": "web"}
+        | {"subscription": SUBSCRIPTION, "token": "fcm-1"},
+        ["body", "token"],
+    ),
     ({"channel": "fax", "granted": True, "source": "web"}, ["body", "channel"]),
     ({"channel": "email", "granted": True}, ["body", "source"]),
     ({"channel": "email", "granted": True, "source": "web", "token": "t"}, ["body", "token"]),

@@ -275,7 +275,7 @@ class JourneyWorkflow:
             template=template,
             category="transactional" if category == "transactional" else "marketing",
             content=content,
-            trigger=self.input.trigger.as_context(),
+            trigger_message_id=self.input.trigger.message_id,
             scheduled_at=workflow.now(),
         )
         try:
@@ -424,7 +424,10 @@ class JourneyWorkflow:
     async def _activity(
         self, name: str, request: Any, summary: str, result_type: type | None = None
     ) -> Any:
-        return await workflow.execute_activity(
+        """A bookkeeping step (profile read or update, time window, finish): milliseconds of
+        database work in this worker, so a local activity. It is recorded in the history like
+        any activity, without the task-queue round trips a provider call needs."""
+        return await workflow.execute_local_activity(
             name,
             request,
             result_type=result_type,
