@@ -20,12 +20,17 @@ from hilo import templates
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
 from hilo.channels.config import DEV_LINK_SECRET
 from hilo.channels.links import LinkSigner, rewrite_links
+from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS
+from hilo.contact_policy import ContactPolicyService, SendIntent
 from hilo.journey_runs import (
+    BEST_SEND_TIME,
     FINISH,
     LOAD_PROFILE,
     NEXT_WINDOW_OPENING,
     SEND_MESSAGE,
     UPDATE_PROFILE,
+    BestTimeAnswer,
+    BestTimeRequest,
     FinishRequest,
     ProfileRequest,
     ProfileSnapshot,
@@ -38,16 +43,9 @@ from hilo.journey_runs import (
 from hilo.journeys import WEEKDAYS, TimeWindow
 from hilo.storage import Device, Message, Profile, Store, StoredEvent
 
-# Where no consent was recorded: email is opt-out (soft opt-in), the rest need an opt-in.
-CONSENT_DEFAULTS = {
-    "email": True,
-    "sms": False,
-    "whatsapp": False,
-    "push": False,
-    "webpush": False,
-}
-ADDRESS_TRAITS = {"email": "email", "sms": "phone", "whatsapp": "phone"}
-DEVICE_CHANNELS = frozenset({"push", "webpush"})
+# Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
+# audience syncs are not messages to the customer.
+POLICY_CHANNELS = frozenset({"email", "sms", "whatsapp", "push", "webpush"})
 
 
 class JourneyActivities:
@@ -59,6 +57,7 @@ class JourneyActivities:
         links: LinkSigner | None = None,
     ) -> None:
         self.store = store
+        self.policy = ContactPolicyService(store)
         # Without settings (simulations, tests) links are signed with the development secret.
         self.links = links or LinkSigner(DEV_LINK_SECRET, "http://127.0.0.1:8000")
         capture = CaptureProvider(store)
@@ -73,6 +72,7 @@ class JourneyActivities:
             self.send_message,
             self.update_profile,
             self.next_window_opening,
+            self.best_send_time,
         ]
 
     @activity.defn(name=FINISH)
@@ -107,6 +107,18 @@ class JourneyActivities:
             zone = ZoneInfo(zone_name)
         return WindowOpening(at=next_opening(request.now, request.window, zone), timezone=zone_name)
 
+    @activity.defn(name=BEST_SEND_TIME)
+    def best_send_time(self, request: BestTimeRequest) -> BestTimeAnswer:
+        """Envío Inteligente: the customer's best hour, and why (recorded with the choice)."""
+        best = self.policy.best_send_time(
+            self.store.resolve_customer(request.customer_id),
+            request.now,
+            fallback_hour=request.fallback_hour,
+            max_delay=timedelta(seconds=request.max_delay_seconds),
+            message_id=request.key,
+        )
+        return BestTimeAnswer(at=best.at, reason=best.reason, timezone=best.timezone)
+
     @activity.defn(name=SEND_MESSAGE)
     def send_message(self, request: SendRequest) -> SendResult:
         """Send one message exactly once, as far as the provider allows.
@@ -129,6 +141,31 @@ class JourneyActivities:
         provider = self._provider(request.channel)
         recipient = _recipient(request.channel, profile, devices)
         skip = self._skip_reason(request, profile, recipient)
+        if skip is None and stored is None and request.channel in POLICY_CHANNELS:
+            # First attempt: the contact policy decides (a retry of an allowed send finds
+            # its queued row above and goes straight to the provider).
+            decision = self.policy.decide(
+                SendIntent(
+                    message_id=request.message_id,
+                    customer_id=profile.customer_id,
+                    journey_key=request.journey_key,
+                    channel=request.channel,
+                    category=request.category,
+                    ignore_policy=request.ignore_policy,
+                    address=recipient if request.channel in ADDRESS_TRAITS else None,
+                ),
+                now=request.scheduled_at,
+            )
+            if decision.outcome == "defer":
+                return SendResult(
+                    message_id=request.message_id,
+                    status="deferred",
+                    reason=decision.reason,
+                    defer_until=decision.defer_until,
+                    rule=decision.rule,
+                )
+            if decision.outcome == "skip":
+                skip = decision.reason
         if skip is not None:
             return _result(self.store.record_message(self._ledger_row(request, provider, skip)))
         unsubscribe_url = self.links.unsubscribe_url(
@@ -165,6 +202,7 @@ class JourneyActivities:
             provider_message_id = provider.deliver(delivery)
         except PermanentFailure as failure:
             self.store.message_outcome(request.message_id, "failed", reason=failure.reason)
+            self.policy.release(request.message_id, f"failed: {failure.reason}")
             raise ApplicationError(
                 f"{request.step_id}: {provider.name} refused the message: {failure.reason}",
                 type="PermanentDeliveryFailure",
@@ -177,6 +215,7 @@ class JourneyActivities:
             )
             if last:
                 self.store.message_outcome(request.message_id, "failed", reason=failure.reason)
+                self.policy.release(request.message_id, f"failed: {failure.reason}")
             raise ApplicationError(
                 f"{request.step_id}: {provider.name} failed, will retry: {failure.reason}",
                 type="RetryableDeliveryFailure",
@@ -188,6 +227,8 @@ class JourneyActivities:
         self.store.message_outcome(
             request.message_id, "sent", provider_message_id=provider_message_id
         )
+        if request.channel in POLICY_CHANNELS:
+            self.policy.mark_used(request.message_id)
         return SendResult(
             message_id=request.message_id, status="sent", provider_message_id=provider_message_id
         )
@@ -258,8 +299,12 @@ class JourneyActivities:
         self, request: SendRequest, profile: ProfileSnapshot, recipient: str | None
     ) -> str | None:
         if request.channel in CONSENT_DEFAULTS:
-            consent = profile.consent.get(request.channel, CONSENT_DEFAULTS[request.channel])
-            if request.category == "marketing" and consent is not True:
+            # As the contact policy reads consent: marketing needs it on every channel;
+            # transactional messages need it where the channel is opt-in (all but email).
+            default = CONSENT_DEFAULTS[request.channel]
+            consent = profile.consent.get(request.channel, default)
+            needs = request.category == "marketing" or not default
+            if needs and consent is not True:
                 return f"no {request.channel} consent"
         if recipient:
             return None

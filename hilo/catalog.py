@@ -1,16 +1,27 @@
-"""The journey catalog: validate, publish immutable versions, pause, resume, archive."""
+"""The journey catalog: validate, publish immutable versions, pause, resume, archive.
+
+Publishing checks what a definition alone cannot tell (:func:`~hilo.journeys.check_journey`
+already ran when it was parsed): the brand playbook, the unsubscribe link of marketing
+email, and the promotions its templates name, as they are in the store now. Problems refuse
+the version (:class:`~hilo.journeys.JourneyInvalid`); warnings (a promotion that expired or
+has not started: its sends will be skipped) come back with the version number.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from hilo.journey_runs import SIGNAL_STOP, StopRequest
-from hilo.journeys import JourneyDefinition, load_journey_yaml
-from hilo.storage import Journey, Store
+from hilo.journeys import JourneyDefinition, JourneyInvalid, JourneyProblem, load_journey_yaml
+from hilo.playbook import Playbook, check_playbook
+from hilo.promotions import check_promotions
+from hilo.storage import Journey, Store, utcnow
+from hilo.templates import check_unsubscribe_links
 
 
 @dataclass
@@ -18,32 +29,83 @@ class Published:
     key: str
     version: int
     created: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+class Version(int):
+    """A published version number, carrying what publishing warned about."""
+
+    warnings: list[str]
+
+    def __new__(cls, number: int, warnings: list[str] | None = None) -> Version:
+        version = super().__new__(cls, number)
+        version.warnings = list(warnings or [])
+        return version
+
+
+@dataclass
+class PublishCheck:
+    """What publishing a definition now would answer."""
+
+    problems: list[JourneyProblem]
+    warnings: list[JourneyProblem]
 
 
 class JourneyCatalog:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, playbook: Playbook | None = None) -> None:
         self.store = store
+        self.playbook = playbook
 
-    def publish(self, definition: JourneyDefinition) -> int:
-        """Store ``definition`` as a new version; running instances keep theirs."""
-        return self.store.publish(
+    def check(self, definition: JourneyDefinition, now: datetime | None = None) -> PublishCheck:
+        """The playbook, unsubscribe-link and promotion checks, without publishing."""
+        problems, warnings = check_promotions(definition, self.store, now or utcnow())
+        problems = (
+            check_unsubscribe_links(definition)
+            + check_playbook(definition, self.playbook)
+            + problems
+        )
+        return PublishCheck(problems=problems, warnings=warnings)
+
+    def publish(self, definition: JourneyDefinition, now: datetime | None = None) -> Version:
+        """Store ``definition`` as a new version; running instances keep theirs.
+
+        Raises JourneyInvalid when the publish checks find problems.
+        """
+        checked = self._checked(definition, now)
+        number = self.store.publish(
             definition.key,
             definition.name,
             definition.checksum(),
             definition.model_dump(mode="json"),
         )
+        return Version(number, checked)
 
-    def publish_if_changed(self, definition: JourneyDefinition) -> Published:
+    def publish_if_changed(
+        self, definition: JourneyDefinition, now: datetime | None = None
+    ) -> Published:
         latest = self.store.latest_version(definition.key)
         if latest is not None and latest.checksum == definition.checksum():
-            return Published(definition.key, latest.version, created=False)
-        return Published(definition.key, self.publish(definition), created=True)
+            # Checked again: the playbook or a promotion may have changed since.
+            warnings = self._checked(definition, now)
+            return Published(definition.key, latest.version, created=False, warnings=warnings)
+        version = self.publish(definition, now)
+        return Published(definition.key, int(version), created=True, warnings=version.warnings)
+
+    def _checked(self, definition: JourneyDefinition, now: datetime | None) -> list[str]:
+        checked = self.check(definition, now)
+        if checked.problems:
+            raise JourneyInvalid(checked.problems)
+        return [str(warning) for warning in checked.warnings]
 
     def publish_folder(self, folder: Path) -> list[Published]:
-        return [
-            self.publish_if_changed(load_journey_yaml(path.read_text(), source=str(path.name)))
-            for path in sorted(folder.glob("*.yaml"))
-        ]
+        published = []
+        for path in sorted(folder.glob("*.yaml")):
+            definition = load_journey_yaml(path.read_text(), source=str(path.name))
+            try:
+                published.append(self.publish_if_changed(definition))
+            except JourneyInvalid as error:
+                raise JourneyInvalid(error.problems, source=path.name) from None
+        return published
 
     def list(self) -> list[Journey]:
         return self.store.list_journeys()

@@ -11,11 +11,13 @@ from typing import Annotated, Any
 import typer
 
 from hilo.journeys import JourneyDefinition, JourneyInvalid, journey_json_schema, load_journey_yaml
+from hilo.policy_cli import policy_app
 from hilo.settings import Settings
 
 app = typer.Typer(help="Hilo: every channel, one conversation.", no_args_is_help=True)
 journeys_app = typer.Typer(help="Validate, publish and manage journeys.", no_args_is_help=True)
 app.add_typer(journeys_app, name="journeys")
+app.add_typer(policy_app, name="policy")
 
 
 def _settings() -> Settings:

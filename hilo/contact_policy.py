@@ -68,7 +68,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -90,6 +89,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel, col, create_engine, select, update
 
+from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS
 from hilo.durations import Duration, format_duration, parse_duration
 from hilo.journeys import CHANNELS, JOURNEY_KEY, WEEKDAYS
 from hilo.storage import Store, utcnow
@@ -119,7 +119,6 @@ __all__ = [
 ]
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-CalendarWindow = Literal["calendar_day", "calendar_week"]
 Outcome = Literal["allow", "defer", "skip"]
 
 CALENDAR_WINDOWS: tuple[str, ...] = ("calendar_day", "calendar_week")
@@ -146,7 +145,7 @@ ENGAGEMENT_WEIGHTS: dict[str, float] = {
 }
 ENGAGEMENT_LOOKBACK = timedelta(days=90)
 MIN_ENGAGEMENT_SAMPLES = 5
-# Namespaces the advisory lock keys of this service (first 32 bits of the key).
+# Keys the hash of customer ids, so this service's advisory locks stay clear of anyone else's.
 _LOCK_SALT = b"hilo.contact_policy"
 
 
@@ -678,7 +677,7 @@ class _Timing:
         return f"allowed days {', '.join(d for d in WEEKDAYS if d in (self.days or ()))}"
 
 
-def next_allowed(at: datetime, zone: ZoneInfo, timings: Sequence[_Timing]) -> datetime | None:
+def _next_allowed(at: datetime, zone: ZoneInfo, timings: Sequence[_Timing]) -> datetime | None:
     """The first minute at or after ``at`` that no quiet hours or day list forbids."""
     if not timings:
         return at
@@ -1101,9 +1100,6 @@ class ContactPolicyService:
         engagement_weights: Mapping[str, float] | None = None,
         min_engagement_samples: int = MIN_ENGAGEMENT_SAMPLES,
     ) -> None:
-        # Lazy: the send activity's module imports this one, and owns these defaults.
-        from activities.journey_activities import ADDRESS_TRAITS, CONSENT_DEFAULTS
-
         self.store = store
         self.consent_defaults: dict[str, bool] = dict(CONSENT_DEFAULTS)
         self.address_traits: dict[str, str] = dict(ADDRESS_TRAITS)
@@ -1123,10 +1119,6 @@ class ContactPolicyService:
             raise ValueError(f"the contact policy supports SQLite and PostgreSQL, not {dialect}")
         self._policy: tuple[int, ContactPolicy] = (0, ContactPolicy())
         self._plans: dict[tuple[int, str, str, str], _Plan] = {}
-        # Threads of this process queue here first: waking from a lock is immediate, where a
-        # database waiter polls (SQLite's busy handler sleeps) and holds a pooled connection.
-        # SQLite has one writer whatever the customer; PostgreSQL locks per customer, striped.
-        self._gates = [threading.Lock() for _ in range(1 if dialect == "sqlite" else 64)]
 
     def close(self) -> None:
         """Give back the connections of the decision path (PostgreSQL keeps its own pool)."""
@@ -1232,8 +1224,7 @@ class ContactPolicyService:
         address = _normalise_address(intent.channel, intent.address)
         cached_version, cached_policy = self._policy
         since = self._plan(cached_version, cached_policy, intent).since(now)
-        gate = self._gates[_lock_key(intent.customer_id) % len(self._gates)]
-        with gate, backend.transaction(intent.customer_id, commit=persist) as tx:
+        with backend.transaction(intent.customer_id, commit=persist) as tx:
             cursor = tx.cursor
             row = backend.snapshot(
                 tx,
@@ -1442,7 +1433,7 @@ class ContactPolicyService:
         timings = plan.timings
         blocking = [timing for timing in timings if timing.blocks(at, zone)]
         if blocking:
-            opening = next_allowed(at, zone, timings)
+            opening = _next_allowed(at, zone, timings)
             if opening is None:
                 return _Verdict(
                     "skip",

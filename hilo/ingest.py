@@ -205,7 +205,7 @@ class Ingestor:
                     routable.append(row)
             if routable:
                 session.execute(
-                    insert(OutboxEntry),
+                    insert(OutboxEntry.__table__),  # type: ignore[attr-defined]  # Core: no ORM bulk path
                     [
                         {
                             "kind": "event",

@@ -20,6 +20,7 @@ LOAD_PROFILE = "load_profile"
 SEND_MESSAGE = "send_message"
 UPDATE_PROFILE = "update_profile"
 NEXT_WINDOW_OPENING = "next_window_opening"
+BEST_SEND_TIME = "best_send_time"
 
 SIGNAL_EVENT = "event"
 SIGNAL_STOP = "stop"
@@ -132,14 +133,19 @@ class SendRequest(BaseModel):
     # send's history; ``trigger`` is for callers that have no stored event.
     trigger_message_id: str | None = None
     trigger: dict[str, Any] | None = None
+    ignore_policy: bool = False
+    # Workflow time of this attempt: the contact policy decides as of then.
     scheduled_at: datetime
 
 
 class SendResult(BaseModel):
     message_id: str
-    status: Literal["sent", "skipped", "failed"]
+    # deferred: the contact policy said not yet; ask again at defer_until.
+    status: Literal["sent", "skipped", "failed", "deferred"]
     reason: str | None = None
     provider_message_id: str | None = None
+    defer_until: datetime | None = None
+    rule: str | None = Field(None, description="The contact-policy rule that decided.")
 
 
 class UpdateProfileRequest(BaseModel):
@@ -152,6 +158,20 @@ class WindowRequest(BaseModel):
     customer_id: str
     window: TimeWindow
     now: datetime
+
+
+class BestTimeRequest(BaseModel):
+    customer_id: str
+    key: str  # records the choice under this id
+    now: datetime
+    fallback_hour: int
+    max_delay_seconds: float
+
+
+class BestTimeAnswer(BaseModel):
+    at: datetime
+    reason: str
+    timezone: str
 
 
 class WindowOpening(BaseModel):

@@ -151,6 +151,16 @@ class SendStep(StepBase):
     audience: str | None = Field(None, description="Ad audience name (channel audience).")
     url: str | None = Field(None, description="Webhook URL (channel webhook).")
     on_failure: Literal["continue", "exit"] = "continue"
+    on_skip: Literal["continue", "exit"] = Field(
+        "continue",
+        description="When the contact policy skips this send (no consent, cap reached, "
+        "lower priority): go on to the next step, or end the journey.",
+    )
+    ignore_policy: bool = Field(
+        False,
+        description="Send outside caps, gaps, quiet hours and priority (never outside "
+        "consent or suppressions); the send still counts towards caps.",
+    )
 
     @model_validator(mode="after")
     def _channel_fields(self) -> SendStep:
@@ -208,19 +218,38 @@ class TimeWindow(_Strict):
         return self
 
 
+class BestTime(_Strict):
+    """Envío Inteligente: wait for the hour this customer tends to engage."""
+
+    fallback_hour: int = Field(
+        10, ge=0, le=23, description="Local hour to use when there is too little engagement."
+    )
+    max_delay: Duration = Field(
+        default_factory=lambda: timedelta(hours=24),
+        description="Never wait longer than this for the best hour.",
+    )
+
+
 class WaitStep(StepBase):
     type: Literal["wait"]
     duration: Duration | None = None
     until: TimeWindow | None = Field(
         None, description="Wait until the customer's local time is inside this window."
     )
+    best_time: BestTime | None = Field(
+        None,
+        description="Wait until the customer's best hour, learned from their opens, clicks "
+        "and visits.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> WaitStep:
-        if (self.duration is None) == (self.until is None):
+        kinds = [self.duration, self.until, self.best_time]
+        if sum(kind is not None for kind in kinds) != 1:
             raise ValueError(
-                "a wait needs exactly one of 'duration' (e.g. 4h) or 'until' "
-                "(a time window such as {start: '09:00', end: '21:00'})"
+                "a wait needs exactly one of 'duration' (e.g. 4h), 'until' "
+                "(a time window such as {start: '09:00', end: '21:00'}) or 'best_time' "
+                "(e.g. {fallback_hour: 10, max_delay: 24h})"
             )
         return self
 

@@ -1,17 +1,43 @@
-"""Liquid templates: rendered for a customer at send time, checked at publish."""
+"""Liquid templates: rendered for a customer at send time, checked at publish.
+
+Every template is rendered at publish with the journey's sample (strictly: an unknown
+variable is an error) in the context a send has: ``profile``, ``customer`` (the traits),
+``trigger``, ``journey``, ``message``, ``unsubscribe_url`` and ``promotions``. The rendered
+sample must then fit its channel: an SMS in :data:`SMS_MAX_SEGMENTS` segments, a push title
+and body in what a lock screen shows, a WhatsApp template's parameters in its placeholders.
+
+WhatsApp. A step whose ``body`` is a mapping with ``language``, ``text`` and ``params`` is an
+approved template message (WhatsApp only delivers those outside the 24-hour window after the
+customer wrote): ``template`` is its name in WhatsApp Manager, ``text`` its approved text with
+numbered placeholders, and each of ``params`` the Liquid that fills one placeholder::
+
+    channel: whatsapp
+    template: cart_reminder
+    body: |
+      language: es_AR
+      text: "Hola {{1}}, tu {{2}} te espera."
+      params: ["{{ profile.traits.first_name }}", "{{ trigger.properties.product_name }}"]
+
+Any other body is a text message, for replies inside the window.
+"""
 
 from __future__ import annotations
 
 import functools
 import html
+import json
 import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from liquid import BoundTemplate, Environment, StrictUndefined
 from liquid.exceptions import LiquidError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
-    from hilo.journeys import JourneyDefinition, JourneyProblem
+    from hilo.journeys import JourneyDefinition, JourneyProblem, SendStep
 
 _lenient = Environment()
 _strict = Environment(undefined=StrictUndefined)
@@ -21,42 +47,205 @@ _GSM7 = set(
     "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     "ÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà^{}\\[~]|€"
 )
+_GSM7_EXTENSION = set("^{}\\[~]|€")
 SMS_MAX_SEGMENTS = 4
 PUSH_TITLE_MAX = 65
 PUSH_BODY_MAX = 240
+# What ``{{ unsubscribe_url }}`` renders to at publish; a send gets the customer's own link.
+SAMPLE_UNSUBSCRIBE_URL = "https://example.com/l/u/sample-unsubscribe-token"
 
 
 @functools.lru_cache(maxsize=2048)
-def _parsed(source: str) -> BoundTemplate:
+def parsed(source: str) -> BoundTemplate:
     # A journey's few templates are rendered for every customer: parse each once.
     return _lenient.from_string(source)
 
 
 def render(source: str, context: dict[str, Any]) -> str:
-    return _parsed(source).render(**context)
+    return parsed(source).render(**context)
 
 
 def sms_segments(text: str) -> int:
     if all(char in _GSM7 for char in text):
+        # An extension character (€, [, ~ ...) is sent as an escape and a character.
+        units = len(text) + sum(char in _GSM7_EXTENSION for char in text)
         single, multi = 160, 153
     else:
+        # UCS-2 counts UTF-16 code units: an emoji takes two.
+        units = len(text.encode("utf-16-le")) // 2
         single, multi = 70, 67
-    if len(text) <= single:
+    if units <= single:
         return 1
-    return -(-len(text) // multi)
+    return -(-units // multi)
+
+
+# ---------------------------------------------------------------- WhatsApp templates
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+_TEMPLATE_FIELDS = frozenset({"language", "text", "params"})
+
+
+class WhatsAppTemplate(BaseModel):
+    """An approved WhatsApp template message, as a step's ``body`` writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    language: str = Field(
+        pattern=r"^[a-z]{2,3}(_[A-Z]{2})?$",
+        description="The language the template was approved in, e.g. es_AR or en_US.",
+    )
+    text: str = Field(min_length=1, description="The approved text, with {{1}}, {{2}} ...")
+    params: list[str] = Field(
+        default_factory=list, description="Liquid for each placeholder, in order."
+    )
+
+    def placeholders(self) -> list[str]:
+        return [match.group(1) for match in _PLACEHOLDER.finditer(self.text)]
+
+    def preview(self, params: list[str]) -> str:
+        """The text the customer reads, with ``params`` in the placeholders."""
+
+        def fill(match: re.Match[str]) -> str:
+            number = match.group(1)
+            if number.isdigit() and 1 <= int(number) <= len(params):
+                return params[int(number) - 1]
+            return match.group(0)
+
+        return _PLACEHOLDER.sub(fill, self.text)
+
+
+@functools.lru_cache(maxsize=512)
+def whatsapp_template(body: str) -> WhatsAppTemplate | None:
+    """The template a WhatsApp ``body`` describes, or None when it is a text message.
+
+    Raises pydantic's ValidationError when the body is meant as a template (it names
+    ``language``, ``text`` or ``params``) but is not a valid one.
+    """
+    try:
+        raw = yaml.safe_load(body)
+    except yaml.YAMLError:
+        return None  # Liquid such as "{{ name }}, hola" is not YAML: a text message
+    if not isinstance(raw, dict) or not _TEMPLATE_FIELDS & {str(key) for key in raw}:
+        return None
+    return WhatsAppTemplate.model_validate(raw)
+
+
+def render_content(
+    channel: str, template: str, content: Mapping[str, str], context: dict[str, Any]
+) -> dict[str, str]:
+    """A step's Liquid ``content`` rendered for one customer, in the shape providers read.
+
+    A WhatsApp template becomes ``template_name``, ``language``, ``params`` (a JSON list)
+    and ``body`` (the text as the customer reads it, for the ledger); any other content is
+    rendered field by field.
+    """
+    if channel == "whatsapp" and "body" in content:
+        approved = whatsapp_template(content["body"])
+        if approved is not None:
+            params = [render(param, context) for param in approved.params]
+            return {
+                "template_name": template,
+                "language": approved.language,
+                "params": json.dumps(params, ensure_ascii=False),
+                "body": approved.preview(params),
+            }
+    return {field: render(source, context) for field, source in content.items()}
+
+
+# ---------------------------------------------------------------- the sample
+
+
+class _SamplePromotions(dict[str, dict[str, Any]]):
+    """Any promotion a template names, so templates render before promotions are checked
+    against the store (at publish, by the catalog)."""
+
+    def __missing__(self, key: str) -> dict[str, Any]:
+        return {
+            "key": key,
+            "code": key.upper(),
+            "description": f"{key} offer",
+            "discount": "10%",
+            "valid_from": "2026-01-01T00:00:00+00:00",
+            "valid_until": "2026-12-31T23:59:00+00:00",
+            "active": True,
+        }
+
+
+def sample_context(definition: JourneyDefinition) -> dict[str, Any]:
+    """The context a send has, filled from the journey's sample."""
+    sample = definition.sample
+    profile = (sample.profile if sample else {}) or {"traits": {}}
+    return {
+        "profile": profile,
+        "customer": profile.get("traits", {}),
+        "trigger": (sample.trigger if sample else {}) or {"properties": {}},
+        "journey": {"key": definition.key, "name": definition.name, "version": 1},
+        "message": {"id": "sample-message"},
+        "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL,
+        "promotions": _SamplePromotions(),
+    }
+
+
+@dataclass
+class SampleMessage:
+    """A send step rendered with the sample: what its customer would read."""
+
+    step: SendStep
+    label: str  # steps[2] (push_reminder)
+    sources: dict[str, str]
+    rendered: dict[str, str]  # a field that does not render keeps its source
+
+
+def sample_messages(definition: JourneyDefinition) -> Iterator[SampleMessage]:
+    """Every send step with readable content, rendered leniently with the sample."""
+    from hilo.journeys import SendStep, walk_steps
+
+    context = sample_context(definition)
+    for step, path in walk_steps(definition.steps):
+        if not isinstance(step, SendStep) or step.channel in ("webhook", "audience"):
+            continue
+        sources = step.content()
+        rendered: dict[str, str] = {}
+        for field, source in sources.items():
+            try:
+                if step.channel == "whatsapp" and field == "body":
+                    rendered[field] = render_content(
+                        "whatsapp", step.template, {"body": source}, context
+                    )["body"]
+                else:
+                    rendered[field] = render(source, context)
+            except (LiquidError, ValidationError):
+                rendered[field] = source
+        yield SampleMessage(step, f"{path} ({step.id})", sources, rendered)
+
+
+# ---------------------------------------------------------------- publish checks
 
 
 def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
     from hilo.journeys import HandoffStep, JourneyProblem, SendStep, walk_steps
 
     problems: list[JourneyProblem] = []
-    sample = definition.sample
-    context = {
-        "profile": (sample.profile if sample else {}) or {"traits": {}},
-        "trigger": (sample.trigger if sample else {}) or {"properties": {}},
-        "journey": {"key": definition.key, "name": definition.name},
-    }
-    environment = _strict if sample else _lenient
+    context = sample_context(definition)
+    environment = _strict if definition.sample else _lenient
+
+    def rendered_or_problem(source: str, where: str) -> str | None:
+        try:
+            return environment.from_string(source).render(**context)
+        except LiquidError as error:
+            hint = (
+                "; add it to the journey's sample or fix the variable name"
+                if "undefined" in str(error).lower()
+                else ""
+            )
+            problems.append(
+                JourneyProblem(
+                    path=where,
+                    message=f"template does not render: {str(error).splitlines()[0]}{hint}",
+                )
+            )
+            return None
+
     for step, path in walk_steps(definition.steps):
         label = f"{path} ({step.id})"
         if isinstance(step, SendStep):
@@ -67,20 +256,12 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
             continue
         rendered: dict[str, str] = {}
         for field, source in sources.items():
-            try:
-                rendered[field] = environment.from_string(source).render(**context)
-            except LiquidError as error:
-                hint = (
-                    "; add it to the journey's sample or fix the variable name"
-                    if "undefined" in str(error).lower()
-                    else ""
-                )
-                problems.append(
-                    JourneyProblem(
-                        path=f"{label}.{field}",
-                        message=f"template does not render: {str(error).splitlines()[0]}{hint}",
-                    )
-                )
+            if isinstance(step, SendStep) and step.channel == "whatsapp" and field == "body":
+                text = _check_whatsapp(step, f"{label}.body", rendered_or_problem, problems)
+            else:
+                text = rendered_or_problem(source, f"{label}.{field}")
+            if text is not None:
+                rendered[field] = text
         if isinstance(step, SendStep) and step.channel == "sms" and "body" in rendered:
             segments = sms_segments(rendered["body"])
             if segments > SMS_MAX_SEGMENTS:
@@ -104,6 +285,130 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
                         )
                     )
     return problems
+
+
+def _check_whatsapp(
+    step: SendStep,
+    where: str,
+    rendered_or_problem: Callable[[str, str], str | None],
+    problems: list[JourneyProblem],
+) -> str | None:
+    """A WhatsApp body: a text message renders as any template; an approved template has
+    numbered placeholders 1..n, one param each, each param rendering to one line."""
+    from hilo.journeys import JourneyProblem
+
+    body = step.body or ""
+    try:
+        approved = whatsapp_template(body)
+    except ValidationError as error:
+        for item in error.errors():
+            field = ".".join(str(part) for part in item["loc"])
+            if item["type"] == "extra_forbidden":
+                message = "unknown field; a WhatsApp template has language, text and params"
+            elif item["type"] == "missing":
+                message = {
+                    "language": "'language' is required: the language the template was "
+                    "approved in, e.g. es_AR",
+                    "text": "'text' is required: the approved text, with {{1}}, {{2}} ...",
+                }.get(field, f"'{field}' is required")
+            elif item["type"] == "string_pattern_mismatch":
+                message = f"{item['input']!r} is not a WhatsApp language code; write e.g. "
+                message += "es, es_AR or en_US"
+            else:
+                message = item["msg"]
+            problems.append(JourneyProblem(path=f"{where}.{field}", message=message))
+        return None
+    if approved is None:
+        return rendered_or_problem(body, where)
+    if not re.fullmatch(r"[a-z0-9_]{1,512}", step.template):
+        problems.append(
+            JourneyProblem(
+                path=where.removesuffix(".body") + ".template",
+                message=f"'{step.template}' cannot be a WhatsApp template name: it is the name "
+                "approved in WhatsApp Manager, lowercase letters, digits and underscores",
+            )
+        )
+    placeholders = approved.placeholders()
+    named = sorted({name for name in placeholders if not name.isdigit()})
+    numbers = sorted({int(name) for name in placeholders if name.isdigit()})
+    if named:
+        problems.append(
+            JourneyProblem(
+                path=f"{where}.text",
+                message="placeholders must be numbered {{1}}, {{2}} ...; got "
+                + ", ".join(f"{{{{{name}}}}}" for name in named),
+            )
+        )
+        return None
+    if numbers != list(range(1, len(numbers) + 1)):
+        problems.append(
+            JourneyProblem(
+                path=f"{where}.text",
+                message="placeholders must be numbered from {{1}} without gaps; got "
+                + ", ".join(f"{{{{{number}}}}}" for number in numbers),
+            )
+        )
+        return None
+    if len(approved.params) != len(numbers):
+        problems.append(
+            JourneyProblem(
+                path=f"{where}.params",
+                message=f"the template text has {len(numbers)} placeholder"
+                f"{'' if len(numbers) == 1 else 's'} but params has {len(approved.params)}; "
+                "give one param per placeholder, in order",
+            )
+        )
+        return None
+    params: list[str] = []
+    for index, source in enumerate(approved.params):
+        value = rendered_or_problem(source, f"{where}.params[{index}]")
+        if value is None:
+            continue
+        # WhatsApp refuses empty params and params with new lines, tabs or 5+ spaces.
+        if not value.strip() or re.search(r"[\n\t]| {5}", value):
+            problems.append(
+                JourneyProblem(
+                    path=f"{where}.params[{index}]",
+                    message=f"renders as {value!r} with the sample; WhatsApp needs a "
+                    "non-empty param without new lines, tabs or more than 4 spaces in a row",
+                )
+            )
+        params.append(value)
+    if len(params) != len(approved.params):
+        return None
+    return approved.preview(params)
+
+
+def check_unsubscribe_links(definition: JourneyDefinition) -> list[JourneyProblem]:
+    """Every marketing email must show the customer's unsubscribe link in its body."""
+    from hilo.journeys import JourneyProblem
+
+    problems: list[JourneyProblem] = []
+    for message in sample_messages(definition):
+        step = message.step
+        if step.channel != "email" or step.category != "marketing":
+            continue
+        body = message.rendered.get("body", "")
+        if SAMPLE_UNSUBSCRIBE_URL in body:
+            continue
+        if body == message.sources.get("body") and _names_unsubscribe_url(body):
+            continue  # does not render with the sample: check_templates says why
+        problems.append(
+            JourneyProblem(
+                path=f"{message.label}.body",
+                message="a marketing email must link to the customer's unsubscribe page: "
+                'add {{ unsubscribe_url }} to the body, e.g. <a href="{{ unsubscribe_url }}">'
+                "Unsubscribe</a> (or set category: transactional if it is one)",
+            )
+        )
+    return problems
+
+
+def _names_unsubscribe_url(source: str) -> bool:
+    try:
+        return "unsubscribe_url" in parsed(source).analyze().globals
+    except LiquidError:
+        return "unsubscribe_url" in source
 
 
 _TAG = re.compile(r"<[a-zA-Z!/][^>]*>")

@@ -70,7 +70,8 @@ def pg_store(postgres: PostgresServer | str) -> Iterator[Store]:
 def any_store(request: pytest.FixtureRequest) -> Store:
     """The same test on SQLite and on PostgreSQL."""
     fixture = "store" if request.param == "sqlite" else "pg_store"
-    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+    store: Store = request.getfixturevalue(fixture)
+    return store
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from api.policy_routes import router as policy_router
+from api.routes.policy import router as policy_router
 from hilo.contact_policy import (
     ContactPolicyService,
     ContactReservation,

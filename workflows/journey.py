@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from hilo.events import CustomerEvent
     from hilo.ids import message_id, stable_fraction
     from hilo.journey_runs import (
+        BEST_SEND_TIME,
         FINISH,
         LOAD_PROFILE,
         NEXT_WINDOW_OPENING,
@@ -35,6 +36,8 @@ with workflow.unsafe.imports_passed_through():
         SIGNAL_IDENTIFIED,
         SIGNAL_STOP,
         UPDATE_PROFILE,
+        BestTimeAnswer,
+        BestTimeRequest,
         FinishRequest,
         IdentifiedSignal,
         InstanceStatus,
@@ -67,7 +70,7 @@ with workflow.unsafe.imports_passed_through():
 QUICK = timedelta(seconds=30)
 # Search attributes are written where a status lasts (waits) and at the end: each upsert is a
 # history event and a visibility write, and a send or a branch is over in milliseconds.
-LASTING_STATUSES = frozenset({"waiting", "waiting_for"})
+LASTING_STATUSES = frozenset({"waiting", "waiting_for", "deferred"})
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=2),
     backoff_coefficient=2.0,
@@ -239,10 +242,19 @@ class JourneyWorkflow:
     async def _send(self, step: SendStep, following: str | None) -> str | None:
         self._show(step, "sending", f"sending {step.channel} `{step.template}`")
         result = await self._deliver(
-            step.id, step.channel, step.template, step.category, step.content()
+            step.id,
+            step.channel,
+            step.template,
+            step.category,
+            step.content(),
+            ignore_policy=step.ignore_policy,
+            step=step,
         )
         if result.status == "failed" and step.on_failure == "exit":
             self.state.exit_reason = f"{step.id} failed: {result.reason}"
+            return None
+        if result.status == "skipped" and step.on_skip == "exit":
+            self.state.exit_reason = f"{step.id} skipped: {result.reason}"
             return None
         return following
 
@@ -258,7 +270,48 @@ class JourneyWorkflow:
         return following
 
     async def _deliver(
-        self, step_id: str, channel: str, template: str, category: str, content: dict[str, str]
+        self,
+        step_id: str,
+        channel: str,
+        template: str,
+        category: str,
+        content: dict[str, str],
+        ignore_policy: bool = False,
+        step: AnyStep | None = None,
+    ) -> SendResult:
+        """Send, asking again after each deferral of the contact policy (quiet hours,
+        allowed days, minimum gap): the deferral is a durable timer an exit rule can cut."""
+        while True:
+            result = await self._send_once(
+                step_id, channel, template, category, content, ignore_policy
+            )
+            if result.status != "deferred" or result.defer_until is None:
+                return result
+            delay = max(result.defer_until - workflow.now(), timedelta(0))
+            label = f"contact policy: {result.reason}"
+            if step is not None:
+                self._show(step, "deferred", f"{label} — sending in {format_duration(delay)}")
+            with contextlib.suppress(TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self.state.exit_reason is not None,
+                    timeout=delay,
+                    timeout_summary=f"{step_id}: {label}"[:200],
+                )
+            if self.state.exit_reason is not None:
+                return SendResult(
+                    message_id=result.message_id,
+                    status="skipped",
+                    reason=f"journey ended while deferred: {self.state.exit_reason}",
+                )
+
+    async def _send_once(
+        self,
+        step_id: str,
+        channel: str,
+        template: str,
+        category: str,
+        content: dict[str, str],
+        ignore_policy: bool,
     ) -> SendResult:
         info = workflow.info()
         iteration = self.state.step_counts.get(step_id, 1)
@@ -276,6 +329,7 @@ class JourneyWorkflow:
             category="transactional" if category == "transactional" else "marketing",
             content=content,
             trigger_message_id=self.input.trigger.message_id,
+            ignore_policy=ignore_policy,
             scheduled_at=workflow.now(),
         )
         try:
@@ -302,6 +356,23 @@ class JourneyWorkflow:
         if step.duration is not None:
             delay = step.duration
             label = format_duration(delay)
+        elif step.best_time is not None:
+            info = workflow.info()
+            iteration = self.state.step_counts.get(step.id, 1)
+            best = await self._activity(
+                BEST_SEND_TIME,
+                BestTimeRequest(
+                    customer_id=self.customer_id,
+                    key=message_id(info.workflow_id, self.run_id, step.id, iteration),
+                    now=workflow.now(),
+                    fallback_hour=step.best_time.fallback_hour,
+                    max_delay_seconds=step.best_time.max_delay.total_seconds(),
+                ),
+                summary=f"{step.id}: best time to reach this customer",
+                result_type=BestTimeAnswer,
+            )
+            delay = max(best.at - workflow.now(), timedelta(0))
+            label = f"{format_duration(delay)} for the best time: {best.reason}"
         else:
             assert step.until is not None
             opening = await self._activity(

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from api.routes import events, feedback, health, journeys, profiles, segment
+from api.routes import events, feedback, health, journeys, policy, profiles, segment
 
 api_router = APIRouter()
 api_router.include_router(health.router)
@@ -10,5 +10,6 @@ api_router.include_router(journeys.public_router)
 api_router.include_router(journeys.router)
 api_router.include_router(events.router)
 api_router.include_router(profiles.router)
+api_router.include_router(policy.router)
 api_router.include_router(segment.router)
 api_router.include_router(feedback.feedback_router)

@@ -1,0 +1,15 @@
+"""Consent defaults and where each channel's address lives on a profile."""
+
+from __future__ import annotations
+
+# Where no consent was recorded: email is opt-out (soft opt-in), the rest need an opt-in.
+CONSENT_DEFAULTS = {
+    "email": True,
+    "sms": False,
+    "whatsapp": False,
+    "push": False,
+    "webpush": False,
+}
+# The trait that holds a channel's address; push and web push reach devices instead.
+ADDRESS_TRAITS = {"email": "email", "sms": "phone", "whatsapp": "phone"}
+DEVICE_CHANNELS = frozenset({"push", "webpush"})
