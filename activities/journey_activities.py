@@ -16,7 +16,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.providers import CaptureProvider
-from hilo import templates
+from hilo import promotions, templates
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
 from hilo.channels.config import DEV_LINK_SECRET
 from hilo.channels.links import LinkSigner, rewrite_links
@@ -141,6 +141,11 @@ class JourneyActivities:
         provider = self._provider(request.channel)
         recipient = _recipient(request.channel, profile, devices)
         skip = self._skip_reason(request, profile, recipient)
+        if skip is None and stored is None and _mentions_promotions(request.content):
+            # An offer that expired since publish is not sent, whatever the policy says.
+            skip = promotions.send_blockers(
+                self.store, request.content, request.scheduled_at, request.channel
+            )
         if skip is None and stored is None and request.channel in POLICY_CHANNELS:
             # First attempt: the contact policy decides (a retry of an allowed send finds
             # its queued row above and goes straight to the provider).
@@ -254,11 +259,16 @@ class JourneyActivities:
             "journey": {"key": request.journey_key, "version": request.journey_version},
             "message": {"id": request.message_id},
         }
+        if _mentions_promotions(request.content):
+            context.update(
+                promotions.template_context_extras(
+                    self.store, request.scheduled_at, request.channel
+                )
+            )
         try:
-            return {
-                field: templates.render(source, context)
-                for field, source in request.content.items()
-            }
+            return templates.render_content(
+                request.channel, request.template, request.content, context
+            )
         except Exception as error:  # a template that rendered at publish but not now
             raise ApplicationError(
                 f"{request.step_id}: template did not render: {error}",
@@ -346,6 +356,11 @@ def _snapshot(profile: Profile | None, customer_id: str) -> ProfileSnapshot:
         timezone=profile.timezone,
         locale=profile.locale,
     )
+
+
+def _mentions_promotions(content: dict[str, str]) -> bool:
+    # Most messages name no promotion: skip the promotions table for them.
+    return any("promotions" in source for source in content.values())
 
 
 def _trigger_context(request: SendRequest, event: StoredEvent | None) -> dict[str, Any]:

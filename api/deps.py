@@ -10,6 +10,7 @@ from temporalio.client import Client
 from hilo.catalog import JourneyCatalog
 from hilo.dispatcher import Dispatcher
 from hilo.ingest import Ingestor
+from hilo.playbook import load_playbook
 from hilo.routing import EventRouter
 from hilo.settings import Settings
 from hilo.storage import Store
@@ -71,8 +72,11 @@ ClientDep = Annotated[Client, Depends(get_client)]
 RouterDep = Annotated[EventRouter, Depends(get_router)]
 
 
-def get_catalog(store: StoreDep) -> JourneyCatalog:
-    return JourneyCatalog(store)
+def get_catalog(request: Request, store: StoreDep, settings: SettingsDep) -> JourneyCatalog:
+    # The playbook file is read once per app.
+    if not hasattr(request.app.state, "playbook"):
+        request.app.state.playbook = load_playbook(settings.playbook_file)
+    return JourneyCatalog(store, request.app.state.playbook)
 
 
 CatalogDep = Annotated[JourneyCatalog, Depends(get_catalog)]

@@ -333,6 +333,7 @@ class Paced:
     rate: float
     seconds: float
     latencies: list[float]
+    server_cpu: float  # seconds, the dispatcher's work included
 
 
 @dataclass
@@ -486,14 +487,18 @@ class Bench:
         count = max(1, round(rate * args.paced_seconds))
         bodies = self.traffic.bodies("batch", count, args.gzip)
         latencies: list[float] = []
-        async with api_client(self.children[side].url, 64) as client:
+        child = self.children[side]
+        await self.drained()
+        async with api_client(child.url, 64) as client:
 
             async def one(index: int) -> None:
                 latencies.append(await post(client, "/v1/batch", bodies[index], args.gzip))
 
+            cpu = child.cpu()
             seconds = await paced(count, rate, one)
-        await self.drained()
-        return Paced(side, count * BATCH_SIZE / seconds, seconds, latencies)
+            await self.drained()
+            server_cpu = child.cpu() - cpu
+        return Paced(side, count * BATCH_SIZE / seconds, seconds, latencies, server_cpu)
 
     # ------------------------------------------------------------ 3. accepted -> signalled
 
@@ -651,10 +656,17 @@ def report_paced(args: argparse.Namespace, paced_runs: list[Paced]) -> list[Chec
         f"paced /v1/batch: {args.rate:,.0f} events/s ({args.rate / BATCH_SIZE:g} batches/s) "
         f"for {args.paced_seconds:g}s"
     )
-    print(f"  {'side':<10} {'seconds':>8} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    print(
+        f"  {'side':<10} {'seconds':>8} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8}"
+        f" {'server cpu ms/req':>18}"
+    )
     for p in paced_runs:
         p50, p99 = percentile(p.latencies, 0.5), percentile(p.latencies, 0.99)
-        print(f"  {p.side:<10} {p.seconds:>8.1f} {p.rate:>10,.0f} {ms(p50):>8} {ms(p99):>8}")
+        cpu = 1000 * p.server_cpu / len(p.latencies)
+        print(
+            f"  {p.side:<10} {p.seconds:>8.1f} {p.rate:>10,.0f} {ms(p50):>8} {ms(p99):>8}"
+            f" {cpu:>18.2f}"
+        )
     hilo = next(p for p in paced_runs if p.side == "hilo")
     p99 = percentile(hilo.latencies, 0.99)
     return [

@@ -16,10 +16,11 @@ from ``--concurrency`` threads (a worker runs sync activities in a thread pool t
   the provider and completed after. Half the sends are marketing, half transactional.
 
 Each round sends ``--messages`` messages, each a new message id, back to back. Rounds alternate
-(plain, provider, activity, plain ...) after a warm-up of each side, so that machine noise hits
-every side; the table gives messages/s, p50/p99 latency of one message, CPU milliseconds per
-message of this process (the load) and of the receiver, the median and best round of each
-side, and the ratios to plain. Compare figures only within one run: the machine may be shared.
+(plain, provider, activity, then provider, activity, plain ...) after a warm-up of each side, so
+that machine noise hits every side. The table gives messages/s, the p50/p99 latency of one
+message, CPU milliseconds per message of this process (the load) and of the receiver, the median
+and best round of each side, and the ratios to plain. Compare figures only within one run: the
+machine may be shared.
 
     .venv/bin/python bench/send_throughput.py                   # 2,000 messages x 3 rounds
     .venv/bin/python bench/send_throughput.py --concurrency 4 --rounds 5
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import json
 import os
@@ -444,6 +446,7 @@ class Bench:
         self.round_no += 1
         one = self.job(side, count)
         before = self.receiver.counts()
+        gc.collect()  # the garbage of the last round is not this round's cost
         cpu, receiver_cpu = cpu_seconds(), self.receiver.cpu()
         started = time.perf_counter()
         latencies = closed_loop(self.args.concurrency, count, one)
@@ -544,7 +547,9 @@ def measure(bench: Bench, args: argparse.Namespace) -> list[Round]:
         bench.round(side, warmup)
     rounds: list[Round] = []
     for number in range(1, args.rounds + 1):
-        for side in sides:
+        # Each round starts with the next side, so that no side always follows the same one.
+        shift = (number - 1) % len(sides)
+        for side in sides[shift:] + sides[:shift]:
             result = bench.round(side, args.messages)
             rounds.append(result)
             print(
@@ -563,7 +568,8 @@ def main(args: argparse.Namespace) -> int:
         try:
             with contextlib.ExitStack() as stack:
                 print(
-                    f"starting the receiver; {args.customers} customers in a SQLite store ...",
+                    f"starting the receiver; {args.customers} customers in a SQLite store; "
+                    f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} ...",
                     flush=True,
                 )
                 bench.setup(stack)

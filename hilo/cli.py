@@ -97,16 +97,20 @@ def journeys_validate(files: list[Path]) -> None:
 def journeys_publish(files: list[Path]) -> None:
     """Publish each definition as a new immutable version."""
     from hilo.catalog import JourneyCatalog
+    from hilo.playbook import load_playbook
 
     definitions = [_load(path) for path in files]  # all valid, or none published
-    catalog = JourneyCatalog(_store(_settings()))
+    settings = _settings()
+    catalog = JourneyCatalog(_store(settings), load_playbook(settings.playbook_file))
     for definition in definitions:
         try:
             version = catalog.publish(definition)
-        except ValueError as error:
+        except ValueError as error:  # JourneyInvalid included: it names each step
             typer.secho(str(error), fg="red", err=True)
             raise typer.Exit(1) from None
         typer.echo(f"published {definition.key} v{version}")
+        for warning in version.warnings:
+            typer.secho(f"  warning: {warning}", fg="yellow")
 
 
 @journeys_app.command("list")

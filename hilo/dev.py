@@ -17,6 +17,7 @@ import uvicorn
 
 from hilo.catalog import JourneyCatalog
 from hilo.devserver import DevServer
+from hilo.playbook import load_playbook
 from hilo.settings import Settings
 from hilo.storage import Store
 
@@ -51,9 +52,12 @@ async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
         store = Store(settings.resolved_database_url)
         store.migrate()
         if publish_examples and settings.examples_dir.is_dir():
-            for published in JourneyCatalog(store).publish_folder(settings.examples_dir):
+            catalog = JourneyCatalog(store, load_playbook(settings.playbook_file))
+            for published in catalog.publish_folder(settings.examples_dir):
                 note = "published" if published.created else "unchanged"
                 print(f"  journey {published.key} v{published.version} ({note})")
+                for warning in published.warnings:
+                    print(f"    warning: {warning}")
         worker = build_worker(
             client,
             store,

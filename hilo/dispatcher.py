@@ -20,18 +20,21 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from temporalio.service import RPCError, RPCStatusCode
 
 from hilo.events import CustomerEvent
+from hilo.ingest import writer_lock
 from hilo.journey_runs import SIGNAL_IDENTIFIED, IdentifiedSignal
 from hilo.routing import EventRouter, RouteResult
 from hilo.storage import OutboxEntry, Store, StoredEvent, utcnow
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 LEASE = "dispatcher"
 LEASE_RENEWAL = 1.0  # seconds; far inside the lease's time to live
 
@@ -56,6 +59,7 @@ class Dispatcher:
         self.lease_ttl = lease_ttl
         self.max_backoff = max_backoff
         self._renewal = min(LEASE_RENEWAL, lease_ttl.total_seconds() / 3)
+        self._writer = writer_lock(store)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running = False
         self._wake = asyncio.Event()
@@ -92,7 +96,7 @@ class Dispatcher:
                 # Renewed every LEASE_RENEWAL seconds, not on every pass: under load that is a
                 # pass per request, each paying a write transaction for the lease alone.
                 if time.monotonic() - renewed >= self._renewal:
-                    held = await asyncio.to_thread(
+                    held = await self._write(
                         self.store.hold_lease, LEASE, self.owner, self.lease_ttl
                     )
                     if not held:
@@ -114,13 +118,22 @@ class Dispatcher:
             await asyncio.wait_for(self._wake.wait(), timeout=max(seconds, 0.01))
         self._wake.clear()
 
+    async def _write(self, write: Callable[..., T], *args: Any) -> T:
+        """A write, in a thread, in turn with ingestion's (see :func:`writer_lock`)."""
+
+        def locked() -> T:
+            with self._writer:
+                return write(*args)
+
+        return await asyncio.to_thread(locked)
+
     # ------------------------------------------------------------ delivery
 
     async def dispatch_once(self) -> tuple[int, float]:
         """Deliver what is ready; (entries delivered, seconds until the next is due)."""
         async with self._pass:
             # Database work in a thread: the event loop (the API's, in production) goes on
-            # serving requests meanwhile, and a write waiting for SQLite's lock holds nothing.
+            # serving requests meanwhile.
             rows = await asyncio.to_thread(self.store.outbox_batch, self.batch_size)
             if not rows:
                 return 0, 0.0
@@ -151,7 +164,7 @@ class Dispatcher:
                         self._resolve(entry.message_id, result)
 
             await asyncio.gather(*(customer(queue) for queue in ready))
-            await asyncio.to_thread(self.store.outbox_done, done)
+            await self._write(self.store.outbox_done, done)
             return len(done), next_due or 0.0
 
     async def _deliver(self, entry: OutboxEntry, event: StoredEvent | None) -> RouteResult:
@@ -198,7 +211,7 @@ class Dispatcher:
             error,
         )
         due = utcnow() + timedelta(seconds=backoff)
-        await asyncio.to_thread(self.store.outbox_retry, entry, repr(error), due)
+        await self._write(self.store.outbox_retry, entry, repr(error), due)
 
     # ------------------------------------------------------------ waiting for a delivery
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -141,18 +142,27 @@ class _Batch:
     devices: dict[tuple[str, str], Device] = field(default_factory=dict)
 
 
+_writers: weakref.WeakKeyDictionary[Store, threading.Lock] = weakref.WeakKeyDictionary()
+_writers_guard = threading.Lock()
+
+
+def writer_lock(store: Store) -> contextlib.AbstractContextManager[Any]:
+    """This process's turn to write to ``store``, for its busy writers (ingestion, the
+    dispatcher). SQLite has one writer at a time anyway; waiting here, the next one goes as
+    soon as the lock is free, where SQLite's busy handler sleeps in steps of up to 100 ms and
+    lets a steady stream of requests starve the dispatcher. No lock on PostgreSQL."""
+    if store.engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    with _writers_guard:
+        return _writers.setdefault(store, threading.Lock())
+
+
 class Ingestor:
     def __init__(self, store: Store) -> None:
         self.store = store
         dialect = store.engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self._sqlite = dialect == "sqlite"
-        # SQLite has one writer at a time. This process's requests queue here, where the next
-        # goes as soon as the lock is free, rather than in SQLite's busy handler, which sleeps
-        # in steps of up to 100 ms.
-        self._writer: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if self._sqlite else contextlib.nullcontext()
-        )
+        self._writer = writer_lock(store)
 
     def accept_events(self, events: Sequence[CustomerEvent], source: str = "api") -> Accepted:
         return self.accept([OwnEvent.of(event) for event in events], source)
@@ -164,8 +174,8 @@ class Ingestor:
                 with self._writer:
                     return self._accept_once(calls, source)
             except IntegrityError:
-                # A concurrent request created the same profile first (PostgreSQL): read it and
-                # go again.
+                # A concurrent request (another process, or any on PostgreSQL) created the
+                # same profile first: read it and go again.
                 if attempt == CONFLICT_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")
@@ -181,10 +191,6 @@ class Ingestor:
         if not unique:
             return result
         with self.store.session() as session:
-            if self._sqlite:
-                # SQLite has one writer at a time anyway: taking the lock before reading means
-                # no concurrent request can create a profile this one is about to create.
-                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
             batch = _Batch(session=session, source=source)
             self._load(batch, unique.values())
             rows: list[dict[str, Any]] = []

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     dispatcher: bool = Field(
         True, description="Run the outbox dispatcher in the API process (one holds the lease)."
     )
+    playbook_file: Path | None = Field(
+        None,
+        description="Brand playbook (YAML) every journey must keep at publish; none by default.",
+    )
     event_wait_seconds: float = Field(
         5.0, description="How long POST /events waits for its routing before answering 202."
     )

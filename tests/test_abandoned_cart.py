@@ -149,7 +149,7 @@ def _tiny(reentry: dict[str, object]) -> JourneyDefinition:
                     "channel": "email",
                     "template": "hello",
                     "subject": "Hi",
-                    "body": "Welcome",
+                    "body": "Welcome. Unsubscribe: {{ unsubscribe_url }}",
                 },
                 {"id": "pause", "type": "wait", "duration": "1h"},
             ],

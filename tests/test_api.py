@@ -148,7 +148,7 @@ async def test_publish_versions_list_and_get(api: httpx.AsyncClient) -> None:
     first = await api.post("/journeys", **yaml_body(CART_YAML))
     assert (first.status_code, first.json()) == (
         201,
-        {"key": "abandoned_cart", "version": 1, "created": True},
+        {"key": "abandoned_cart", "version": 1, "created": True, "warnings": []},
     )
     same = await api.post("/journeys", **yaml_body(CART_YAML))
     assert (same.status_code, same.json()["version"], same.json()["created"]) == (200, 1, False)

@@ -102,7 +102,8 @@ def probe_journey(hook_url: str) -> Any:
              "url": hook_url},
             {"id": f"pause_{n}", "type": "wait", "duration": "1s"},
             {"id": f"mail_{n}", "type": "send", "channel": "email", "template": f"mail_{n}",
-             "subject": "Step {{ journey.key }} " + str(n), "body": "Hello {{ customer.name }}"},
+             "subject": "Step {{ journey.key }} " + str(n),
+             "body": "Hello {{ customer.name }}. Unsubscribe: {{ unsubscribe_url }}"},
         ]  # fmt: skip
     return parse_journey(
         {

@@ -210,7 +210,7 @@ CASES = [
     pytest.param(
         _step(0, until={"start": "09:00", "end": "21:00"}),
         "steps[0] (first_delay)",
-        "a wait needs exactly one of 'duration' (e.g. 4h) or 'until'",
+        "a wait needs exactly one of 'duration' (e.g. 4h), 'until'",
         id="wait-duration-and-until",
     ),
     pytest.param(

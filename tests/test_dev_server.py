@@ -39,7 +39,7 @@ PROBE = JourneyDefinition.model_validate(
                 "channel": "email",
                 "template": "hello",
                 "subject": "Hi {{ profile.traits.first_name }}",
-                "body": "Welcome",
+                "body": "Welcome. Unsubscribe: {{ unsubscribe_url }}",
             },
             {"id": "pause", "type": "wait", "duration": "6s"},
             {
@@ -48,7 +48,7 @@ PROBE = JourneyDefinition.model_validate(
                 "channel": "email",
                 "template": "follow_up",
                 "subject": "Still there?",
-                "body": "Tips",
+                "body": "Tips. Unsubscribe: {{ unsubscribe_url }}",
             },
         ],
     }

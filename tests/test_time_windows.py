@@ -73,7 +73,7 @@ QUIET_NIGHTS = JourneyDefinition.model_validate(
                 "channel": "email",
                 "template": "hello",
                 "subject": "Good morning",
-                "body": "Hi",
+                "body": "Hi. Unsubscribe: {{ unsubscribe_url }}",
             },
         ],
     }

@@ -65,6 +65,9 @@ class PublishedVersion(BaseModel):
     key: str
     version: int
     created: bool = Field(description="False when the definition equals the latest version.")
+    warnings: list[str] = Field(
+        default_factory=list, description="Published anyway, e.g. a promotion that expired."
+    )
 
 
 class JourneySummary(BaseModel):
@@ -182,11 +185,18 @@ def publish(definition: DefinitionDep, catalog: CatalogDep, response: Response) 
         )
     try:
         published = catalog.publish_if_changed(definition)
+    except JourneyInvalid as error:  # the playbook, promotions or the unsubscribe link
+        raise _invalid(error.problems) from None
     except ValueError as error:  # archived between the check and the write
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     if not published.created:
         response.status_code = status.HTTP_200_OK
-    return PublishedVersion(key=published.key, version=published.version, created=published.created)
+    return PublishedVersion(
+        key=published.key,
+        version=published.version,
+        created=published.created,
+        warnings=published.warnings,
+    )
 
 
 @router.get("")
