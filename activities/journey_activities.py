@@ -230,10 +230,15 @@ class JourneyActivities:
                 ),
             ) from failure
         self.store.message_outcome(
-            request.message_id, "sent", provider_message_id=provider_message_id
+            request.message_id,
+            "sent",
+            provider_message_id=provider_message_id,
+            also=(
+                [self.policy.used_statement(request.message_id)]
+                if request.channel in POLICY_CHANNELS
+                else []
+            ),
         )
-        if request.channel in POLICY_CHANNELS:
-            self.policy.mark_used(request.message_id)
         return SendResult(
             message_id=request.message_id, status="sent", provider_message_id=provider_message_id
         )

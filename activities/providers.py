@@ -21,7 +21,7 @@ class CaptureProvider:
         self.store = store
 
     def deliver(self, delivery: Delivery) -> str:
-        captured = self.store.capture(
+        row_id = self.store.capture(
             CapturedMessage(
                 message_id=delivery.message_id,
                 channel=delivery.channel,
@@ -33,4 +33,4 @@ class CaptureProvider:
                 content=delivery.content,
             )
         )
-        return f"capture-{captured.id}"
+        return f"capture-{row_id}"

@@ -4,28 +4,34 @@ accepted event reaches its journey.
 Every side is its own process, as in production, so the load generator here does not share a
 GIL with the servers:
 
-* **hilo**: ``api.app.create_app`` under uvicorn with a SQLite file store and the dispatcher,
-  connected to a Temporal dev server, with a worker process (``hilo worker``) beside it.
+* **hilo**: ``api.app.app_from_env`` under uvicorn with a SQLite file store and the dispatcher,
+  connected to a Temporal dev server (in memory), with a worker process (``hilo worker``).
 * **bare**: a FastAPI app with the same two paths, each reading the body, un-gzipping it if asked
   and parsing the JSON, and nothing else.
 
 Both servers run under the same uvicorn settings (one process, no access log). The load is
-realistic Segment traffic: track calls of about 450 bytes (properties, context, a stable
-anonymousId per customer) for a pool of customers, 100 calls a batch, keep-alive connections.
+Segment traffic as a shop's server sends it: track calls of about 450 bytes (properties,
+context, a stable anonymousId per customer) for a pool of customers who all have a profile
+before anything is measured, 100 calls a batch, keep-alive connections. Bodies are built before
+the clock starts.
 
-1. **Throughput**: rounds of a fixed number of requests, ``--concurrency`` in flight, back to
-   back, alternating bare and hilo: events/s, request p50/p99, CPU ms of the server per request,
-   and hilo/bare.
-2. **Paced batches**: /v1/batch at ``--rate`` events/s (2,000: 20 batches/s) on a schedule, so
-   latency is read at that load rather than at saturation.
-3. **Accepted -> signalled**: a journey whose running instances listen to ``Feature Used``, one
-   per customer; single track calls at 50 events/s, each to one customer's instance. From the
-   moment the 200 came back to the ``WorkflowExecutionSignaled`` event in that workflow's
-   history (the server's clock; same machine).
+1. **throughput**: rounds of a fixed number of requests, ``--concurrency`` in flight, back to
+   back, alternating bare and hilo: events/s, request p50/p99, CPU ms per request of each server
+   (the dispatcher's work included) and of the load generator, and hilo/bare. For hilo also
+   "routed/s": until the dispatcher had taken every accepted event through the router.
+2. **paced**: /v1/batch at ``--rate`` events/s (2,000: 20 batches/s) on a schedule (an open
+   loop), so latency is read at that load rather than at saturation.
+3. **signals**: a journey whose running instances listen to ``Feature Used``, one per customer;
+   single track calls at 50 events/s, each to one customer's instance. From the moment the 200
+   came back to the ``WorkflowExecutionSignaled`` event in that workflow's history (the
+   server's clock; same machine).
 
-    .venv/bin/python bench/ingest.py             # about 2 minutes
-    .venv/bin/python bench/ingest.py --quick     # smoke test: small rounds, short runs
-    .venv/bin/python bench/ingest.py --gzip      # bodies sent gzip-compressed
+Every figure depends on the CPU the machine has left: the load average is printed with them.
+
+    .venv/bin/python bench/ingest.py                   # about 3 minutes
+    .venv/bin/python bench/ingest.py --quick           # smoke test: small rounds, short runs
+    .venv/bin/python bench/ingest.py --gzip            # bodies sent gzip-compressed
+    .venv/bin/python bench/ingest.py --parts paced     # one part, e.g. to profile it
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,9 +137,10 @@ class Child:
 
     @classmethod
     def start(cls, name: str, args: list[str], env: dict[str, str], log: Path) -> Child:
-        process = subprocess.Popen(
-            args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with log.open("ab") as output:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(
+                args, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return cls(name, process, log)
 
     async def ready(self, timeout: float = 60.0) -> None:
@@ -151,7 +158,7 @@ class Child:
     def cpu(self) -> float:
         return cpu_seconds(self.process.pid)
 
-    def tail(self, lines: int = 80) -> str:
+    def tail(self, lines: int = 30) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
@@ -301,7 +308,7 @@ async def closed_loop(
     return time.perf_counter() - started, latencies
 
 
-async def paced(count: int, rate: float, job: Callable[[int], Awaitable[None]]) -> float:
+async def paced(count: int, rate: float, job: Callable[[int], Coroutine[Any, Any, None]]) -> float:
     """``job(i)`` for i in range(count), the i-th started at ``i / rate`` s whatever the
     earlier ones are doing (an open loop: a slow answer does not slow the arrivals)."""
     tasks: list[asyncio.Task[None]] = []
@@ -456,7 +463,7 @@ class Bench:
         args = self.args
         rounds: list[Round] = []
         sizes = {"batch": args.batches, "track": args.tracks}
-        print("warm-up ...", flush=True)
+        print(f"throughput: warm-up ({machine()}) ...", flush=True)
         for side in ("bare", "hilo"):
             for kind in ("batch", "track"):
                 await self.round(side, kind, max(5, sizes[kind] // 10))
@@ -525,17 +532,16 @@ class Bench:
                 self.traffic.call(LISTENED, customers[index % len(customers)])
                 for index in range(count)
             ]
+            bodies = [self.traffic.body(call, args.gzip) for call in events]
             sent_at: dict[str, float] = {}
             accepted_at: dict[str, float] = {}
             request: list[float] = []
 
             async def one(index: int) -> None:
-                call = events[index]
-                sent_at[call["messageId"]] = time.time()
-                request.append(
-                    await post(client, "/v1/track", self.traffic.body(call, False), False)
-                )
-                accepted_at[call["messageId"]] = time.time()
+                message_id = events[index]["messageId"]
+                sent_at[message_id] = time.time()
+                request.append(await post(client, "/v1/track", bodies[index], args.gzip))
+                accepted_at[message_id] = time.time()
 
             seconds = await paced(count, args.signal_rate, one)
             await self.drained()
@@ -602,6 +608,12 @@ def median_round(rounds: list[Round], side: str, kind: str) -> Round:
 
 def best_round(rounds: list[Round], side: str, kind: str) -> Round:
     return max((r for r in rounds if (r.side, r.kind) == (side, kind)), key=lambda r: r.rate)
+
+
+def machine() -> str:
+    """What else the machine is doing: the figures only mean something beside it."""
+    one, five, _fifteen = os.getloadavg()
+    return f"load average {one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} CPUs"
 
 
 def ms(seconds: float) -> str:
@@ -710,7 +722,7 @@ def report_signals(args: argparse.Namespace, run: SignalRun) -> list[Check]:
 
 def report_targets(args: argparse.Namespace, checks: list[Check]) -> None:
     print()
-    print("targets")
+    print(f"targets ({machine()} at the end)")
     for check in checks:
         verdict = "met" if check.met else "MISSED"
         print(f"  {check.target:<60} {check.measured:>16}  {verdict}")
@@ -726,19 +738,26 @@ async def main(args: argparse.Namespace) -> int:
         bench = Bench(args, Path(folder))
         try:
             async with contextlib.AsyncExitStack() as stack:
-                print("starting the Temporal dev server, the worker and both APIs ...", flush=True)
+                print(
+                    f"starting the Temporal dev server, the worker and both APIs ({machine()}) ...",
+                    flush=True,
+                )
                 await bench.setup(stack)
                 checks: list[Check] = []
                 if "throughput" in args.parts:
                     checks += report_throughput(args, await bench.throughput())
                 if "paced" in args.parts:
-                    print(f"paced /v1/batch at {args.rate:,.0f} events/s ...", flush=True)
+                    print(
+                        f"paced /v1/batch at {args.rate:,.0f} events/s ({machine()}) ...",
+                        flush=True,
+                    )
                     paced_runs = [await bench.paced_batches(side) for side in ("bare", "hilo")]
                     checks += report_paced(args, paced_runs)
                 if "signals" in args.parts:
                     print(
                         f"accepted -> signalled: {args.instances} journeys, "
-                        f"{args.signal_rate:g} events/s for {args.signal_seconds:g}s ...",
+                        f"{args.signal_rate:g} events/s for {args.signal_seconds:g}s "
+                        f"({machine()}) ...",
                         flush=True,
                     )
                     checks += report_signals(args, await bench.signal_latency())

@@ -1548,6 +1548,16 @@ class ContactPolicyService:
 
     # ------------------------------------------------------------ reservations
 
+    def used_statement(self, message_id: str) -> Any:
+        """:meth:`mark_used` as a statement, for the caller's own transaction (the send runs
+        it with the ledger update, saving a commit per message)."""
+        table = ContactReservation.__table__  # type: ignore[attr-defined]
+        return (
+            update(table)
+            .where(table.c.message_id == message_id, table.c.status.in_(("reserved", "used")))
+            .values(status="used", updated_at=utcnow())
+        )
+
     def mark_used(self, message_id: str) -> bool:
         """The provider took the message: its slot stays counted. False if not reserved."""
         return self._set_status(message_id, ("reserved", "used"), status="used")

@@ -6,15 +6,17 @@ from the Alembic migrations in ``hilo/migrations``; :meth:`Store.migrate` applie
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Column, UniqueConstraint, and_, case, delete, event, func, or_
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.expression import Executable
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -292,7 +294,14 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        # A pool as large as the worker's activity threads: SQLAlchemy's default (5, plus
+        # overflow connections closed on return) would open and set up connections all day.
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 10},
+            pool_size=32,
+            max_overflow=96,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -304,6 +313,9 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        self._insert = (
+            postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        )
         # Bumped by every catalog change made through this store, so that in-process caches
         # of the published journeys (the router's) know to read them again.
         self.catalog_generation = 0
@@ -727,21 +739,27 @@ class Store:
 
     def queue_message(self, message: Message) -> Message:
         """The ledger row before the provider is called, or the row an earlier attempt left;
-        counts the attempt."""
-        with self.session() as session:
-            session.add(message)
-            try:
-                session.commit()
+        counts the attempt. Plain statements: this is on every send's path."""
+        table = Message.__table__  # type: ignore[attr-defined]
+        row = message.model_dump()
+        with self.engine.begin() as connection:
+            inserted = connection.execute(
+                self._insert(table)
+                .values(row)
+                .on_conflict_do_nothing(index_elements=["message_id"])
+                .returning(table.c.message_id)
+            ).first()
+            if inserted is not None:
                 return message
-            except IntegrityError:
-                session.rollback()
-            stored = session.get(Message, message.message_id)
-            assert stored is not None
-            stored.attempts += 1
-            stored.updated_at = utcnow()
-            session.add(stored)
-            session.commit()
-            return stored
+            connection.execute(
+                update(table)
+                .where(table.c.message_id == message.message_id)
+                .values(attempts=table.c.attempts + 1, updated_at=utcnow())
+            )
+            stored = connection.execute(
+                select(table).where(table.c.message_id == message.message_id)
+            ).one()
+        return Message.model_validate(dict(stored._mapping))
 
     def message_outcome(
         self,
@@ -749,8 +767,10 @@ class Store:
         status: str,
         reason: str | None = None,
         provider_message_id: str | None = None,
+        also: Sequence[Executable] = (),
     ) -> None:
-        """What the provider answered: sent (with its id) or failed (with the reason).
+        """What the provider answered: sent (with its id) or failed (with the reason); ``also``
+        runs in the same transaction.
 
         One UPDATE; feedback that already moved the row on (delivered, opened ...) keeps
         its status.
@@ -761,16 +781,18 @@ class Store:
             values["provider_message_id"] = provider_message_id
         if status == "sent":
             values["sent_at"] = now
-        with self.session() as session:
-            session.exec(
-                update(Message)
-                .where(col(Message.message_id) == message_id)
+        table = Message.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(table)
+                .where(table.c.message_id == message_id)
                 .values(
-                    status=case((col(Message.status) == "queued", status), else_=Message.status),
+                    status=case((table.c.status == "queued", status), else_=table.c.status),
                     **values,
                 )
             )
-            session.commit()
+            for statement in also:
+                connection.execute(statement)
 
     def register_device(
         self, customer_id: str, kind: str, address: str, data: dict[str, Any] | None = None
@@ -834,19 +856,24 @@ class Store:
                 query = query.where(CapturedMessage.customer_id == customer_id)
             return list(session.exec(query.order_by(CapturedMessage.id)))  # type: ignore[arg-type]
 
-    def capture(self, message: CapturedMessage) -> CapturedMessage:
-        """Store what the capture provider received, once per message id."""
-        with self.session() as session:
-            session.add(message)
-            try:
-                session.commit()
-                return message
-            except IntegrityError:
-                session.rollback()
-                stored = session.exec(
-                    select(CapturedMessage).where(CapturedMessage.message_id == message.message_id)
-                ).one()
-                return stored
+    def capture(self, message: CapturedMessage) -> int:
+        """Store what the capture provider received, once per message id; its row id."""
+        table = CapturedMessage.__table__  # type: ignore[attr-defined]
+        row = message.model_dump(exclude={"id"})
+        with self.engine.begin() as connection:
+            inserted = connection.execute(
+                self._insert(table)
+                .values(row)
+                .on_conflict_do_nothing(index_elements=["message_id"])
+                .returning(table.c.id)
+            ).scalar()
+            if inserted is not None:
+                return int(inserted)
+            return int(
+                connection.execute(
+                    select(table.c.id).where(table.c.message_id == message.message_id)
+                ).scalar_one()
+            )
 
     def instances_of_customer(self, customer_id: str) -> list[JourneyInstance]:
         with self.session() as session:

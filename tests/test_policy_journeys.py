@@ -137,7 +137,15 @@ async def test_cap_and_quiet_hours_decide_between_welcome_and_abandoned_cart(
     }
     assert "cap" in (rows["welcome_2"][2] or "")
 
-    decisions = ContactPolicyService(lab.store).decisions(customer_id="ana", limit=50)
+    policy = ContactPolicyService(lab.store)
+    for row in lab.store.messages(customer_id="ana"):
+        reservation = policy.reservation(row.message_id)
+        if row.status == "sent":  # the slot is held for good once the provider took it
+            assert reservation is not None and reservation.status == "used", row.template
+        else:
+            assert reservation is None, row.template
+
+    decisions = policy.decisions(customer_id="ana", limit=50)
     deferred = [d for d in decisions if d.decision == "defer"]
     assert len(deferred) == 1 and deferred[0].message_id == next(
         row.message_id for row in lab.store.messages(customer_id="ana") if row.template == "cart_2"
