@@ -156,3 +156,33 @@ async def test_cap_and_quiet_hours_decide_between_welcome_and_abandoned_cart(
 
 def _minute(moment: datetime) -> datetime:
     return moment.replace(second=0, microsecond=0)
+
+
+BEST_TIME = journey(
+    "morning_digest",
+    "Digest Ready",
+    [
+        {"id": "best_hour", "type": "wait",
+         "best_time": {"fallback_hour": 10, "max_delay": "24h"}},
+        email("digest"),
+    ],
+)  # fmt: skip
+
+
+async def test_best_time_waits_for_the_hour_the_customer_engages(lab: JourneyLab) -> None:
+    lab.store.upsert_profile(
+        "leo",
+        traits={"email": "leo@example.com", "first_name": "Leo"},
+        timezone="America/New_York",
+    )
+    start = await advance_to_local(lab, 9)
+    # Leo opens email around 19:00 his time, day after day.
+    for days_ago in range(1, 8):
+        opened = start - timedelta(days=days_ago) + timedelta(hours=10, minutes=12)
+        lab.store.record_event(f"open-{days_ago}", "leo", "Email Opened", {}, opened, "tracking")
+    lab.publish(BEST_TIME)
+    route = await lab.send("Digest Ready", "leo")
+    assert (await lab.result(route.started[0])).status == "completed"
+    sent = lab.store.messages(customer_id="leo")[0]
+    assert sent.status == "sent"
+    assert _minute(sent.scheduled_at.astimezone(NEW_YORK)).hour == 19
