@@ -55,7 +55,7 @@ ADDRESS_IDENTITIES = {"email": "email", "phone": "phone"}
 # and a longer token no device, rather than a failed request.
 MAX_ADDRESS_CHARS = 320
 MAX_DEVICE_TOKEN_CHARS = 2000
-CONFLICT_ATTEMPTS = 5
+CONFLICT_ATTEMPTS = 5  # each lost race means another request stored what it raced for
 
 
 class IncomingCall(Protocol):
@@ -210,8 +210,9 @@ class Ingestor:
                 if row["type"] in ROUTED_TYPES:
                     routable.append(row)
             if routable:
+                # The table, not the model: a plain executemany, without the ORM's bulk path.
                 session.execute(
-                    insert(OutboxEntry.__table__),  # type: ignore[attr-defined]  # Core: no ORM bulk path
+                    insert(OutboxEntry.__table__),  # type: ignore[attr-defined]
                     [
                         {
                             "kind": "event",

@@ -7,7 +7,6 @@ case nothing of the request is stored.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -67,17 +66,8 @@ def _refused(rejected: SegmentRejected) -> JSONResponse:
 
 
 async def receive(kind: str, request: Request, settings: SettingsDep) -> Any:
-    body_ = await _read_body(request)
-    turn = getattr(request.app.state, "segment_turn", None)
-    if turn is None:
-        turn = request.app.state.segment_turn = asyncio.Lock()
-    async with turn:
-        return await _receive(kind, body_, request, settings)
-
-
-async def _receive(kind: str, body_: bytes, request: Request, settings: SettingsDep) -> Any:
     try:
-        body = body_
+        body = await _read_body(request)
         parsed = parse_request(kind, body, request.headers, received_at=utcnow())
         source = settings.sources.get(parsed.write_key)
         if source is None:
