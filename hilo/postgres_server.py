@@ -98,19 +98,7 @@ class PostgresServer:
             preexec_fn=_demote(run_as),
         )
         self._wait_ready(bin_dir)
-        self._run(
-            [
-                str(bin_dir / "createdb"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-U",
-                self.user,
-                self.database,
-            ],
-            run_as,
-        )
+        self.create_database(self.database)
         return self
 
     def create_database(self, name: str) -> str:
