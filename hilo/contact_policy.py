@@ -70,7 +70,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from functools import cached_property, lru_cache
@@ -83,6 +83,7 @@ from sqlalchemy import (
     Column,
     Index,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -91,6 +92,7 @@ from sqlmodel import SQLModel, col, create_engine, select, update
 
 from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS
 from hilo.durations import Duration, format_duration, parse_duration
+from hilo.ingest import writer_lock
 from hilo.journeys import CHANNELS, JOURNEY_KEY, WEEKDAYS
 from hilo.storage import Store, utcnow
 
@@ -790,18 +792,24 @@ def _normalise_address(channel: str, address: str | None) -> str | None:
     return cleaned.lower() if channel == "email" else cleaned
 
 
+_PARAMETER = re.compile(r"(?<![:\w]):([a-z_]+)")
+
 _HISTORY_SQL = """
     SELECT reserved_at, channel, category, journey_key FROM contact_reservations
     WHERE customer_id = :customer AND counted AND status IN ('reserved', 'used')
       AND reserved_at > :since
 """
+# The address a send's suppression is looked up by: the one it names, else the profile's
+# trait, cleaned as _normalise_address does (the decision checks that they agree).
+_LOOKUP = """coalesce(:address, CASE WHEN :channel = 'email' THEN lower(trim({trait}))
+                                         ELSE trim({trait}) END)"""
 # Everything a decision needs to know first, in one round trip; the history is read for the
 # cached policy's horizons (read again on its own when the policy changed meanwhile).
 _SNAPSHOT_SQL = """
     SELECT v.policy_version, p.consent, p.timezone, p.traits,
            d.decision, d.reason, d.rule, d.reservation_id, d.decided_at,
            d.policy_version, d.timezone,
-           r.id, r.status, s.reason,
+           r.id, r.status, {lookup}, s.reason,
            (SELECT {aggregate} FROM contact_reservations AS h
             WHERE h.customer_id = :customer AND h.counted AND h.status IN ('reserved', 'used')
               AND h.reserved_at > :since),
@@ -812,7 +820,7 @@ _SNAPSHOT_SQL = """
     LEFT JOIN policy_decisions AS d
            ON d.id = (SELECT max(id) FROM policy_decisions WHERE message_id = :message)
     LEFT JOIN contact_reservations AS r ON r.message_id = :message
-    LEFT JOIN suppressions AS s ON s.channel = :channel AND s.address = :address
+    LEFT JOIN suppressions AS s ON s.channel = :channel AND s.address = {lookup}
 """
 _SUPPRESSED_SQL = "SELECT reason FROM suppressions WHERE channel = :channel AND address = :address"
 _POLICY_SQL = "SELECT document FROM contact_policy_versions WHERE version = :version"
@@ -850,7 +858,7 @@ _DECISION_INSERT = f"""
         :decision, :reason, :rule, :defer_until, :reservation_id, :policy_version, :timezone,
         :decided_at)
 """
-# PostgreSQL: the reservation and its decision in one statement, one round trip.
+# PostgreSQL: the reservation and its decision in one statement.
 _ALLOW_WITH = f"""
     WITH r AS ({{reservation}})
     INSERT INTO policy_decisions ({_DECISION_COLUMNS})
@@ -859,6 +867,30 @@ _ALLOW_WITH = f"""
         :decided_at)
     RETURNING reservation_id
 """
+# The PostgreSQL type of every parameter of the statements prepared on the server.
+_PARAMETER_TYPES = {
+    "customer": "text",
+    "message": "text",
+    "channel": "text",
+    "address": "text",
+    "trait": "text",
+    "since": "timestamptz",
+    "waiting_since": "timestamptz",
+    "message_id": "text",
+    "customer_id": "text",
+    "journey_key": "text",
+    "category": "text",
+    "priority": "integer",
+    "counted": "boolean",
+    "decision": "text",
+    "reason": "text",
+    "rule": "text",
+    "defer_until": "timestamptz",
+    "reservation_id": "integer",
+    "policy_version": "integer",
+    "timezone": "text",
+    "decided_at": "timestamptz",
+}
 
 
 @dataclass
@@ -876,6 +908,8 @@ class _Snapshot:
     decided_timezone: str | None
     reservation_row: int | None
     reservation_status: str | None
+    # The address the suppression below was looked up by, and what it found.
+    suppression_address: str | None
     suppressed_because: str | None
     history: list[_Sent]
     # The highest priority among this customer's recent DEFERs (some maybe decided since).
@@ -883,28 +917,29 @@ class _Snapshot:
 
 
 class _Transaction:
-    """A decision's transaction: the cursor, and whether the final write also committed it."""
+    """A decision's transaction: its cursor, and the snapshot read under the lock."""
 
-    def __init__(self, cursor: Any) -> None:
+    def __init__(self, cursor: Any, snapshot: Sequence[Any]) -> None:
         self.cursor = cursor
-        self.finished = False
+        self.snapshot = snapshot
+        self.committed = False  # the write committed it
 
 
 class _Backend:
-    """The decision path's SQL on one database: driver-level, a few round trips a decision."""
+    """The decision path's SQL on one database: driver-level, few round trips a decision."""
 
     engine: Engine
     aggregate: str
+    trait: str  # the profile trait :trait, as JSON text
 
     def __init__(self) -> None:
-        self.snapshot_sql = self.prepare(_SNAPSHOT_SQL.format(aggregate=self.aggregate))
+        lookup = _LOOKUP.format(trait=self.trait)
+        self.snapshot_source = _SNAPSHOT_SQL.format(aggregate=self.aggregate, lookup=lookup)
+        self.snapshot_sql = self.prepare(self.snapshot_source)
         self.history_sql = self.prepare(_HISTORY_SQL)
         self.suppressed_sql = self.prepare(_SUPPRESSED_SQL)
         self.policy_sql = self.prepare(_POLICY_SQL)
         self.waiting_sql = self.prepare(_WAITING_SQL)
-        self.reservation_insert = self.prepare(_RESERVATION_INSERT)
-        self.reservation_renew = self.prepare(_RESERVATION_RENEW)
-        self.decision_insert = self.prepare(_DECISION_INSERT)
 
     def prepare(self, sql: str) -> str:
         return sql
@@ -922,24 +957,16 @@ class _Backend:
     def json(self, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str | bytes) else value
 
-    def transaction(self, customer_id: str, commit: bool) -> AbstractContextManager[_Transaction]:
+    def transaction(
+        self, lock_key: int, params: Mapping[str, Any], commit: bool
+    ) -> AbstractContextManager[_Transaction]:
+        """The customer's transaction, holding their lock, with the snapshot read in it."""
         raise NotImplementedError
 
-    def snapshot(self, tx: _Transaction, params: dict[str, Any]) -> Sequence[Any]:
-        tx.cursor.execute(self.snapshot_sql, params)
-        row: Sequence[Any] = tx.cursor.fetchone()
-        return row
-
-    def write(
-        self, tx: _Transaction, reserve: bool, renew: bool, values: dict[str, Any]
-    ) -> int | None:
-        """Store the decision (and its reservation when ``reserve``); the reservation id."""
-        reservation_id = None
-        if reserve:
-            tx.cursor.execute(self.reservation_renew if renew else self.reservation_insert, values)
-            reservation_id = int(tx.cursor.fetchone()[0])
-        tx.cursor.execute(self.decision_insert, {**values, "reservation_id": reservation_id})
-        return reservation_id
+    def write(self, tx: _Transaction, reserve: bool, renew: bool, values: dict[str, Any]) -> Any:
+        """Store the decision (and its reservation when ``reserve``); the reservation id.
+        The transaction commits with it or when it ends."""
+        raise NotImplementedError
 
     def close(self) -> None:
         pass
@@ -947,10 +974,17 @@ class _Backend:
 
 class _SQLiteBackend(_Backend):
     aggregate = "json_group_array(json_array(h.reserved_at, h.channel, h.category, h.journey_key))"
+    trait = "json_extract(p.traits, '$.' || :trait)"
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, store: Store) -> None:
+        self.engine = store.engine
+        # In turn with this process's other writers: a thread waiting on SQLite's busy
+        # handler sleeps in steps, and the tail latency of decisions under load with it.
+        self.writer = writer_lock(store)
         super().__init__()
+        self.reservation_insert = _RESERVATION_INSERT
+        self.reservation_renew = _RESERVATION_RENEW
+        self.decision_insert = _DECISION_INSERT
 
     def when(self, moment: datetime | None) -> Any:
         # The text SQLAlchemy stores for DateTime on SQLite, so both read each other's rows.
@@ -959,38 +993,59 @@ class _SQLiteBackend(_Backend):
         return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
     @contextmanager
-    def transaction(self, customer_id: str, commit: bool) -> Iterator[_Transaction]:
-        proxied = self.engine.raw_connection()
-        connection: Any = proxied.driver_connection
-        previous = connection.isolation_level
-        # The driver must not open its own deferred transaction: BEGIN IMMEDIATE is ours.
-        connection.isolation_level = None
-        cursor = connection.cursor()
-        try:
-            cursor.execute("BEGIN IMMEDIATE")
+    def transaction(
+        self, lock_key: int, params: Mapping[str, Any], commit: bool
+    ) -> Iterator[_Transaction]:
+        # A preview only reads: a deferred transaction, out of the writers' way.
+        with self.writer if commit else nullcontext():
+            proxied = self.engine.raw_connection()
+            connection: Any = proxied.driver_connection
+            previous = connection.isolation_level
+            # The driver must not open its own deferred transaction: BEGIN IMMEDIATE is ours.
+            connection.isolation_level = None
+            cursor = connection.cursor()
             try:
-                yield _Transaction(cursor)
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
-            cursor.execute("COMMIT" if commit else "ROLLBACK")
-        finally:
-            cursor.close()
-            connection.isolation_level = previous
-            proxied.close()
+                cursor.execute("BEGIN IMMEDIATE" if commit else "BEGIN")
+                try:
+                    cursor.execute(self.snapshot_sql, params)
+                    yield _Transaction(cursor, cursor.fetchone())
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
+                cursor.execute("COMMIT" if commit else "ROLLBACK")
+            finally:
+                cursor.close()
+                connection.isolation_level = previous
+                proxied.close()
+
+    def write(self, tx: _Transaction, reserve: bool, renew: bool, values: dict[str, Any]) -> Any:
+        reservation_id = None
+        if reserve:
+            tx.cursor.execute(self.reservation_renew if renew else self.reservation_insert, values)
+            reservation_id = int(tx.cursor.fetchone()[0])
+        tx.cursor.execute(self.decision_insert, {**values, "reservation_id": reservation_id})
+        return reservation_id
 
 
 class _PostgresBackend(_Backend):
-    """Three round trips a decision: BEGIN and the lock; the snapshot; the write and COMMIT."""
+    """Two round trips a decision: BEGIN, the lock and the snapshot; the writes and COMMIT.
+
+    The snapshot and the writes are prepared on the server once per connection (``PREPARE``)
+    and run as ``EXECUTE`` with their values bound on the client, so that each round trip is
+    one simple query of several statements: no planning, no pipeline to drive.
+    """
 
     aggregate = "json_agg(json_build_array(h.reserved_at, h.channel, h.category, h.journey_key))"
+    trait = "(p.traits ->> :trait)"
 
     def __init__(self, url: str) -> None:
         import psycopg
 
-        self._client_cursor = psycopg.ClientCursor
-        # A pool of its own: in autocommit, so BEGIN travels with the lock and COMMIT with the
-        # write; without pre-ping, one round trip less (a dead connection is retried instead).
+        self._client_cursor: Any = psycopg.ClientCursor
+        self._disconnected = psycopg.OperationalError
+        # A pool of its own: in autocommit, so BEGIN travels with the snapshot and COMMIT
+        # with the write; without pre-ping, one round trip less (a dead connection is retried
+        # instead).
         self.engine = create_engine(
             url,
             pool_size=5,
@@ -999,63 +1054,92 @@ class _PostgresBackend(_Backend):
             isolation_level="AUTOCOMMIT",
         )
         super().__init__()
-        self.allow_insert = self.prepare(_ALLOW_WITH.format(reservation=_RESERVATION_INSERT))
-        self.allow_renew = self.prepare(_ALLOW_WITH.format(reservation=_RESERVATION_RENEW))
+        self._prepares: list[str] = []
+        self.snapshot_sql = self._server_prepared("hilo_policy_snapshot", self.snapshot_source)
+        self.decision_insert = self._server_prepared("hilo_policy_decision", _DECISION_INSERT)
+        self.allow_insert = self._server_prepared(
+            "hilo_policy_allow", _ALLOW_WITH.format(reservation=_RESERVATION_INSERT)
+        )
+        self.allow_renew = self._server_prepared(
+            "hilo_policy_allow_again", _ALLOW_WITH.format(reservation=_RESERVATION_RENEW)
+        )
+        event.listen(self.engine, "connect", self._prepare_connection)
 
     def prepare(self, sql: str) -> str:
-        return re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", sql)
+        return _PARAMETER.sub(r"%(\1)s", sql)
+
+    def _server_prepared(self, name: str, sql: str) -> str:
+        """Record ``PREPARE name`` for ``sql``; the ``EXECUTE`` that runs it, with psycopg's
+        placeholders for its values."""
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match.group(1) not in names:
+                names.append(match.group(1))
+            return f"${names.index(match.group(1)) + 1}"
+
+        body = _PARAMETER.sub(number, sql)
+        types = ", ".join(_PARAMETER_TYPES[parameter] for parameter in names)
+        self._prepares.append(f"PREPARE {name} ({types}) AS {body}")
+        return f"EXECUTE {name} ({', '.join(f'%({parameter})s' for parameter in names)})"
+
+    def _prepare_connection(self, connection: Any, _record: Any) -> None:
+        autocommit = connection.autocommit
+        connection.autocommit = True
+        try:
+            for statement in self._prepares:
+                connection.execute(statement)
+        finally:
+            connection.autocommit = autocommit
 
     @contextmanager
-    def transaction(self, customer_id: str, commit: bool) -> Iterator[_Transaction]:
-        proxied, connection, cursor = self._locked(customer_id)
-        tx = _Transaction(cursor)
-        try:
-            yield tx
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
-        else:
-            if not tx.finished:
-                connection.execute("COMMIT" if commit else "ROLLBACK")
-        finally:
-            tx.cursor.close()
-            proxied.close()
-
-    def _locked(self, customer_id: str) -> tuple[Any, Any, Any]:
-        """A connection in a transaction that holds the customer's lock."""
-        disconnected = self.engine.dialect.loaded_dbapi.OperationalError
-        # The key is an integer we computed: safe to write into the statement, which lets
-        # BEGIN and the lock share one round trip (no parameters: simple query protocol).
-        lock = f"BEGIN; SELECT pg_advisory_xact_lock({_lock_key(customer_id)})"
+    def transaction(
+        self, lock_key: int, params: Mapping[str, Any], commit: bool
+    ) -> Iterator[_Transaction]:
+        # The key is an integer we computed, safe to write into the statement. The lock is a
+        # statement of its own: the snapshot's statement, after it, sees what the previous
+        # holder committed (READ COMMITTED takes a snapshot per statement).
+        sql = (
+            "BEGIN ISOLATION LEVEL READ COMMITTED; "
+            f"SELECT pg_advisory_xact_lock({lock_key}); {self.snapshot_sql}"
+        )
         for attempt in range(2):
             proxied = self.engine.raw_connection()
-            connection: Any = proxied.driver_connection
-            cursor = connection.cursor()
+            cursor: Any = self._client_cursor(proxied.driver_connection)
             try:
-                cursor.execute(lock)
-            except disconnected:
+                cursor.execute(sql, params)
+            except self._disconnected:
+                cursor.close()
                 proxied.invalidate()
                 if attempt:
                     raise
                 continue
-            return proxied, connection, cursor
-        raise AssertionError("unreachable")
-
-    def write(
-        self, tx: _Transaction, reserve: bool, renew: bool, values: dict[str, Any]
-    ) -> int | None:
-        if reserve:
-            sql, params = (self.allow_renew if renew else self.allow_insert), values
-        else:
-            sql, params = self.decision_insert, {**values, "reservation_id": None}
-        # Bound on the client, so COMMIT can follow in the same round trip.
-        cursor: Any = self._client_cursor(tx.cursor.connection)
+            break
         try:
-            cursor.execute(f"{sql}; COMMIT", params)
-            tx.finished = True
-            return int(cursor.fetchone()[0]) if reserve else None
+            cursor.nextset()
+            cursor.nextset()
+            tx = _Transaction(cursor, cursor.fetchone())
+            yield tx
+            if not tx.committed:  # a preview, or a stored answer repeated: nothing written
+                cursor.execute("ROLLBACK")
+        except BaseException:
+            try:
+                cursor.execute("ROLLBACK")
+            except self._disconnected:
+                proxied.invalidate()
+            raise
         finally:
             cursor.close()
+            proxied.close()
+
+    def write(self, tx: _Transaction, reserve: bool, renew: bool, values: dict[str, Any]) -> Any:
+        if reserve:
+            sql = self.allow_renew if renew else self.allow_insert
+        else:
+            sql, values = self.decision_insert, {**values, "reservation_id": None}
+        tx.cursor.execute(f"{sql}; COMMIT", values)
+        tx.committed = True
+        return tx.cursor.fetchone()[0] if reserve else None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -1112,7 +1196,7 @@ class ContactPolicyService:
         dialect = store.engine.dialect.name
         self._backend: _Backend
         if dialect == "sqlite":
-            self._backend = _SQLiteBackend(store.engine)
+            self._backend = _SQLiteBackend(store)
         elif dialect == "postgresql":
             self._backend = _PostgresBackend(store.url)
         else:
@@ -1222,22 +1306,21 @@ class ContactPolicyService:
     def _decide(self, intent: SendIntent, now: datetime, persist: bool) -> PolicyDecision:
         backend = self._backend
         address = _normalise_address(intent.channel, intent.address)
+        trait = self.address_traits.get(intent.channel)
         cached_version, cached_policy = self._policy
         since = self._plan(cached_version, cached_policy, intent).since(now)
-        with backend.transaction(intent.customer_id, commit=persist) as tx:
+        params = {
+            "customer": intent.customer_id,
+            "message": intent.message_id,
+            "channel": intent.channel,
+            "address": address,
+            "trait": trait,
+            "since": backend.when(since),
+            "waiting_since": backend.when(now - WAITING_GRACE),
+        }
+        with backend.transaction(_lock_key(intent.customer_id), params, commit=persist) as tx:
             cursor = tx.cursor
-            row = backend.snapshot(
-                tx,
-                {
-                    "customer": intent.customer_id,
-                    "message": intent.message_id,
-                    "channel": intent.channel,
-                    "address": address,
-                    "since": backend.when(since),
-                    "waiting_since": backend.when(now - WAITING_GRACE),
-                },
-            )
-            snapshot = self._snapshot(row)
+            snapshot = self._snapshot(tx.snapshot)
             replay = self._replay(intent, snapshot)
             if replay is not None:
                 return replay
@@ -1252,16 +1335,18 @@ class ContactPolicyService:
                 or _zone_or_none(snapshot.profile_timezone)
                 or ZoneInfo(policy.default_timezone)
             )
-            suppressed = snapshot.suppressed_because
-            if address is None and (trait := self.address_traits.get(intent.channel)):
+            if address is None and trait:
                 found = snapshot.traits.get(trait)
                 address = _normalise_address(intent.channel, str(found) if found else None)
-                if address is not None:
-                    cursor.execute(
-                        backend.suppressed_sql, {"channel": intent.channel, "address": address}
-                    )
-                    row = cursor.fetchone()
-                    suppressed = row[0] if row else None
+            suppressed = None
+            if address is not None and address == snapshot.suppression_address:
+                suppressed = snapshot.suppressed_because
+            elif address is not None:  # the snapshot looked up another spelling: ask again
+                cursor.execute(
+                    backend.suppressed_sql, {"channel": intent.channel, "address": address}
+                )
+                found_row = cursor.fetchone()
+                suppressed = found_row[0] if found_row else None
             priority = self._priority(policy, intent)
             verdict = self._evaluate(
                 cursor,
@@ -1316,7 +1401,7 @@ class ContactPolicyService:
         backend = self._backend
         history = [
             _Sent(_utc(datetime.fromisoformat(at)), channel, category, journey_key)
-            for at, channel, category, journey_key in backend.json(row[14]) or ()
+            for at, channel, category, journey_key in backend.json(row[15]) or ()
         ]
         return _Snapshot(
             policy_version=row[0] or 0,
@@ -1332,9 +1417,10 @@ class ContactPolicyService:
             decided_timezone=row[10],
             reservation_row=row[11],
             reservation_status=row[12],
-            suppressed_because=row[13],
+            suppression_address=row[13],
+            suppressed_because=row[14],
             history=history,
-            waiting_priority=row[15],
+            waiting_priority=row[16],
         )
 
     def _history(self, cursor: Any, intent: SendIntent, since: datetime | None) -> list[_Sent]:

@@ -33,6 +33,7 @@ from functools import cache
 from typing import Annotated, Any, Literal, cast
 from zoneinfo import available_timezones
 
+from annotated_types import MaxLen
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -80,6 +81,9 @@ MAX_NESTING = 64
 # body within its limit never compresses to more than this over it.
 _GZIP_SLACK = 1024
 _MAX_GZIP_MEMBERS = 16
+# The most a float can grow when a call is measured as compact JSON ("1e15" is sent,
+# "1000000000000000.0" measured): at most 24 characters written, at least 3 read.
+_FLOAT_GROWTH = 21
 
 _ISO_HINT = "must be an ISO-8601 date-time string such as 2024-05-01T12:00:00.000Z"
 _TYPE_HINT = "one of " + ", ".join(CALL_TYPES)
@@ -344,13 +348,15 @@ def parse_request(
     lowered = {name.lower(): value for name, value in headers.items()}
     limit = MAX_BATCH_BYTES if kind == "batch" else MAX_CALL_BYTES
 
-    text = _decoded_body(body, lowered.get("content-encoding", ""), limit, kind)
-    payload = _json_object(text)
+    text, size = _decoded_body(body, lowered.get("content-encoding", ""), limit, kind)
+    payload, floats = _json_object(text)
     write_key = _write_key(lowered.get("authorization"), payload)
 
     errors: list[FieldError] = []
     if kind == "batch":
-        calls = _batch_calls(payload, received_at, errors)
+        # No call of a body this small can be over the limit: skip measuring each one.
+        measure_calls = size + floats * _FLOAT_GROWTH > MAX_CALL_BYTES
+        calls = _batch_calls(payload, received_at, errors, measure_calls)
     else:
         call = _call(payload, kind, "", _Defaults(), received_at, errors)
         calls = [call] if call else []
@@ -370,7 +376,8 @@ def _as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def _decoded_body(body: bytes, encoding: str, limit: int, kind: str) -> str:
+def _decoded_body(body: bytes, encoding: str, limit: int, kind: str) -> tuple[str, int]:
+    """The body as text, and its size in bytes once decompressed."""
     what = "a batch request" if kind == "batch" else "a single call"
     too_large = f"{what} must be at most {limit:,} bytes ({limit // 1024} KB)"
     if kind == "batch":
@@ -395,7 +402,7 @@ def _decoded_body(body: bytes, encoding: str, limit: int, kind: str) -> str:
             RejectionStatus.PAYLOAD_TOO_LARGE, "body", f"is {len(body):,} bytes; {too_large}"
         )
     try:
-        return body.decode("utf-8")
+        return body.decode("utf-8"), len(body)
     except UnicodeDecodeError as exc:
         hint = (
             "; it looks gzip-compressed: send Content-Encoding: gzip"
@@ -456,9 +463,17 @@ def _finite_float(text: str) -> float:
     return number
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def _json_object(text: str) -> tuple[dict[str, Any], int]:
+    """The body's JSON object, and how many floats it holds."""
+    floats = 0
+
+    def counted_float(number: str) -> float:
+        nonlocal floats
+        floats += 1
+        return _finite_float(number)
+
     try:
-        payload = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        payload = json.loads(text, parse_constant=_reject_constant, parse_float=counted_float)
     except json.JSONDecodeError as exc:
         raise _reject(
             RejectionStatus.BAD_REQUEST,
@@ -477,10 +492,32 @@ def _json_object(text: str) -> dict[str, Any]:
             "body",
             f"must be a JSON object, not {_json_type(payload)}",
         )
-    problems = _shape_errors(payload)
-    if problems:
-        raise SegmentRejected(RejectionStatus.BAD_REQUEST, problems)
-    return payload
+    # UTF-8 text holds no surrogates: only a \uD800-\uDFFF escape makes one. Paths are
+    # built only when a cheap look finds something to name.
+    if _SURROGATE_ESCAPE.search(text) or not _nests_within(payload, MAX_NESTING):
+        problems = _shape_errors(payload)
+        if problems:
+            raise SegmentRejected(RejectionStatus.BAD_REQUEST, problems)
+    return payload, floats
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _nests_within(payload: dict[str, Any], limit: int) -> bool:
+    """Whether no object or array of ``payload`` is deeper than ``limit`` (it is at 1)."""
+    level: list[Any] = [payload]
+    depth = 1
+    while level:
+        if depth > limit:
+            return False
+        deeper: list[Any] = []
+        for node in level:
+            values = node.values() if isinstance(node, dict) else node
+            deeper += [value for value in values if isinstance(value, dict | list)]
+        level = deeper
+        depth += 1
+    return True
 
 
 def _shape_errors(payload: dict[str, Any]) -> list[FieldError]:
@@ -613,7 +650,10 @@ class _Defaults:
 
 
 def _batch_calls(
-    payload: dict[str, Any], received_at: datetime, errors: list[FieldError]
+    payload: dict[str, Any],
+    received_at: datetime,
+    errors: list[FieldError],
+    measure_calls: bool = True,
 ) -> list[SegmentCall]:
     defaults = _Defaults()
     context = payload.get("context")
@@ -665,7 +705,7 @@ def _batch_calls(
                 )
             )
             continue
-        size = json_size(item)
+        size = json_size(item) if measure_calls else 0
         if size > MAX_CALL_BYTES:
             errors.append(
                 _TooLarge(
@@ -710,26 +750,35 @@ def _call(
                 f"drop type or send it as {_quote(stated_type)}",
             )
         )
-    merged = dict(data)
-    for key, default in (("context", defaults.context), ("integrations", defaults.integrations)):
-        if default:
-            merged[key] = _merge(default, data.get(key))
+    merged = data
+    if defaults.context or defaults.integrations:
+        merged = dict(data)
+        for key, default in (
+            ("context", defaults.context),
+            ("integrations", defaults.integrations),
+        ):
+            if default:
+                merged[key] = _merge(default, data.get(key))
 
-    model_class = _CALL_MODELS[call_type]
-    model: _CommonCall | None = None
-    try:
-        model = model_class.model_validate(merged)
-    except ValidationError as exc:
-        errors += _translate(exc, path)
+    fields = _valid_fields(merged, _CALL_CHECKS[call_type])
+    if fields is None:
+        # Something is wrong, or not plainly right: the model names each problem.
+        try:
+            fields = _model_fields(_CALL_MODELS[call_type].model_validate(merged))
+        except ValidationError as exc:
+            errors += _translate(exc, path)
     bad_fields = {error.field for error in errors[before:]}
-    if isinstance(merged.get("integrations"), dict):
-        errors += _integration_errors(merged["integrations"], _key_path(path, "integrations"))
+    integrations = merged.get("integrations")
+    if isinstance(integrations, dict) and not all(
+        isinstance(setting, bool | dict) for setting in integrations.values()
+    ):
+        errors += _integration_errors(integrations, _key_path(path, "integrations"))
     errors += _required_errors(call_type, data, path, bad_fields)
 
     timestamp: datetime | None = None
-    if model is not None:
+    if fields is not None:
         try:
-            timestamp = _corrected(model, defaults.sent_at, received_at)
+            timestamp = _corrected(fields, defaults.sent_at, received_at)
         except OverflowError:
             errors.append(
                 FieldError(
@@ -738,9 +787,91 @@ def _call(
                     "leaves the calendar; check the client's clock",
                 )
             )
-    if len(errors) > before or model is None or timestamp is None:
+    if len(errors) > before or fields is None or timestamp is None:
         return None
-    return _normalised(model, call_type, merged, data, defaults, timestamp, received_at)
+    return _normalised(fields, call_type, merged, data, defaults, timestamp, received_at)
+
+
+# How _valid_fields checks a field, from its annotation in the spec models.
+_FieldCheck = tuple[str, str, int | None]  # (field name, kind, max length)
+_CHECKED_KINDS: dict[Any, str] = {
+    str | None: "string",
+    bool | None: "boolean",
+    dict[str, Any] | None: "object",
+    IsoDateTime | None: "instant",
+    SegmentContext | None: "context",
+}
+
+
+def _field_checks(model_class: type[_SpecModel]) -> dict[str, _FieldCheck] | None:
+    """By the name a client sends: what each field of ``model_class`` must be. None when
+    the model has a field that only its own validation can check (all then go through it)."""
+    checks: dict[str, _FieldCheck] = {}
+    for name, info in model_class.model_fields.items():
+        kind = _CHECKED_KINDS.get(info.annotation, "other")
+        limits = [item.max_length for item in info.metadata if isinstance(item, MaxLen)]
+        if info.is_required() or len(limits) != len(info.metadata):
+            return None
+        checks[info.alias or name] = (name, kind, limits[0] if limits else None)
+    return checks
+
+
+_CONTEXT_CHECKS = _field_checks(SegmentContext)
+_CALL_CHECKS = {
+    call_type: _field_checks(model_class) if _CONTEXT_CHECKS else None
+    for call_type, model_class in _CALL_MODELS.items()
+}
+
+
+def _valid_fields(
+    data: dict[str, Any], checks: dict[str, _FieldCheck] | None
+) -> dict[str, Any] | None:
+    """The fields of a call (or of its context) by name, when each is what the spec model
+    asks (strict types, lengths, ISO times), without building the model: most calls are
+    valid, and pydantic's validation costs several times this. None if any is not; the
+    model then finds every problem. Unknown keys are the model's extras, left as they are."""
+    if checks is None:
+        return None
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        check = checks.get(key)
+        if check is None or value is None:
+            continue
+        name, kind, max_length = check
+        if kind == "string":
+            if type(value) is not str or (max_length is not None and len(value) > max_length):
+                return None
+        elif kind == "object":
+            if type(value) is not dict:
+                return None
+        elif kind == "boolean":
+            if type(value) is not bool:
+                return None
+        elif kind == "instant":
+            try:
+                value = _instant(value)
+            except ValueError:
+                return None
+        elif kind == "context":
+            if type(value) is not dict:
+                return None
+            value = _valid_fields(value, _CONTEXT_CHECKS)
+            if value is None:
+                return None
+        else:
+            return None
+        fields[name] = value
+    return fields
+
+
+def _model_fields(model: _CommonCall) -> dict[str, Any]:
+    """A validated call model as _valid_fields gives a call: its fields by name."""
+    fields = {name: getattr(model, name) for name in type(model).model_fields}
+    if model.context is not None:
+        fields["context"] = {
+            name: getattr(model.context, name) for name in SegmentContext.model_fields
+        }
+    return fields
 
 
 def _merge(default: dict[str, Any], own: Any) -> Any:
@@ -823,27 +954,25 @@ def _required_errors(
     errors: list[FieldError] = []
 
     def require(key: str, message: str) -> None:
-        field = _key_path(path, key)
-        if field not in bad_fields and not _present(data, key):
-            errors.append(FieldError(field=field, message=message))
+        if not _present(data, key):
+            field = _key_path(path, key)
+            if field not in bad_fields:
+                errors.append(FieldError(field=field, message=message))
 
     if call_type == "alias":
         require("previousId", "is required for alias: the id the customer had before")
         require("userId", "is required for alias: the id the customer has now")
         return errors
-    user_id, anonymous_id = _key_path(path, "userId"), _key_path(path, "anonymousId")
-    if (
-        user_id not in bad_fields
-        and anonymous_id not in bad_fields
-        and not (_present(data, "userId") or _present(data, "anonymousId"))
-    ):
-        errors.append(
-            FieldError(
-                field=user_id,
-                message="userId or anonymousId is required: the customer's id, or an "
-                "anonymous id until they sign in",
+    if not (_present(data, "userId") or _present(data, "anonymousId")):
+        user_id, anonymous_id = _key_path(path, "userId"), _key_path(path, "anonymousId")
+        if user_id not in bad_fields and anonymous_id not in bad_fields:
+            errors.append(
+                FieldError(
+                    field=user_id,
+                    message="userId or anonymousId is required: the customer's id, or an "
+                    "anonymous id until they sign in",
+                )
             )
-        )
     if call_type == "track":
         require("event", 'is required for track: what the customer did, e.g. "Order Completed"')
     if call_type == "group":
@@ -852,13 +981,13 @@ def _required_errors(
 
 
 def _corrected(
-    model: _CommonCall, batch_sent_at: datetime | None, received_at: datetime
+    fields: dict[str, Any], batch_sent_at: datetime | None, received_at: datetime
 ) -> datetime:
     """Segment's rule: timestamp = receivedAt - (sentAt - originalTimestamp), which removes
     the client clock's skew; without sentAt the client's time is taken as given (historical
     imports), without any client time it is receivedAt."""
-    client_time = model.timestamp or model.original_timestamp
-    sent_at = model.sent_at or batch_sent_at
+    client_time = fields.get("timestamp") or fields.get("original_timestamp")
+    sent_at = fields.get("sent_at") or batch_sent_at
     if client_time is None:
         return received_at
     if sent_at is None:
@@ -877,7 +1006,7 @@ def _non_blank(value: str | None) -> str | None:
 
 
 def _normalised(
-    model: _CommonCall,
+    fields: dict[str, Any],
     call_type: str,
     merged: dict[str, Any],
     data: dict[str, Any],
@@ -885,39 +1014,40 @@ def _normalised(
     timestamp: datetime,
     received_at: datetime,
 ) -> SegmentCall:
-    context = model.context or SegmentContext()
-    context_traits = dict(context.traits or {})
+    context: dict[str, Any] = fields.get("context") or {}
+    context_traits = dict(context.get("traits") or {})
     event: str | None = None
     properties: dict[str, Any] = {}
     traits = context_traits
     group_traits: dict[str, Any] = {}
     previous_id = group_id = None
-    if isinstance(model, TrackCall):
-        event = model.event
-        properties = dict(model.properties or {})
-    elif isinstance(model, PageCall):
+    if call_type == "track":
+        event = fields.get("event")
+        properties = dict(fields.get("properties") or {})
+    elif call_type in _PAGE_EVENTS:
         event = _PAGE_EVENTS[call_type]
-        properties = dict(model.properties or {})
+        properties = dict(fields.get("properties") or {})
         # Destinations read page/screen name and category from properties; the call's own
         # fields are the authority when both are given.
         for key in ("name", "category"):
-            if getattr(model, key) is not None:
-                properties[key] = getattr(model, key)
-    elif isinstance(model, IdentifyCall):
-        traits = {**context_traits, **(model.traits or {})}
-    elif isinstance(model, GroupCall):
-        group_id = model.group_id
-        group_traits = dict(model.traits or {})
-    elif isinstance(model, AliasCall):
-        previous_id = model.previous_id
-    timezone = context.timezone if context.timezone in _known_zones() else None
+            if fields.get(key) is not None:
+                properties[key] = fields[key]
+    elif call_type == "identify":
+        traits = {**context_traits, **(fields.get("traits") or {})}
+    elif call_type == "group":
+        group_id = fields.get("group_id")
+        group_traits = dict(fields.get("traits") or {})
+    elif call_type == "alias":
+        previous_id = fields.get("previous_id")
+    zone = context.get("timezone")
+    client_time = fields.get("timestamp") or fields.get("original_timestamp")
     return SegmentCall(
         type=cast(CallType, call_type),  # checked against CALL_TYPES by the caller
         # Segment's libraries always send one; a hand-written call without one gets a random
         # id, so resending that call is not recognised as a duplicate.
-        message_id=_non_blank(model.message_id) or f"hilo-{uuid.uuid4()}",
-        user_id=_non_blank(model.user_id),
-        anonymous_id=_non_blank(model.anonymous_id),
+        message_id=_non_blank(fields.get("message_id")) or f"hilo-{uuid.uuid4()}",
+        user_id=_non_blank(fields.get("user_id")),
+        anonymous_id=_non_blank(fields.get("anonymous_id")),
         previous_id=previous_id,
         group_id=group_id,
         event=event,
@@ -927,11 +1057,11 @@ def _normalised(
         context=merged.get("context") or {},
         integrations=merged.get("integrations") or {},
         timestamp=timestamp,
-        original_timestamp=model.timestamp or model.original_timestamp,
-        sent_at=model.sent_at or defaults.sent_at,
+        original_timestamp=client_time,
+        sent_at=fields.get("sent_at") or defaults.sent_at,
         received_at=received_at,
-        timezone=timezone,
-        locale=context.locale,
-        ip=context.ip,
+        timezone=zone if zone in _known_zones() else None,
+        locale=context.get("locale"),
+        ip=context.get("ip"),
         raw={key: value for key, value in data.items() if key != "writeKey"},
     )

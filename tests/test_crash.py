@@ -282,3 +282,78 @@ async def connect_to(server: DevServer) -> Client:
             temporal_namespace=server.namespace,
         )
     )
+
+
+async def test_smtp_sends_again_after_a_kill_inside_its_reply(
+    server: DevServer, tmp_path: Path
+) -> None:
+    """What SMTP does in the window the idempotency key covers for HTTP providers: the
+    server took the mail, the worker died before hearing 250, the retry sends it again.
+    The ledger still holds one message, and both copies carry the same Message-ID (our
+    message id), which is what a receiving system can deduplicate on."""
+    accepted = threading.Event()
+    smtp = FakeSmtpServer()
+    mailbox = HeldMailbox(accepted)
+    smtp.mailbox = smtp.controller.handler = mailbox
+    smtp.start()
+    store = Store(f"sqlite:///{tmp_path / 'hilo.db'}")
+    store.migrate()
+    worker = WorkerProcess(
+        {
+            **os.environ,
+            "HILO_DATABASE_URL": store.url,
+            "HILO_TEMPORAL_ADDRESS": server.address,
+            "HILO_TASK_QUEUE": QUEUE,
+            "HILO_EMAIL_PROVIDER": "smtp",
+            "HILO_SMTP_HOST": "127.0.0.1",
+            "HILO_SMTP_PORT": str(smtp.port),
+            "HILO_SMTP_STARTTLS": "false",
+            "HILO_SMTP_FROM": "Hilo Shop <shop@example.com>",
+        },
+        tmp_path / "worker.log",
+    )
+    mail_only = parse_journey(
+        {
+            "key": "smtp_probe",
+            "name": "SMTP probe",
+            "trigger": {"event": "Smtp Probe"},
+            "steps": [
+                {"id": "mail", "type": "send", "channel": "email", "template": "mail",
+                 "subject": "Hi", "body": "Hello. Unsubscribe: {{ unsubscribe_url }}"},
+            ],
+        },
+        source="test",
+    )  # fmt: skip
+    try:
+        JourneyCatalog(store).publish(mail_only)
+        client = await connect_to(server)
+        router = EventRouter(
+            store,
+            client,
+            QUEUE,
+            send_timeout=timedelta(seconds=2),
+            task_timeout=timedelta(seconds=2),
+        )
+        store.upsert_profile("m1", traits={"email": "m1@example.com"})
+        route = await router.route(CustomerEvent(name="Smtp Probe", customer_id="m1"))
+        mailbox.hold = 1.0
+        worker.start()
+        assert await asyncio.to_thread(accepted.wait, 20), "the mail never reached the server"
+        worker.kill()
+        mailbox.hold = 0.0
+        worker.start()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(h.result() for h in route.handles.values())), 60
+        )
+    finally:
+        worker.kill()
+        smtp.stop()
+
+    assert [result.status for result in results] == ["completed"]
+    ledger = store.messages(journey_key="smtp_probe")
+    assert [row.status for row in ledger] == ["sent"]
+    ids = [
+        str(email.message_from_bytes(envelope.original_content or b"")["Message-ID"])
+        for envelope in mailbox.envelopes
+    ]
+    assert len(ids) == 2 and len(set(ids)) == 1 and ledger[0].message_id in ids[0]
