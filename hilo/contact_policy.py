@@ -49,8 +49,10 @@ Atomicity. Each decision runs in one transaction that holds the customer's lock:
 ``BEGIN IMMEDIATE`` (the database's single writer lock), PostgreSQL
 ``pg_advisory_xact_lock`` on a 64-bit hash of the customer id. Fifty sends racing for the
 last slot get exactly one ALLOW on both databases. The decision path talks to the driver
-directly, with few statements: on PostgreSQL three round trips (BEGIN with the lock; one
-read of everything the decision needs; the writes with COMMIT) on a small pool of its own.
+directly, with few statements: on PostgreSQL two round trips (BEGIN, the lock and one read
+of everything the decision needs; the writes with COMMIT) of statements prepared once per
+connection, on a small pool of its own. On SQLite a process's decisions queue for the
+writer in the order they came, in turn with its other writers (ingestion, the dispatcher).
 
 Idempotence. Asking again for the same message id returns the stored ALLOW (while its
 reservation is held or used) or the stored SKIP; a DEFER, or an ALLOW whose reservation was
@@ -68,7 +70,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import defaultdict
+import threading
+import weakref
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -94,7 +98,7 @@ from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS
 from hilo.durations import Duration, format_duration, parse_duration
 from hilo.ingest import writer_lock
 from hilo.journeys import CHANNELS, JOURNEY_KEY, WEEKDAYS
-from hilo.storage import Store, utcnow
+from hilo.storage import Store, make_engine, utcnow
 
 __all__ = [
     "ENGAGEMENT_LOOKBACK",
@@ -802,14 +806,16 @@ _HISTORY_SQL = """
 # The address a send's suppression is looked up by: the one it names, else the profile's
 # trait, cleaned as _normalise_address does (the decision checks that they agree).
 _LOOKUP = """coalesce(:address, CASE WHEN :channel = 'email' THEN lower(trim({trait}))
-                                         ELSE trim({trait}) END)"""
+                    ELSE trim({trait}) END)"""
 # Everything a decision needs to know first, in one round trip; the history is read for the
 # cached policy's horizons (read again on its own when the policy changed meanwhile).
 _SNAPSHOT_SQL = """
     SELECT v.policy_version, p.consent, p.timezone, p.traits,
            d.decision, d.reason, d.rule, d.reservation_id, d.decided_at,
            d.policy_version, d.timezone,
-           r.id, r.status, {lookup}, s.reason,
+           r.id, r.status, {lookup},
+           (SELECT s.reason FROM suppressions AS s
+            WHERE s.channel = :channel AND s.address = {lookup}),
            (SELECT {aggregate} FROM contact_reservations AS h
             WHERE h.customer_id = :customer AND h.counted AND h.status IN ('reserved', 'used')
               AND h.reserved_at > :since),
@@ -820,7 +826,6 @@ _SNAPSHOT_SQL = """
     LEFT JOIN policy_decisions AS d
            ON d.id = (SELECT max(id) FROM policy_decisions WHERE message_id = :message)
     LEFT JOIN contact_reservations AS r ON r.message_id = :message
-    LEFT JOIN suppressions AS s ON s.channel = :channel AND s.address = {lookup}
 """
 _SUPPRESSED_SQL = "SELECT reason FROM suppressions WHERE channel = :channel AND address = :address"
 _POLICY_SQL = "SELECT document FROM contact_policy_versions WHERE version = :version"
@@ -930,7 +935,7 @@ class _Backend:
 
     engine: Engine
     aggregate: str
-    trait: str  # the profile trait :trait, as JSON text
+    trait: str  # the profile's trait named :trait, as text
 
     def __init__(self) -> None:
         lookup = _LOOKUP.format(trait=self.trait)
@@ -972,19 +977,113 @@ class _Backend:
         pass
 
 
+class _InTurn:
+    """A lock its waiters get in the order they asked for it.
+
+    A ``threading.Lock`` goes to whichever thread runs first once it is free: most often the
+    one that just let it go, still holding the GIL, so a busy thread can take many turns in a
+    row while another waits. Here the holder hands it to the first waiter.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._held = False
+        self._waiting: deque[threading.Lock] = deque()
+
+    def __enter__(self) -> None:
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return
+            baton = threading.Lock()
+            baton.acquire()
+            self._waiting.append(baton)
+        try:
+            baton.acquire()  # released by the holder: the lock is ours
+        except BaseException:
+            with self._guard:
+                handed = baton not in self._waiting
+                if not handed:
+                    self._waiting.remove(baton)
+            if handed:
+                self.__exit__()
+            raise
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._guard:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
+                self._held = False
+
+
+# Decisions between two checkpoints of the SQLite WAL: at three to five pages a decision, about
+# the 1000 pages SQLite's own automatic checkpoint lets pile up.
+_CHECKPOINT_EVERY = 200
+
+
+@dataclass
+class _SQLiteWriters:
+    """This process's decisions on one SQLite database: whose turn it is to write, and how
+    many committed since the last checkpoint."""
+
+    turn: _InTurn
+    since_checkpoint: int = 0
+
+
+_sqlite_writers: weakref.WeakKeyDictionary[Store, _SQLiteWriters] = weakref.WeakKeyDictionary()
+_sqlite_writers_guard = threading.Lock()
+
+
+def _writers_of(store: Store) -> _SQLiteWriters:
+    """Shared by all the services of this process on ``store``."""
+    with _sqlite_writers_guard:
+        return _sqlite_writers.setdefault(store, _SQLiteWriters(_InTurn()))
+
+
+def _no_automatic_checkpoint(connection: Any, _record: Any) -> None:
+    connection.execute("PRAGMA wal_autocheckpoint=0")
+
+
 class _SQLiteBackend(_Backend):
     aggregate = "json_group_array(json_array(h.reserved_at, h.channel, h.category, h.journey_key))"
     trait = "json_extract(p.traits, '$.' || :trait)"
 
     def __init__(self, store: Store) -> None:
         self.engine = store.engine
-        # In turn with this process's other writers: a thread waiting on SQLite's busy
-        # handler sleeps in steps, and the tail latency of decisions under load with it.
+        self.owns_engine = store.engine.url.database not in (None, "", ":memory:")
+        if self.owns_engine:
+            # Connections of its own that never checkpoint on commit: the commit that crosses
+            # the threshold copies the WAL into the database and syncs it, while every
+            # decision queued behind it waits. The checkpoint comes after the turn instead.
+            self.engine = make_engine(store.url)
+            event.listen(self.engine, "connect", _no_automatic_checkpoint)
+        # Decisions wait for the database's single writer here, in the order they came, and
+        # then in turn with ingestion and the dispatcher; SQLite's busy handler would sleep
+        # in steps of up to 100 ms instead.
+        self.writers = _writers_of(store)
         self.writer = writer_lock(store)
         super().__init__()
         self.reservation_insert = _RESERVATION_INSERT
         self.reservation_renew = _RESERVATION_RENEW
         self.decision_insert = _DECISION_INSERT
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The turn to write; then, every so many decisions, a checkpoint."""
+        with self.writers.turn, self.writer:
+            yield
+            self.writers.since_checkpoint += 1
+            due = self.writers.since_checkpoint >= _CHECKPOINT_EVERY
+            if due:
+                self.writers.since_checkpoint = 0
+        if due and self.owns_engine:
+            proxied = self.engine.raw_connection()
+            try:
+                connection: Any = proxied.driver_connection
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                proxied.close()
 
     def when(self, moment: datetime | None) -> Any:
         # The text SQLAlchemy stores for DateTime on SQLite, so both read each other's rows.
@@ -997,11 +1096,11 @@ class _SQLiteBackend(_Backend):
         self, lock_key: int, params: Mapping[str, Any], commit: bool
     ) -> Iterator[_Transaction]:
         # A preview only reads: a deferred transaction, out of the writers' way.
-        with self.writer if commit else nullcontext():
+        with self._writing() if commit else nullcontext():
             proxied = self.engine.raw_connection()
             connection: Any = proxied.driver_connection
             previous = connection.isolation_level
-            # The driver must not open its own deferred transaction: BEGIN IMMEDIATE is ours.
+            # The driver must not open its own transaction: the BEGIN below is ours.
             connection.isolation_level = None
             cursor = connection.cursor()
             try:
@@ -1026,13 +1125,17 @@ class _SQLiteBackend(_Backend):
         tx.cursor.execute(self.decision_insert, {**values, "reservation_id": reservation_id})
         return reservation_id
 
+    def close(self) -> None:
+        if self.owns_engine:
+            self.engine.dispose()
+
 
 class _PostgresBackend(_Backend):
     """Two round trips a decision: BEGIN, the lock and the snapshot; the writes and COMMIT.
 
     The snapshot and the writes are prepared on the server once per connection (``PREPARE``)
     and run as ``EXECUTE`` with their values bound on the client, so that each round trip is
-    one simple query of several statements: no planning, no pipeline to drive.
+    one simple query of several statements, with nothing to plan.
     """
 
     aggregate = "json_agg(json_build_array(h.reserved_at, h.channel, h.category, h.journey_key))"
@@ -1042,7 +1145,7 @@ class _PostgresBackend(_Backend):
         import psycopg
 
         self._client_cursor: Any = psycopg.ClientCursor
-        self._disconnected = psycopg.OperationalError
+        self._failed = psycopg.OperationalError
         # A pool of its own: in autocommit, so BEGIN travels with the snapshot and COMMIT
         # with the write; without pre-ping, one round trip less (a dead connection is retried
         # instead).
@@ -1055,7 +1158,14 @@ class _PostgresBackend(_Backend):
         )
         super().__init__()
         self._prepares: list[str] = []
-        self.snapshot_sql = self._server_prepared("hilo_policy_snapshot", self.snapshot_source)
+        snapshot = self._server_prepared("hilo_policy_snapshot", self.snapshot_source)
+        # The lock is a statement of its own: the snapshot, the statement after it, sees what
+        # the previous holder committed (READ COMMITTED takes a snapshot per statement).
+        self.locked_snapshot = (
+            "BEGIN ISOLATION LEVEL READ COMMITTED; "
+            f"SELECT pg_advisory_xact_lock(%(lock)s); {snapshot}"
+        )
+        self.unlocked_snapshot = f"BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; {snapshot}"
         self.decision_insert = self._server_prepared("hilo_policy_decision", _DECISION_INSERT)
         self.allow_insert = self._server_prepared(
             "hilo_policy_allow", _ALLOW_WITH.format(reservation=_RESERVATION_INSERT)
@@ -1096,41 +1206,55 @@ class _PostgresBackend(_Backend):
     def transaction(
         self, lock_key: int, params: Mapping[str, Any], commit: bool
     ) -> Iterator[_Transaction]:
-        # The key is an integer we computed, safe to write into the statement. The lock is a
-        # statement of its own: the snapshot's statement, after it, sees what the previous
-        # holder committed (READ COMMITTED takes a snapshot per statement).
-        sql = (
-            "BEGIN ISOLATION LEVEL READ COMMITTED; "
-            f"SELECT pg_advisory_xact_lock({lock_key}); {self.snapshot_sql}"
-        )
-        for attempt in range(2):
-            proxied = self.engine.raw_connection()
-            cursor: Any = self._client_cursor(proxied.driver_connection)
-            try:
-                cursor.execute(sql, params)
-            except self._disconnected:
-                cursor.close()
-                proxied.invalidate()
-                if attempt:
-                    raise
-                continue
-            break
+        # A preview only reads: no lock, nobody waits for it.
+        sql = self.locked_snapshot if commit else self.unlocked_snapshot
+        proxied, cursor = self._begin(sql, {**params, "lock": lock_key})
         try:
-            cursor.nextset()
-            cursor.nextset()
+            while cursor.nextset():  # to the last statement's result: the snapshot
+                pass
             tx = _Transaction(cursor, cursor.fetchone())
             yield tx
             if not tx.committed:  # a preview, or a stored answer repeated: nothing written
                 cursor.execute("ROLLBACK")
         except BaseException:
-            try:
-                cursor.execute("ROLLBACK")
-            except self._disconnected:
-                proxied.invalidate()
+            self._abandon(proxied, cursor)
             raise
         finally:
             cursor.close()
             proxied.close()
+
+    def _begin(self, sql: str, values: Mapping[str, Any]) -> tuple[Any, Any]:
+        """A pooled connection and its cursor, ``sql`` run; a connection found dead in the
+        pool is replaced once."""
+        for attempt in range(2):
+            proxied = self.engine.raw_connection()
+            connection: Any = proxied.driver_connection
+            cursor = self._client_cursor(connection)
+            try:
+                cursor.execute(sql, values)
+            except self._failed:
+                if attempt or not connection.broken:
+                    self._abandon(proxied, cursor)
+                    cursor.close()
+                    proxied.close()
+                    raise
+                cursor.close()
+                proxied.invalidate()
+                continue
+            except BaseException:
+                self._abandon(proxied, cursor)
+                cursor.close()
+                proxied.close()
+                raise
+            return proxied, cursor
+        raise AssertionError("unreachable")
+
+    def _abandon(self, proxied: Any, cursor: Any) -> None:
+        """Roll back what the connection began; a broken connection leaves the pool."""
+        try:
+            cursor.execute("ROLLBACK")
+        except self._failed:
+            proxied.invalidate()
 
     def write(self, tx: _Transaction, reserve: bool, renew: bool, values: dict[str, Any]) -> Any:
         if reserve:
