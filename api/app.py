@@ -3,6 +3,7 @@
 Run it with ``uvicorn --factory api.app:app_from_env``.
 """
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -41,6 +42,9 @@ def create_app(
             app.state.router = EventRouter(app.state.store, app.state.client, queue)
             app.state.dispatcher = Dispatcher(app.state.store, app.state.router)
             app.state.ingestor = Ingestor(app.state.store)
+        # Everything loaded at start lives as long as the process: keep it out of the
+        # collector's full passes, which otherwise pause requests for 100+ ms under load.
+        gc.freeze()
         dispatcher: Dispatcher = app.state.dispatcher
         if settings.dispatcher:
             dispatcher.start()  # delivers what earlier runs accepted, then new events

@@ -24,13 +24,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from sqlalchemy.engine import Row
 from temporalio.service import RPCError, RPCStatusCode
 
 from hilo.events import CustomerEvent
 from hilo.ingest import writer_lock
 from hilo.journey_runs import SIGNAL_IDENTIFIED, IdentifiedSignal
 from hilo.routing import EventRouter, RouteResult
-from hilo.storage import OutboxEntry, Store, StoredEvent, utcnow
+from hilo.storage import Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class Dispatcher:
         self._pass = asyncio.Lock()
         self._waiters: dict[str, list[asyncio.Future[RouteResult]]] = {}
         self._task: asyncio.Task[None] | None = None
+        # The last pass saw the whole outbox and delivered all that was due: what comes next
+        # comes with a wake() (or, from another process, by the next poll).
+        self._drained = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -109,7 +113,7 @@ class Dispatcher:
                 log.exception("dispatcher pass failed")
                 await self._sleep(self.idle_poll)
                 continue
-            if delivered == 0:
+            if delivered == 0 or self._drained:
                 # Nothing ready: wait for new work, or for the earliest backoff to end.
                 await self._sleep(min(self.idle_poll, pending) if pending else self.idle_poll)
 
@@ -132,32 +136,53 @@ class Dispatcher:
     async def dispatch_once(self) -> tuple[int, float]:
         """Deliver what is ready; (entries delivered, seconds until the next is due)."""
         async with self._pass:
+            self._drained = False
             # Database work in a thread: the event loop (the API's, in production) goes on
             # serving requests meanwhile.
-            rows = await asyncio.to_thread(self.store.outbox_batch, self.batch_size)
-            if not rows:
+            entries = await asyncio.to_thread(self.store.outbox_batch, self.batch_size)
+            if not entries:
                 return 0, 0.0
+            failed = False
             now = utcnow()
-            queues: dict[str, list[tuple[OutboxEntry, StoredEvent | None]]] = {}
-            for entry, event in rows:
-                queues.setdefault(entry.customer_id, []).append((entry, event))
+            queues: dict[str, list[Row[Any]]] = {}
+            for entry in entries:
+                queues.setdefault(entry.customer_id, []).append(entry)
             ready = []
             next_due: float | None = None
-            for queue in queues.values():
-                due = (_aware(queue[0][0].available_at) - now).total_seconds()
-                if due <= 0:
-                    ready.append(queue)
-                else:
-                    next_due = due if next_due is None else min(next_due, due)
-            gate = asyncio.Semaphore(self.concurrency)
-            done: list[OutboxEntry] = []
+            done: list[Row[Any]] = []
+            concerned: dict[str, bool] = {}  # by event name, for this pass
 
-            async def customer(queue: Sequence[tuple[OutboxEntry, StoredEvent | None]]) -> None:
+            def concerns_nothing(entry: Row[Any]) -> bool:
+                """An event whose delivery would start and signal nothing: its row is gone
+                (erased), or no journey triggers on or listens to its name."""
+                if entry.kind != "event":
+                    return False
+                name = entry.event_name
+                if name is not None and name not in concerned:
+                    concerned[name] = self.router.concerns(name)
+                return name is None or not concerned[name]
+
+            for queue in queues.values():
+                due = (_aware(queue[0].available_at) - now).total_seconds()
+                if due > 0:
+                    next_due = due if next_due is None else min(next_due, due)
+                elif all(concerns_nothing(entry) for entry in queue):
+                    # Most events start and reach no journey: done here, without a task.
+                    for entry in queue:
+                        done.append(entry)
+                        self._resolve(entry.message_id, RouteResult())
+                else:
+                    ready.append(queue)
+            gate = asyncio.Semaphore(self.concurrency)
+
+            async def customer(queue: Sequence[Row[Any]]) -> None:
+                nonlocal failed
                 async with gate:
-                    for entry, event in queue:
+                    for entry in queue:
                         try:
-                            result = await self._deliver(entry, event)
+                            result = await self._deliver(entry)
                         except Exception as error:
+                            failed = True
                             await self._retry(entry, error)
                             return  # the customer's later entries wait behind this one
                         done.append(entry)
@@ -165,25 +190,27 @@ class Dispatcher:
 
             await asyncio.gather(*(customer(queue) for queue in ready))
             await self._write(self.store.outbox_done, done)
+            # A failed entry is due again after its backoff, which next_due does not know.
+            self._drained = len(entries) < self.batch_size and not failed
             return len(done), next_due or 0.0
 
-    async def _deliver(self, entry: OutboxEntry, event: StoredEvent | None) -> RouteResult:
+    async def _deliver(self, entry: Row[Any]) -> RouteResult:
         if entry.kind == "merge":
             return await self._identified(entry)
-        if event is None:
+        if entry.event_name is None:
             return RouteResult()  # the event row is gone (erased): nothing left to route
         return await self.router.deliver(
             CustomerEvent(
-                name=event.name,
-                customer_id=event.customer_id,
-                properties=event.properties,
-                timestamp=_aware(event.timestamp),
-                message_id=event.message_id,
-                source=event.source,
+                name=entry.event_name,
+                customer_id=entry.event_customer_id,
+                properties=entry.event_properties,
+                timestamp=_aware(entry.event_timestamp),
+                message_id=entry.message_id,
+                source=entry.event_source,
             )
         )
 
-    async def _identified(self, entry: OutboxEntry) -> RouteResult:
+    async def _identified(self, entry: Row[Any]) -> RouteResult:
         """Tell each running instance of a merged anonymous profile who the customer is."""
         result = RouteResult()
         signal = IdentifiedSignal(
@@ -200,7 +227,7 @@ class Dispatcher:
             result.signalled.append(workflow_id)
         return result
 
-    async def _retry(self, entry: OutboxEntry, error: Exception) -> None:
+    async def _retry(self, entry: Row[Any], error: Exception) -> None:
         backoff = min(self.max_backoff, 0.2 * 2 ** min(entry.attempts, 10))
         log.warning(
             "delivery of %s for customer %s failed (attempt %d), retrying in %.1fs: %s",

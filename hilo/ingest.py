@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -56,6 +56,22 @@ ADDRESS_IDENTITIES = {"email": "email", "phone": "phone"}
 MAX_ADDRESS_CHARS = 320
 MAX_DEVICE_TOKEN_CHARS = 2000
 CONFLICT_ATTEMPTS = 5  # each lost race means another request stored what it raced for
+
+# Built once, the ids bound on each run (building them per request cost more than the
+# queries themselves), over the tables rather than the models: plain statements, which the
+# ORM need not compile.
+_identity_table = Identity.__table__  # type: ignore[attr-defined]
+_profile_table = Profile.__table__  # type: ignore[attr-defined]
+_IDENTITIES = select(_identity_table.c.value, _identity_table.c.customer_id).where(
+    _identity_table.c.kind == bindparam("kind"),
+    _identity_table.c.value.in_(bindparam("values", expanding=True)),
+)
+_STORED_PROFILES = select(
+    _profile_table.c.customer_id,
+    _profile_table.c.anonymous,
+    _profile_table.c.timezone,
+    _profile_table.c.locale,
+).where(_profile_table.c.customer_id.in_(bindparam("customers", expanding=True)))
 
 
 class IncomingCall(Protocol):
@@ -127,6 +143,17 @@ class Accepted:
     merges: list[tuple[str, str]] = field(default_factory=list)  # (anonymous, known)
 
 
+@dataclass(frozen=True)
+class _StoredProfile:
+    """What most calls need of a stored profile, read as a plain row: building the ORM
+    object (its traits and consent too) costs several times as much, and most calls
+    change nothing."""
+
+    anonymous: bool
+    timezone: str | None
+    locale: str | None
+
+
 @dataclass
 class _Batch:
     """The request's view of the database, loaded once and written back once."""
@@ -135,7 +162,8 @@ class _Batch:
     source: str
     identities: dict[tuple[str, str], str] = field(default_factory=dict)
     new_identities: dict[tuple[str, str], str] = field(default_factory=dict)
-    profiles: dict[str, Profile] = field(default_factory=dict)
+    stored: dict[str, _StoredProfile] = field(default_factory=dict)
+    profiles: dict[str, Profile] = field(default_factory=dict)  # to change (or created)
     looked_up: set[str] = field(default_factory=set)  # customers read, with a profile or not
     changed: set[str] = field(default_factory=set)
     consent: list[ConsentChange] = field(default_factory=list)
@@ -211,7 +239,7 @@ class Ingestor:
                     routable.append(row)
             if routable:
                 # The table, not the model: a plain executemany, without the ORM's bulk path.
-                session.execute(
+                session.connection().execute(
                     insert(OutboxEntry.__table__),  # type: ignore[attr-defined]
                     [
                         {
@@ -245,11 +273,9 @@ class Ingestor:
         # One query per kind: SQLite answers ``(kind, value) IN (...)`` by scanning the whole
         # table, ``kind = ? AND value IN (...)`` from the primary key.
         for kind in sorted({kind for kind, _value in keys}):
-            found = batch.session.execute(
-                select(col(Identity.value), col(Identity.customer_id)).where(
-                    col(Identity.kind) == kind,
-                    col(Identity.value).in_(sorted(value for k, value in keys if k == kind)),
-                )
+            values = sorted(value for k, value in keys if k == kind)
+            found = batch.session.connection().execute(
+                _IDENTITIES, {"kind": kind, "values": values}
             )
             batch.identities.update(((kind, value), customer) for value, customer in found)
         customers = set(batch.identities.values())
@@ -261,10 +287,21 @@ class Ingestor:
         if not wanted:
             return
         batch.looked_up.update(wanted)
-        for profile in batch.session.scalars(
-            select(Profile).where(col(Profile.customer_id).in_(wanted))
+        # A profile created in this request is in batch.profiles, not yet in the table.
+        for customer, anonymous, timezone, locale in batch.session.connection().execute(
+            _STORED_PROFILES, {"customers": wanted}
         ):
-            batch.profiles[profile.customer_id] = profile
+            batch.stored[customer] = _StoredProfile(anonymous, timezone, locale)
+
+    def _view(self, batch: _Batch, customer: str) -> Profile | _StoredProfile | None:
+        """The customer's profile as this request has it, to read; None if there is none."""
+        if customer not in batch.looked_up and customer not in batch.profiles:
+            self._load_profiles(batch, {customer})
+        return self._read(batch, customer)
+
+    def _read(self, batch: _Batch, customer: str) -> Profile | _StoredProfile | None:
+        profile = batch.profiles.get(customer)
+        return profile if profile is not None else batch.stored.get(customer)
 
     # ------------------------------------------------------------ identity
 
@@ -305,10 +342,12 @@ class Ingestor:
     def _identify(self, batch: _Batch, user_id: str) -> None:
         if self._known(batch, "user_id", user_id) is None:
             self._link(batch, "user_id", user_id, user_id)
-        profile = self._profile(batch, user_id)
-        if profile.anonymous:
-            profile.anonymous = False
-            batch.changed.add(user_id)
+        view = self._view(batch, user_id)
+        if view is None or view.anonymous:
+            profile = self._profile(batch, user_id)
+            if profile.anonymous:
+                profile.anonymous = False
+                batch.changed.add(user_id)
 
     def _link(self, batch: _Batch, kind: str, value: str, customer: str) -> None:
         if batch.identities.get((kind, value)) == customer:
@@ -316,18 +355,20 @@ class Ingestor:
         batch.new_identities[(kind, value)] = customer
 
     def _is_anonymous(self, batch: _Batch, customer: str) -> bool:
-        profile = batch.profiles.get(customer)
-        return profile is None or profile.anonymous
+        view = self._read(batch, customer)
+        return view is None or view.anonymous
 
     def _profile(self, batch: _Batch, customer: str, anonymous: bool = False) -> Profile:
+        """The customer's profile to change: loaded whole, or created."""
         profile = batch.profiles.get(customer)
-        if profile is None:
-            self._load_profiles(batch, {customer})
-            profile = batch.profiles.get(customer)
+        if profile is not None:
+            return profile
+        if self._view(batch, customer) is not None:
+            profile = batch.session.get(Profile, customer)
         if profile is None:
             profile = Profile(customer_id=customer, anonymous=anonymous)
-            batch.profiles[customer] = profile
             batch.session.add(profile)
+        batch.profiles[customer] = profile
         return profile
 
     def _merge(self, batch: _Batch, anonymous: str, known: str, result: Accepted) -> None:
@@ -398,6 +439,15 @@ class Ingestor:
         token = device.get("token") if isinstance(device, dict) else None
         if not traits and not zone and not locale and not token:
             return
+        if not traits and not token:
+            # Most calls repeat the zone and locale the profile holds: read, not loaded.
+            view = self._view(batch, customer)
+            if (
+                view is not None
+                and (not zone or view.timezone == zone)
+                and not (isinstance(locale, str) and locale and view.locale != locale[:35])
+            ):
+                return
         profile = self._profile(batch, customer)
         before = (profile.traits, profile.consent, profile.timezone, profile.locale)
         if traits:
@@ -541,7 +591,7 @@ class Ingestor:
             .on_conflict_do_nothing(index_elements=["message_id"])
             .returning(table.c.message_id)
         )
-        return set(session.execute(statement, rows).scalars())
+        return set(session.connection().execute(statement, rows).scalars())
 
 
 def _zone(value: Any) -> str | None:

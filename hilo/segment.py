@@ -150,12 +150,14 @@ def segment_success_body() -> dict[str, Any]:
     return {"success": True}
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def json_size(value: Any) -> int:
     """Bytes of ``value`` as compact UTF-8 JSON: how a call inside a batch is measured
     against the 32 KB limit (whitespace the client sent does not count against it)."""
-    return len(
-        json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    )
+    text = _COMPACT_JSON.encode(value)
+    return len(text) if text.isascii() else len(text.encode())
 
 
 # --- what a client sends ------------------------------------------------------------------
@@ -514,7 +516,7 @@ def _nests_within(payload: dict[str, Any], limit: int) -> bool:
         deeper: list[Any] = []
         for node in level:
             values = node.values() if isinstance(node, dict) else node
-            deeper += [value for value in values if isinstance(value, dict | list)]
+            deeper += [value for value in values if isinstance(value, (dict, list))]
         level = deeper
         depth += 1
     return True

@@ -423,49 +423,68 @@ class Store:
 
     # ------------------------------------------------------------ outbox
 
-    def outbox_batch(self, limit: int) -> list[tuple[OutboxEntry, StoredEvent | None]]:
-        """The oldest pending work, with the event each entry routes: one query."""
-        with self.session() as session:
-            rows = session.exec(
-                select(OutboxEntry, StoredEvent)
-                .join(
-                    StoredEvent,
-                    col(StoredEvent.message_id) == col(OutboxEntry.message_id),
-                    isouter=True,
-                )
-                .order_by(col(OutboxEntry.id))
-                .limit(limit)
-            )
-            return [(entry, event) for entry, event in rows]
+    def outbox_batch(self, limit: int) -> list[Any]:
+        """The oldest pending work, one row an entry, in one query: the entry's ``id``,
+        ``kind``, ``message_id``, ``customer_id``, ``payload``, ``available_at`` and
+        ``attempts``, and the event it routes as ``event_name``, ``event_customer_id``,
+        ``event_properties``, ``event_timestamp`` and ``event_source`` (all None when the
+        event row is gone).
 
-    def outbox_done(self, entries: list[OutboxEntry]) -> None:
-        """Delivered: drop the entries and mark their events routed, in one transaction."""
+        Plain rows, not models: building ORM objects was most of the dispatcher's work."""
+        entries = OutboxEntry.__table__  # type: ignore[attr-defined]
+        events = StoredEvent.__table__  # type: ignore[attr-defined]
+        statement = (
+            entries.outerjoin(events, events.c.message_id == entries.c.message_id)
+            .select()
+            .with_only_columns(
+                entries.c.id,
+                entries.c.kind,
+                entries.c.message_id,
+                entries.c.customer_id,
+                entries.c.payload,
+                entries.c.available_at,
+                entries.c.attempts,
+                events.c.name.label("event_name"),
+                events.c.customer_id.label("event_customer_id"),
+                events.c.properties.label("event_properties"),
+                events.c.timestamp.label("event_timestamp"),
+                events.c.source.label("event_source"),
+            )
+            .order_by(entries.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return list(connection.execute(statement))
+
+    def outbox_done(self, entries: Sequence[Any]) -> None:
+        """Delivered: drop the entries (rows of :meth:`outbox_batch`, or OutboxEntry) and
+        mark their events routed, in one transaction."""
         if not entries:
             return
-        with self.session() as session:
-            ids = [entry.id for entry in entries]
-            session.exec(delete(OutboxEntry).where(col(OutboxEntry.id).in_(ids)))
+        outbox = OutboxEntry.__table__  # type: ignore[attr-defined]
+        events = StoredEvent.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as connection:
+            connection.execute(delete(outbox).where(outbox.c.id.in_([e.id for e in entries])))
             routed = [entry.message_id for entry in entries if entry.kind == "event"]
             if routed:
-                session.exec(
-                    update(StoredEvent)
-                    .where(col(StoredEvent.message_id).in_(routed))
-                    .values(routed_at=utcnow())
+                connection.execute(
+                    update(events).where(events.c.message_id.in_(routed)).values(routed_at=utcnow())
                 )
-            session.commit()
 
-    def outbox_retry(self, entry: OutboxEntry, error: str, available_at: datetime) -> None:
-        with self.session() as session:
-            session.exec(
-                update(OutboxEntry)
-                .where(col(OutboxEntry.id) == entry.id)
+    def outbox_retry(self, entry: Any, error: str, available_at: datetime) -> None:
+        """Not delivered: ``entry`` (a row of :meth:`outbox_batch`, or an OutboxEntry) waits
+        until ``available_at``."""
+        outbox = OutboxEntry.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(outbox)
+                .where(outbox.c.id == entry.id)
                 .values(
-                    attempts=OutboxEntry.attempts + 1,
+                    attempts=outbox.c.attempts + 1,
                     available_at=available_at,
                     last_error=error[:1000],
                 )
             )
-            session.commit()
 
     def outbox_size(self) -> int:
         with self.session() as session:

@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from api.deps import SettingsDep, get_dispatcher, get_ingestor
+from hilo.ingest import Accepted
 from hilo.segment import (
     KINDS,
     MAX_BATCH_BYTES,
@@ -68,7 +69,12 @@ def _refused(rejected: SegmentRejected) -> JSONResponse:
 async def receive(kind: str, request: Request, settings: SettingsDep) -> Any:
     try:
         body = await _read_body(request)
-        parsed = parse_request(kind, body, request.headers, received_at=utcnow())
+    except SegmentRejected as rejected:
+        return _refused(rejected)
+    received_at = utcnow()
+
+    def accept() -> Accepted:
+        parsed = parse_request(kind, body, request.headers, received_at=received_at)
         source = settings.sources.get(parsed.write_key)
         if source is None:
             raise SegmentRejected(
@@ -81,10 +87,14 @@ async def receive(kind: str, request: Request, settings: SettingsDep) -> Any:
                     )
                 ],
             )
+        return get_ingestor(request).accept(parsed.calls, source)
+
+    try:
+        # Parsing a batch takes milliseconds: in the thread that stores it, with one hand-off,
+        # so the event loop goes on reading other requests meanwhile.
+        accepted = await run_in_threadpool(accept)
     except SegmentRejected as rejected:
         return _refused(rejected)
-    ingestor = get_ingestor(request)
-    accepted = await run_in_threadpool(ingestor.accept, parsed.calls, source)
     if accepted.routed:
         dispatcher = get_dispatcher(request)
         if dispatcher is not None:
