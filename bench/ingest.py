@@ -44,7 +44,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,8 @@ if __name__ == "__main__":
 import httpx  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 
+from bench.common import cpu_seconds, percentile, run_async  # noqa: E402
+from hilo.devserver import free_port  # noqa: E402
 from hilo.settings import DEV_WRITE_KEY  # noqa: E402
 
 TRACK_EVENTS = ("Product Viewed", "Product Added", "Checkout Started", "Coupon Applied")
@@ -109,21 +110,6 @@ def bare_app() -> FastAPI:
         app.add_api_route(f"/v1/{kind}", receive, methods=["POST"])
     app.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"])
     return app
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` (Linux /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -242,15 +228,6 @@ def headers(compress: bool) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- measurement
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    """Nearest-rank percentile (0 < share <= 1) of ``values``."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = max(1, min(len(ordered), round(share * len(ordered) + 0.5)))
-    return ordered[rank - 1]
 
 
 @dataclass
@@ -809,20 +786,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         serve(args.serve, args.port)
         return 0
 
-    async def guarded() -> int:
-        # SIGTERM ends the run like Ctrl-C: the children and the dev server stop.
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        if task is not None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, task.cancel)
-        return await main(args)
-
-    try:
-        return asyncio.run(guarded())
-    except asyncio.CancelledError:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_async(lambda: main(args))
 
 
 if __name__ == "__main__":

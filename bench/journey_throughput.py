@@ -26,9 +26,7 @@ import asyncio
 import atexit
 import contextlib
 import json
-import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -61,6 +59,7 @@ with workflow.unsafe.imports_passed_through():
     from temporalio.client import Client, WorkflowHandle
     from temporalio.worker import Worker
 
+    from bench.common import cpu_seconds, run_async
     from hilo.catalog import JourneyCatalog
     from hilo.devserver import DevServer
     from hilo.events import CustomerEvent
@@ -232,18 +231,6 @@ async def history_counts(handle: WorkflowHandle[Any, Any]) -> HistoryCounts:
         activity_types=activity_types,
         plan=plan,
     )
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of this process, or of ``pid`` (Linux /proc; 0 elsewhere)."""
-    if pid is None:
-        times = os.times()
-        return times.user + times.system
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Stopwatch:
@@ -564,20 +551,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
-    async def guarded() -> int:
-        # SIGTERM ends the run like Ctrl-C: workers shut down and the dev server stops.
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        if task is not None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, task.cancel)
-        return await main(args)
-
-    try:
-        return asyncio.run(guarded())
-    except asyncio.CancelledError:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_async(lambda: main(args))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,8 +57,10 @@ if __name__ == "__main__":
 import httpx  # noqa: E402
 
 from activities.journey_activities import JourneyActivities  # noqa: E402
+from bench.common import cpu_seconds, percentile  # noqa: E402
 from hilo.channels.base import Delivery  # noqa: E402
 from hilo.channels.webhook import SignedWebhook, verify_signature  # noqa: E402
+from hilo.devserver import free_port  # noqa: E402
 from hilo.journey_runs import SendRequest  # noqa: E402
 from hilo.storage import Store  # noqa: E402
 
@@ -147,24 +148,6 @@ def serve(port: int) -> None:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of this process, or of ``pid`` (Linux /proc; 0 elsewhere)."""
-    if pid is None:
-        times = os.times()
-        return times.user + times.system
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Receiver:
     """The receiver process, its output in a log file."""
 
@@ -215,15 +198,6 @@ class Receiver:
 
 
 # ---------------------------------------------------------------- measurement
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    """Nearest-rank percentile (0 < share <= 1) of ``values``."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = max(1, min(len(ordered), round(share * len(ordered) + 0.5)))
-    return ordered[rank - 1]
 
 
 @dataclass
