@@ -524,19 +524,11 @@ class Store:
             )
             session.commit()
 
-    def get_event(self, message_id: str) -> StoredEvent | None:
-        with self.session() as session:
-            return session.get(StoredEvent, message_id)
-
     def resolve_customer(self, customer_id: str) -> str:
         """The customer an id stands for now: a merged anonymous profile points on."""
         with self.session() as session:
-            for _hop in range(5):
-                profile = session.get(Profile, customer_id)
-                if profile is None or profile.merged_into is None:
-                    return customer_id
-                customer_id = profile.merged_into
-            return customer_id
+            profile = _follow(session, customer_id)
+            return profile.customer_id if profile is not None else customer_id
 
     # ------------------------------------------------------------ journeys
 
@@ -854,21 +846,6 @@ class Store:
             session.add(device)
             session.commit()
             return device
-
-    def devices(self, customer_id: str, kind: str) -> list[Device]:
-        """Active devices of a kind, most recently seen first."""
-        with self.session() as session:
-            return list(
-                session.exec(
-                    select(Device)
-                    .where(
-                        col(Device.customer_id) == customer_id,
-                        col(Device.kind) == kind,
-                        col(Device.active).is_(True),
-                    )
-                    .order_by(col(Device.updated_at).desc())
-                )
-            )
 
     def record_message(self, message: Message) -> Message:
         """Insert a ledger row once; a second writer gets the first row back."""

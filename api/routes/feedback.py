@@ -347,17 +347,27 @@ def _topic_keys(settings: ChannelSettings) -> set[str]:
     return {topic.key for topic in settings.preference_topics}
 
 
+def _preference_page(
+    kind: LinkKind,
+    token: str,
+    store: Store,
+    settings: ChannelSettings,
+    signer: LinkSigner,
+) -> HTMLResponse:
+    claims = _verified(signer, token, kind)
+    if claims is None or claims.customer_id is None:
+        return _invalid_link()
+    current = current_preferences(store, claims.customer_id, _topic_keys(settings))
+    action = signer.base_url + LINK_PATHS[kind] + token
+    return _page(render_preference_page(claims, current, settings.preference_topics, action))
+
+
 @links.get(_path("unsubscribe"), response_class=HTMLResponse)
 def unsubscribe_page(
     token: str, store: StoreDep, settings: ChannelSettingsDep, signer: LinkSignerDep
 ) -> HTMLResponse:
     """The elegant exit: gentler options first, and leaving in one click all the same."""
-    claims = _verified(signer, token, "unsubscribe")
-    if claims is None or claims.customer_id is None:
-        return _invalid_link()
-    current = current_preferences(store, claims.customer_id, _topic_keys(settings))
-    action = signer.base_url + LINK_PATHS["unsubscribe"] + token
-    return _page(render_preference_page(claims, current, settings.preference_topics, action))
+    return _preference_page("unsubscribe", token, store, settings, signer)
 
 
 @links.post(_path("unsubscribe"), response_class=HTMLResponse)
@@ -393,12 +403,7 @@ async def unsubscribe_post(
 def preference_page(
     token: str, store: StoreDep, settings: ChannelSettingsDep, signer: LinkSignerDep
 ) -> HTMLResponse:
-    claims = _verified(signer, token, "preferences")
-    if claims is None or claims.customer_id is None:
-        return _invalid_link()
-    current = current_preferences(store, claims.customer_id, _topic_keys(settings))
-    action = signer.base_url + LINK_PATHS["preferences"] + token
-    return _page(render_preference_page(claims, current, settings.preference_topics, action))
+    return _preference_page("preferences", token, store, settings, signer)
 
 
 @links.post(_path("preferences"), response_class=HTMLResponse)
