@@ -44,6 +44,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class _StartUpDeath(Exception):
+    """The server process ended before its frontend answered."""
+
+
 @dataclass
 class DevServer:
     """``temporal server start-dev`` with a database file, UI optional."""
@@ -89,9 +93,27 @@ class DevServer:
             args += ["--search-attribute", f"{name}={kind}"]
         return args
 
-    async def start(self, timeout: float = 60.0) -> Client:
+    async def start(self, timeout: float = 60.0, attempts: int = 3) -> Client:
+        """Start the server and wait until its frontend answers.
+
+        The dev server picks its internal ports (history, matching, metrics, HTTP) itself, by
+        binding a free port and letting go of it; another process can take one in between and
+        the server then dies at start-up. That is a race, not a fault of the state, so a quick
+        death is retried on the same port and database before it is reported with the log.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._start_once(timeout)
+            except _StartUpDeath as death:
+                if attempt == attempts:
+                    raise RuntimeError(str(death)) from None
+                await asyncio.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    async def _start_once(self, timeout: float) -> Client:
         if self.db_file is not None:
             self.db_file.parent.mkdir(parents=True, exist_ok=True)
+        log_offset = self.log_file.stat().st_size if self.log_file and self.log_file.exists() else 0
         output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             self.command(),
@@ -103,9 +125,10 @@ class DevServer:
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
+                raise _StartUpDeath(
                     f"temporal dev server exited with {self.process.returncode}"
                     + (f"; see {self.log_file}" if self.log_file else "")
+                    + self._log_tail(log_offset)
                 )
             try:
                 client = await Client.connect(
@@ -118,6 +141,15 @@ class DevServer:
                 await asyncio.sleep(0.25)
         self.stop()
         raise RuntimeError(f"temporal dev server did not start in {timeout:.0f}s: {last_error}")
+
+    def _log_tail(self, offset: int, lines: int = 15) -> str:
+        """The last lines this start wrote, so an error seen only in CI output says why."""
+        if self.log_file is None or not self.log_file.exists():
+            return ""
+        with open(self.log_file, "rb") as log:
+            log.seek(offset)
+            tail = log.read().decode("utf-8", "replace").splitlines()[-lines:]
+        return "".join(f"\n  {line}" for line in tail)
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -182,3 +182,17 @@ async def test_an_event_whose_routing_failed_is_routed_on_retry(
         assert (again.duplicate, again.started) == (True, [])
     finally:
         server.stop()
+
+
+async def test_a_server_that_dies_at_start_up_is_retried_then_reported_with_its_log(
+    tmp_path: Path,
+) -> None:
+    # A folder where the database file should be: the server dies at once, every time.
+    (tmp_path / "temporal.db").mkdir()
+    server = DevServer(db_file=tmp_path / "temporal.db", log_file=tmp_path / "temporal.log")
+    with pytest.raises(RuntimeError) as failure:
+        await server.start(timeout=30, attempts=3)
+    # The reason is in the error itself, not only in a log file that CI throws away.
+    assert "unable to open database file" in str(failure.value)
+    log = (tmp_path / "temporal.log").read_text()
+    assert log.count("failed starting server") == 3
