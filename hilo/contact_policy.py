@@ -87,6 +87,7 @@ from sqlalchemy import (
     Column,
     Index,
     UniqueConstraint,
+    bindparam,
     event,
 )
 from sqlalchemy.engine import Engine
@@ -542,6 +543,18 @@ class ContactReservation(SQLModel, table=True):
     status: str = SQLField(default="reserved", max_length=20)  # reserved | used | released
     release_reason: str | None = SQLField(default=None, max_length=500)
     updated_at: datetime = SQLField(default_factory=utcnow)
+
+
+_RESERVATIONS = ContactReservation.__table__  # type: ignore[attr-defined]
+# Built once: the send runs it after every message a provider took.
+_MARK_USED = (
+    update(_RESERVATIONS)
+    .where(
+        _RESERVATIONS.c.message_id == bindparam("the_message_id"),
+        _RESERVATIONS.c.status.in_(("reserved", "used")),
+    )
+    .values(status="used", updated_at=bindparam("now"))
+)
 
 
 class PolicyDecisionRecord(SQLModel, table=True):
@@ -1758,15 +1771,10 @@ class ContactPolicyService:
 
     # ------------------------------------------------------------ reservations
 
-    def used_statement(self, message_id: str) -> Any:
-        """:meth:`mark_used` as a statement, for the caller's own transaction (the send runs
-        it with the ledger update, saving a commit per message)."""
-        table = ContactReservation.__table__  # type: ignore[attr-defined]
-        return (
-            update(table)
-            .where(table.c.message_id == message_id, table.c.status.in_(("reserved", "used")))
-            .values(status="used", updated_at=utcnow())
-        )
+    def used_statement(self, message_id: str) -> tuple[Any, dict[str, Any]]:
+        """:meth:`mark_used` as a statement and its parameters, for the caller's own
+        transaction (the send runs it with the ledger update, saving a commit a message)."""
+        return _MARK_USED, {"the_message_id": message_id, "now": utcnow()}
 
     def mark_used(self, message_id: str) -> bool:
         """The provider took the message: its slot stays counted. False if not reserved."""

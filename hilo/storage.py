@@ -8,11 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, and_, case, delete, event, func, or_
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    String,
+    UniqueConstraint,
+    and_,
+    bindparam,
+    case,
+    delete,
+    event,
+    func,
+    or_,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -307,6 +322,74 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+@dataclass(frozen=True)
+class SendStatements:
+    """The statements of a send's path, built once with bound parameters.
+
+    A statement built per call costs its construction and its cache key every time, more
+    CPU than SQLite needs to run it; one built once is compiled once and reused.
+    """
+
+    message: Executable
+    profile: Executable
+    event: Executable
+    devices: Executable
+    queue: Executable
+    count_attempt: Executable
+    outcome: Executable
+    capture: Executable
+    captured_id: Executable
+
+    @classmethod
+    def build(cls, insert: Any) -> SendStatements:
+        messages = Message.__table__  # type: ignore[attr-defined]
+        profiles = Profile.__table__  # type: ignore[attr-defined]
+        events = StoredEvent.__table__  # type: ignore[attr-defined]
+        devices = Device.__table__  # type: ignore[attr-defined]
+        captured = CapturedMessage.__table__  # type: ignore[attr-defined]
+        # An UPDATE may not name a parameter after a column it sets: "the_" ones are ours.
+        the_message = messages.c.message_id == bindparam("the_message_id")
+        return cls(
+            message=select(messages).where(messages.c.message_id == bindparam("message_id")),
+            profile=select(profiles).where(profiles.c.customer_id == bindparam("customer_id")),
+            event=select(events).where(events.c.message_id == bindparam("message_id")),
+            devices=select(devices)
+            .where(
+                devices.c.customer_id == bindparam("customer_id"),
+                devices.c.kind == bindparam("kind"),
+                devices.c.active.is_(True),
+            )
+            .order_by(devices.c.updated_at.desc()),
+            queue=insert(messages)
+            .on_conflict_do_nothing(index_elements=["message_id"])
+            .returning(messages.c.message_id),
+            count_attempt=update(messages)
+            .where(the_message)
+            .values(attempts=messages.c.attempts + 1, updated_at=bindparam("now")),
+            outcome=update(messages)
+            .where(the_message)
+            .values(
+                status=case(
+                    (messages.c.status == "queued", bindparam("new_status")),
+                    else_=messages.c.status,
+                ),
+                reason=bindparam("new_reason"),
+                provider_message_id=func.coalesce(
+                    bindparam("new_provider_message_id", type_=String),
+                    messages.c.provider_message_id,
+                ),
+                sent_at=func.coalesce(bindparam("new_sent_at", type_=DateTime), messages.c.sent_at),
+                updated_at=bindparam("now"),
+            ),
+            capture=insert(captured)
+            .on_conflict_do_nothing(index_elements=["message_id"])
+            .returning(captured.c.id),
+            captured_id=select(captured.c.id).where(
+                captured.c.message_id == bindparam("message_id")
+            ),
+        )
+
+
 class Store:
     """Database access shared by the API, the router and the activities."""
 
@@ -319,6 +402,10 @@ class Store:
         # Bumped by every catalog change made through this store, so that in-process caches
         # of the published journeys (the router's) know to read them again.
         self.catalog_generation = 0
+
+    @cached_property
+    def send_sql(self) -> SendStatements:
+        return SendStatements.build(self._insert)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -729,73 +816,48 @@ class Store:
         """What a send needs to know first, on one connection: its ledger row, the profile,
         the customer's active devices of ``device_kind`` and the triggering event.
 
-        Plain statements, no session: this runs before every send, and a session's identity
-        map and unit of work are pure overhead for four reads.
+        Statements built once with bound parameters, no session: this runs before every
+        send, and building a statement or a unit of work costs more than the reads.
         """
-        messages = Message.__table__  # type: ignore[attr-defined]
-        profiles = Profile.__table__  # type: ignore[attr-defined]
-        events = StoredEvent.__table__  # type: ignore[attr-defined]
-        devices_table = Device.__table__  # type: ignore[attr-defined]
+        sql = self.send_sql
         with self.engine.connect() as connection:
-            row = connection.execute(
-                select(messages).where(messages.c.message_id == message_id)
-            ).first()
+            row = connection.execute(sql.message, {"message_id": message_id}).first()
             message = Message(**row._mapping) if row else None
             profile: Profile | None = None
             wanted = customer_id
             for _hop in range(5):  # an anonymous profile merged into a known one leads there
-                found = connection.execute(
-                    select(profiles).where(profiles.c.customer_id == wanted)
-                ).first()
+                found = connection.execute(sql.profile, {"customer_id": wanted}).first()
                 profile = Profile(**found._mapping) if found else None
                 if profile is None or profile.merged_into is None:
                     break
                 wanted = profile.merged_into
             event = None
             if event_id:
-                found = connection.execute(
-                    select(events).where(events.c.message_id == event_id)
-                ).first()
+                found = connection.execute(sql.event, {"message_id": event_id}).first()
                 event = StoredEvent(**found._mapping) if found else None
             devices: list[Device] = []
             if device_kind is not None:
+                owner = profile.customer_id if profile else customer_id
                 devices = [
                     Device(**found._mapping)
                     for found in connection.execute(
-                        select(devices_table)
-                        .where(
-                            devices_table.c.customer_id
-                            == (profile.customer_id if profile else customer_id),
-                            devices_table.c.kind == device_kind,
-                            devices_table.c.active.is_(True),
-                        )
-                        .order_by(devices_table.c.updated_at.desc())
+                        sql.devices, {"customer_id": owner, "kind": device_kind}
                     )
                 ]
             return message, profile, devices, event
 
     def queue_message(self, message: Message) -> Message:
         """The ledger row before the provider is called, or the row an earlier attempt left;
-        counts the attempt. Plain statements: this is on every send's path."""
-        table = Message.__table__  # type: ignore[attr-defined]
-        row = message.model_dump()
+        counts the attempt. On every send's path, hence the prepared statements."""
+        sql = self.send_sql
         with self.engine.begin() as connection:
-            inserted = connection.execute(
-                self._insert(table)
-                .values(row)
-                .on_conflict_do_nothing(index_elements=["message_id"])
-                .returning(table.c.message_id)
-            ).first()
+            inserted = connection.execute(sql.queue, message.model_dump()).first()
             if inserted is not None:
                 return message
             connection.execute(
-                update(table)
-                .where(table.c.message_id == message.message_id)
-                .values(attempts=table.c.attempts + 1, updated_at=utcnow())
+                sql.count_attempt, {"the_message_id": message.message_id, "now": utcnow()}
             )
-            stored = connection.execute(
-                select(table).where(table.c.message_id == message.message_id)
-            ).one()
+            stored = connection.execute(sql.message, {"message_id": message.message_id}).one()
         return Message.model_validate(dict(stored._mapping))
 
     def message_outcome(
@@ -804,32 +866,29 @@ class Store:
         status: str,
         reason: str | None = None,
         provider_message_id: str | None = None,
-        also: Sequence[Executable] = (),
+        also: Sequence[tuple[Executable, dict[str, Any]]] = (),
     ) -> None:
         """What the provider answered: sent (with its id) or failed (with the reason); ``also``
-        runs in the same transaction.
+        (statements with their parameters) runs in the same transaction.
 
         One UPDATE; feedback that already moved the row on (delivered, opened ...) keeps
-        its status.
+        its status, and a provider id or a sent time already there is kept.
         """
         now = utcnow()
-        values: dict[str, Any] = {"reason": reason, "updated_at": now}
-        if provider_message_id:
-            values["provider_message_id"] = provider_message_id
-        if status == "sent":
-            values["sent_at"] = now
-        table = Message.__table__  # type: ignore[attr-defined]
         with self.engine.begin() as connection:
             connection.execute(
-                update(table)
-                .where(table.c.message_id == message_id)
-                .values(
-                    status=case((table.c.status == "queued", status), else_=table.c.status),
-                    **values,
-                )
+                self.send_sql.outcome,
+                {
+                    "the_message_id": message_id,
+                    "new_status": status,
+                    "new_reason": reason,
+                    "new_provider_message_id": provider_message_id,
+                    "new_sent_at": now if status == "sent" else None,
+                    "now": now,
+                },
             )
-            for statement in also:
-                connection.execute(statement)
+            for statement, parameters in also:
+                connection.execute(statement, parameters)
 
     def register_device(
         self, customer_id: str, kind: str, address: str, data: dict[str, Any] | None = None
@@ -880,21 +939,13 @@ class Store:
 
     def capture(self, message: CapturedMessage) -> int:
         """Store what the capture provider received, once per message id; its row id."""
-        table = CapturedMessage.__table__  # type: ignore[attr-defined]
-        row = message.model_dump(exclude={"id"})
+        sql = self.send_sql
         with self.engine.begin() as connection:
-            inserted = connection.execute(
-                self._insert(table)
-                .values(row)
-                .on_conflict_do_nothing(index_elements=["message_id"])
-                .returning(table.c.id)
-            ).scalar()
+            inserted = connection.execute(sql.capture, message.model_dump(exclude={"id"})).scalar()
             if inserted is not None:
                 return int(inserted)
             return int(
-                connection.execute(
-                    select(table.c.id).where(table.c.message_id == message.message_id)
-                ).scalar_one()
+                connection.execute(sql.captured_id, {"message_id": message.message_id}).scalar_one()
             )
 
     def instances_of_customer(self, customer_id: str) -> list[JourneyInstance]:
