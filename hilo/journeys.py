@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
@@ -449,6 +450,34 @@ def child_lists(step: AnyStep) -> list[tuple[str, list[AnyStep]]]:
     if isinstance(step, SplitStep):
         return [(f"variants[{i}].steps", v.steps) for i, v in enumerate(step.variants)]
     return []
+
+
+# The interpreter's map of a definition. It lives here, outside the workflow's module, because
+# the workflow sandbox re-runs that module for every instance: a class defined there is built
+# again each time.
+@dataclass(frozen=True)
+class Node:
+    step: AnyStep
+    next: str | None
+
+
+def compile_steps(steps: list[AnyStep]) -> dict[str, Node]:
+    """Link every step to the one that follows it, nested lists included."""
+    nodes: dict[str, Node] = {}
+
+    def link(items: list[AnyStep], after: str | None) -> None:
+        for index, step in enumerate(items):
+            following = items[index + 1].id if index + 1 < len(items) else after
+            nodes[step.id] = Node(step, following)
+            for _label, children in child_lists(step):
+                link(children, following)
+
+    link(steps, None)
+    return nodes
+
+
+def first_of(steps: list[AnyStep], otherwise: str | None) -> str | None:
+    return steps[0].id if steps else otherwise
 
 
 class JourneyProblem(BaseModel):

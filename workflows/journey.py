@@ -7,7 +7,6 @@ step id: it survives continue-as-new, and operators read it in the Temporal UI.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -59,12 +58,14 @@ with workflow.unsafe.imports_passed_through():
         BranchStep,
         ExitStep,
         HandoffStep,
+        Node,
         SendStep,
         SplitStep,
         UpdateProfileStep,
         WaitForStep,
         WaitStep,
-        child_lists,
+        compile_steps,
+        first_of,
     )
 
 QUICK = timedelta(seconds=30)
@@ -77,31 +78,6 @@ SEND_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=10),
     maximum_attempts=12,
 )
-
-
-@dataclass(frozen=True)
-class Node:
-    step: AnyStep
-    next: str | None
-
-
-def compile_steps(steps: list[AnyStep]) -> dict[str, Node]:
-    """Link every step to the one that follows it, nested lists included."""
-    nodes: dict[str, Node] = {}
-
-    def link(items: list[AnyStep], after: str | None) -> None:
-        for index, step in enumerate(items):
-            following = items[index + 1].id if index + 1 < len(items) else after
-            nodes[step.id] = Node(step, following)
-            for _label, children in child_lists(step):
-                link(children, following)
-
-    link(steps, None)
-    return nodes
-
-
-def first_of(steps: list[AnyStep], otherwise: str | None) -> str | None:
-    return steps[0].id if steps else otherwise
 
 
 @workflow.defn(name="Journey")
