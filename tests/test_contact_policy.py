@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -349,6 +350,81 @@ def test_fifty_sends_racing_for_the_last_slot_get_exactly_one_allow(
         service.close()
     assert not errors, errors[:3]
     assert outcomes == {"allow": 1, "skip": racers - 1}
+    with any_store.session() as session:
+        held = session.exec(select(ContactReservation).where(ContactReservation.counted)).all()
+    assert len(held) == 3
+
+
+def race_in_a_process(
+    url: str, process: int, racers: int, now: datetime, ready: Any, go: Any, results: Any
+) -> None:
+    """A worker process of its own (spawned): its store, its service, its racing threads."""
+    store = Store(url)
+    services = [ContactPolicyService(store) for _ in range(racers)]
+    try:
+        for service in services:
+            service.preview(ask("warm-up", customer="someone else"), now)
+        barrier = threading.Barrier(racers)
+        outcomes: list[str] = []
+        lock = threading.Lock()
+
+        def race(index: int) -> None:
+            barrier.wait()
+            name = f"p{process}-race{index}"
+            try:
+                outcome = services[index].decide(ask(name, journey=f"journey_{index}"), now).outcome
+            except BaseException as error:  # reported to the test, not lost with the thread
+                outcome = f"error: {error!r}"
+            with lock:
+                outcomes.append(outcome)
+
+        threads = [threading.Thread(target=race, args=(index,)) for index in range(racers)]
+        ready.wait()
+        go.wait()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        results.put(outcomes)
+    finally:
+        for service in services:
+            service.close()
+        store.dispose()
+
+
+def test_worker_processes_racing_for_the_last_slot_get_exactly_one_allow(
+    policy: ContactPolicyService, any_store: Store
+) -> None:
+    # Production runs several worker processes; no lock of ours crosses them, the
+    # database's must. Four processes of ten threads, released together.
+    set_rules(policy, **{"global": {"caps": [{"count": 3, "window": "24h"}]}})
+    now = local(2026, 5, 4, 12, 0)
+    for index in range(2):
+        assert policy.decide(ask(f"early{index}"), now).outcome == "allow"
+    processes, racers = 4, 10
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(processes + 1)
+    go = context.Event()
+    results = context.Queue()
+    children = [
+        context.Process(
+            target=race_in_a_process,
+            args=(any_store.url, process, racers, now, ready, go, results),
+        )
+        for process in range(processes)
+    ]
+    for child in children:
+        child.start()
+    try:
+        ready.wait(timeout=120)
+        go.set()
+        outcomes = Counter(outcome for _child in children for outcome in results.get(timeout=120))
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+    assert outcomes == {"allow": 1, "skip": processes * racers - 1}
     with any_store.session() as session:
         held = session.exec(select(ContactReservation).where(ContactReservation.counted)).all()
     assert len(held) == 3
