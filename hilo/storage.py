@@ -6,6 +6,9 @@ from the Alembic migrations in ``hilo/migrations``; :meth:`Store.migrate` applie
 
 from __future__ import annotations
 
+import logging
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ from sqlalchemy.sql.expression import Executable
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+logger = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -301,7 +305,47 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # The WAL is copied into the database by a thread of its own (WalCheckpointer): left to
+    # SQLite, the commit that crosses 1,000 pages does it, and every writer queued behind that
+    # commit waits the copy and its fsync. The high threshold stays as a bound if that thread
+    # cannot keep up.
+    cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     cursor.close()
+
+
+WAL_AUTOCHECKPOINT_PAGES = 20_000  # about 80 MB of 4 KiB pages
+
+
+class WalCheckpointer:
+    """Copies a SQLite file's WAL into the database every ``interval`` seconds, out of every
+    request's way (a PASSIVE checkpoint waits for no reader or writer).
+
+    It holds the engine weakly: a store dropped without :meth:`Store.dispose` ends it too.
+    """
+
+    def __init__(self, engine: Engine, interval: float = 0.5) -> None:
+        self._engine = weakref.ref(engine)
+        self._interval = interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hilo-wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            engine = self._engine()
+            if engine is None:
+                return
+            try:
+                with engine.connect() as connection:
+                    connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except Exception:  # a locked or closing database: the next turn tries again
+                logger.debug("WAL checkpoint skipped", exc_info=True)
+            del engine
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
 
 def make_engine(url: str) -> Engine:
@@ -399,6 +443,13 @@ class Store:
         self._insert = (
             postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
         )
+        self._checkpointer: WalCheckpointer | None = None
+        if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (
+            None,
+            "",
+            ":memory:",
+        ):
+            self._checkpointer = WalCheckpointer(self.engine)
         # Bumped by every catalog change made through this store, so that in-process caches
         # of the published journeys (the router's) know to read them again.
         self.catalog_generation = 0
@@ -425,6 +476,8 @@ class Store:
             command.upgrade(config, "head")
 
     def dispose(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.engine.dispose()
 
     # ------------------------------------------------------------ profiles

@@ -1,0 +1,53 @@
+"""The SQLite WAL is copied into the database by the store's own thread, not by a request."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+from hilo.storage import WAL_AUTOCHECKPOINT_PAGES, Store
+
+
+def profiles_in_main_file(database: Path, scratch: Path) -> int:
+    """Profiles the database file holds on its own, WAL aside: what checkpoints copied."""
+    shutil.copyfile(database, scratch)  # without the -wal file beside it
+    connection = sqlite3.connect(f"file:{scratch}?immutable=1", uri=True)
+    try:
+        return int(connection.execute("SELECT count(*) FROM profiles").fetchone()[0])
+    except sqlite3.DatabaseError:
+        return 0  # not even the schema copied yet
+    finally:
+        connection.close()
+
+
+def test_writes_reach_the_database_file_through_the_stores_checkpoint_thread(
+    tmp_path: Path,
+) -> None:
+    database = tmp_path / "hilo.db"
+    store = Store(f"sqlite:///{database}")
+    try:
+        store.migrate()
+        with store.engine.connect() as connection:
+            threshold = connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar()
+        # Commits do not copy the WAL themselves: far more pages than this test writes.
+        assert threshold == WAL_AUTOCHECKPOINT_PAGES
+        for index in range(300):
+            store.upsert_profile(f"c{index}", traits={"email": f"c{index}@example.com"})
+        found = 0
+        deadline = time.monotonic() + 10
+        while found < 300 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            found = profiles_in_main_file(database, tmp_path / "copy.db")
+        assert found == 300
+    finally:
+        store.dispose()
+
+
+def test_the_checkpoint_thread_ends_with_the_store(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'hilo.db'}")
+    checkpointer = store._checkpointer
+    assert checkpointer is not None and checkpointer._thread.is_alive()
+    store.dispose()
+    assert not checkpointer._thread.is_alive()
