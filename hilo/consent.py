@@ -13,3 +13,9 @@ CONSENT_DEFAULTS = {
 # The trait that holds a channel's address; push and web push reach devices instead.
 ADDRESS_TRAITS = {"email": "email", "sms": "phone", "whatsapp": "phone"}
 DEVICE_CHANNELS = frozenset({"push", "webpush"})
+# What the customer chose on the preference page (frequency, pause, topics) is kept on the
+# profile under this trait; the page is about marketing on this channel.
+PREFERENCES_TRAIT = "preferences"
+PREFERENCE_CHANNEL = "email"
+# How far apart marketing on that channel may go out when the customer asked for less.
+FREQUENCY_SPACING_DAYS = {"weekly": 7, "monthly": 30}

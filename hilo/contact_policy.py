@@ -95,7 +95,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel, col, create_engine, select, update
 
-from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS
+from hilo.consent import (
+    ADDRESS_TRAITS,
+    CONSENT_DEFAULTS,
+    FREQUENCY_SPACING_DAYS,
+    PREFERENCE_CHANNEL,
+    PREFERENCES_TRAIT,
+)
 from hilo.durations import Duration, format_duration, parse_duration
 from hilo.ingest import writer_lock
 from hilo.journeys import CHANNELS, JOURNEY_KEY, WEEKDAYS
@@ -668,6 +674,18 @@ def _period_bounds(window: str, first_day: date, zone: ZoneInfo) -> tuple[dateti
     return _wall_to_utc(first_day, 0, zone), _wall_to_utc(end_day, 0, zone)
 
 
+def _moment_or_none(value: Any) -> datetime | None:
+    """A stored moment (ISO text or datetime) as an aware datetime; None when unreadable."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _local_label(moment: datetime, zone: ZoneInfo) -> str:
     return moment.astimezone(zone).strftime("%a %Y-%m-%d %H:%M %Z")
 
@@ -842,6 +860,12 @@ _SNAPSHOT_SQL = """
 """
 _SUPPRESSED_SQL = "SELECT reason FROM suppressions WHERE channel = :channel AND address = :address"
 _POLICY_SQL = "SELECT document FROM contact_policy_versions WHERE version = :version"
+# The customer's latest marketing message on a channel still counted, for "less often".
+_LAST_MARKETING_SQL = """
+    SELECT max(reserved_at) FROM contact_reservations
+    WHERE customer_id = :customer AND channel = :channel AND category = 'marketing'
+      AND status IN ('reserved', 'used') AND reserved_at > :since
+"""
 # Higher-priority sends still waiting on a DEFER (no later decision for their message).
 _WAITING_SQL = """
     SELECT d.journey_key, d.channel, d.category, d.priority, d.defer_until
@@ -958,6 +982,7 @@ class _Backend:
         self.suppressed_sql = self.prepare(_SUPPRESSED_SQL)
         self.policy_sql = self.prepare(_POLICY_SQL)
         self.waiting_sql = self.prepare(_WAITING_SQL)
+        self.last_marketing_sql = self.prepare(_LAST_MARKETING_SQL)
 
     def prepare(self, sql: str) -> str:
         return sql
@@ -1494,6 +1519,7 @@ class ContactPolicyService:
                 zone,
                 history,
                 consent=snapshot.consent,
+                preferences=snapshot.traits.get(PREFERENCES_TRAIT),
                 suppressed=suppressed,
                 address=address,
                 priority=priority,
@@ -1607,6 +1633,7 @@ class ContactPolicyService:
         zone: ZoneInfo,
         history: Sequence[_Sent],
         consent: Mapping[str, Any],
+        preferences: Any,
         suppressed: str | None,
         address: str | None,
         priority: int,
@@ -1621,11 +1648,16 @@ class ContactPolicyService:
             return _Verdict(
                 "skip", f"suppressed: {address} on {channel} ({suppressed})", "suppressions"
             )
+        if channel == PREFERENCE_CHANNEL and category != TRANSACTIONAL:
+            chosen = self._customer_choice(cursor, intent, now, zone, preferences)
+            if chosen is not None:
+                return chosen
         exempt = category in policy.exempt_categories
         if intent.ignore_policy:
             return _Verdict(
                 "allow",
-                "the step ignores the contact policy (consent and suppressions still apply)",
+                "the step ignores the contact policy (consent, suppressions and the "
+                "customer's own pause and frequency still apply)",
                 "ignore_policy",
                 counted=not exempt,
             )
@@ -1690,6 +1722,54 @@ class ContactPolicyService:
         if competitor is not None:
             return competitor
         return _Verdict("allow", "within the contact policy")
+
+    def _customer_choice(
+        self,
+        cursor: Any,
+        intent: SendIntent,
+        now: datetime,
+        zone: ZoneInfo,
+        preferences: Any,
+    ) -> _Verdict | None:
+        """What the customer chose on the preference page: a pause, or less often.
+
+        Like consent, these are the customer's word, not the brand's rules: no step's
+        ``ignore_policy`` and no exempt category overrides them (transactional mail aside).
+        A journey message is skipped, not deferred: it would be stale weeks later.
+        """
+        if not isinstance(preferences, Mapping):
+            return None
+        pause_until = _moment_or_none(preferences.get("pause_until"))
+        if pause_until is not None and pause_until > now:
+            return _Verdict(
+                "skip",
+                f"paused by the customer until {_local_label(pause_until, zone)}",
+                "preferences.pause",
+            )
+        frequency = preferences.get("frequency")
+        days = FREQUENCY_SPACING_DAYS.get(frequency) if isinstance(frequency, str) else None
+        if days is None:
+            return None
+        backend = self._backend
+        cursor.execute(
+            backend.last_marketing_sql,
+            {
+                "customer": intent.customer_id,
+                "channel": intent.channel,
+                "since": backend.when(now - timedelta(days=days)),
+            },
+        )
+        row = cursor.fetchone()
+        last = backend.moment(row[0]) if row else None
+        if last is None:
+            return None
+        following = last + timedelta(days=days)
+        return _Verdict(
+            "skip",
+            f"the customer chose {frequency} {intent.channel}: the last went out "
+            f"{_local_label(last, zone)}, the next may from {_local_label(following, zone)}",
+            "preferences.frequency",
+        )
 
     @staticmethod
     def _cap_full(

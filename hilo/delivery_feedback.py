@@ -33,6 +33,7 @@ from sqlmodel import Session, col, select
 from hilo.channels.feedback import DeliveryEvent
 from hilo.channels.links import LinkClaims
 from hilo.channels.preferences import PreferenceChange, PreferenceState
+from hilo.consent import PREFERENCE_CHANNEL, PREFERENCES_TRAIT
 from hilo.contact_policy import Suppression
 from hilo.storage import (
     MESSAGE_PROGRESS,
@@ -70,8 +71,6 @@ ENGAGEMENT_EVENTS: dict[tuple[str, str], str] = {
 ENGAGEMENT_FALLBACK = {"opened": "Message Opened", "clicked": "Message Link Clicked"}
 # Where a callback whose message we cannot find still tells us the channel.
 PROVIDER_CHANNELS = {"sendgrid": "email", "smtp": "email", "twilio": "sms", "whatsapp": "whatsapp"}
-PREFERENCES_TRAIT = "preferences"
-PREFERENCE_CHANNEL = "email"  # the preference page is about marketing email
 ROWS_PER_INSERT = 500  # keeps a multi-row INSERT under SQLite's bound-parameter limit
 _DELIVERED = MESSAGE_PROGRESS["delivered"]
 

@@ -19,6 +19,7 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from api.routes.policy import router as policy_router
+from hilo.channels.preferences import PreferenceChange
 from hilo.contact_policy import (
     ContactPolicyService,
     ContactReservation,
@@ -27,6 +28,7 @@ from hilo.contact_policy import (
     SendTimeChoice,
     parse_policy,
 )
+from hilo.delivery_feedback import apply_preferences
 from hilo.devserver import free_port
 from hilo.policy_cli import policy_app
 from hilo.settings import Settings
@@ -744,3 +746,57 @@ def test_the_policy_cli(api_server: str, tmp_path: Path, monkeypatch: pytest.Mon
     assert suppressed.exit_code == 0 and "suppressed ana@example.com on email" in suppressed.output
     unreachable = runner.invoke(policy_app, ["show", "--api", "http://127.0.0.1:1"])
     assert unreachable.exit_code == 1 and "could not reach Hilo" in unreachable.output
+
+
+# ---------------------------------------------------------------- the customer's own choices
+
+
+def choose(store: Store, frequency: str = "normal", pause_until: datetime | None = None) -> None:
+    """What the preference page stores when the customer saves these choices."""
+    apply_preferences(
+        store,
+        "ana",
+        PreferenceChange(
+            frequency=frequency,  # type: ignore[arg-type]
+            pause_until=pause_until,
+            topics=[],
+            opt_out=False,
+        ),
+    )
+
+
+def test_a_pause_chosen_on_the_preference_page_skips_marketing_email_until_it_ends(
+    policy: ContactPolicyService, any_store: Store
+) -> None:
+    now = local(2026, 5, 4, 12, 0)
+    choose(any_store, pause_until=now + timedelta(days=30))
+    paused = policy.decide(ask("m1"), now + timedelta(days=1))
+    assert (paused.outcome, paused.rule) == ("skip", "preferences.pause")
+    assert paused.reason == "paused by the customer until Wed 2026-06-03 12:00 EDT"
+    # The customer's word, like consent: a step that ignores the brand's policy still hears it.
+    forced = policy.decide(ask("m2", ignore_policy=True), now + timedelta(days=1))
+    assert (forced.outcome, forced.rule) == ("skip", "preferences.pause")
+    # Receipts and other channels are not what the page paused.
+    receipt = policy.decide(ask("m3", category="transactional"), now + timedelta(days=1))
+    assert receipt.outcome == "allow"
+    assert policy.decide(ask("m4", channel="push"), now + timedelta(days=1)).outcome == "allow"
+    assert policy.decide(ask("m5"), now + timedelta(days=31)).outcome == "allow"
+
+
+def test_weekly_email_chosen_on_the_preference_page_spaces_marketing_email_a_week_apart(
+    policy: ContactPolicyService, any_store: Store
+) -> None:
+    now = local(2026, 5, 4, 12, 0)
+    choose(any_store, frequency="weekly")
+    assert policy.decide(ask("w1"), now).outcome == "allow"
+    again = policy.decide(ask("w2", journey="win_back"), now + timedelta(days=2))
+    assert (again.outcome, again.rule) == ("skip", "preferences.frequency")
+    assert "the customer chose weekly email" in again.reason
+    assert policy.decide(ask("w3", channel="push"), now + timedelta(days=2)).outcome == "allow"
+    # A released reservation (the send failed) does not count as an email received.
+    assert policy.decide(ask("w4"), now + timedelta(days=7, minutes=1)).outcome == "allow"
+    assert policy.release("w4", "invalid address")
+    assert policy.decide(ask("w5"), now + timedelta(days=7, minutes=2)).outcome == "allow"
+    # Back to normal: only the brand's policy applies again.
+    choose(any_store, frequency="normal")
+    assert policy.decide(ask("w6"), now + timedelta(days=7, minutes=3)).outcome == "allow"
