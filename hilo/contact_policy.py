@@ -851,7 +851,13 @@ _SNAPSHOT_SQL = """
             WHERE h.customer_id = :customer AND h.counted AND h.status IN ('reserved', 'used')
               AND h.reserved_at > :since),
            (SELECT max(w.priority) FROM policy_decisions AS w
-            WHERE w.customer_id = :customer AND w.defer_until >= :waiting_since)
+            WHERE w.customer_id = :customer AND w.defer_until >= :waiting_since),
+           (SELECT count(*) FROM contact_reservations AS h
+            WHERE h.customer_id = :customer AND h.counted AND h.status IN ('reserved', 'used')
+              AND h.reserved_at > :since),
+           (SELECT coalesce(sum(h.id), 0) FROM contact_reservations AS h
+            WHERE h.customer_id = :customer AND h.counted AND h.status IN ('reserved', 'used')
+              AND h.reserved_at > :since)
     FROM (SELECT max(version) AS policy_version FROM contact_policy_versions) AS v
     LEFT JOIN profiles AS p ON p.customer_id = :customer
     LEFT JOIN policy_decisions AS d
@@ -909,6 +915,41 @@ _ALLOW_WITH = f"""
         :decided_at)
     RETURNING reservation_id
 """
+# PostgreSQL, optimistic: the ALLOW is written only if nothing it was decided on changed since
+# the snapshot: the policy version, and the customer's counted reservations (their number
+# and ids; a new one, a renewed one or a release all change them).
+_UNCHANGED = """
+    SELECT 1 WHERE
+      (SELECT coalesce(max(version), 0) FROM contact_policy_versions) = :policy_version
+      AND (SELECT count(*) = :seen_count AND coalesce(sum(h.id), 0) = :seen_sum
+           FROM contact_reservations AS h
+           WHERE h.customer_id = :customer_id AND h.counted
+             AND h.status IN ('reserved', 'used') AND h.reserved_at > :since)
+"""
+_CHECKED_RESERVATION_INSERT = """
+    INSERT INTO contact_reservations (message_id, customer_id, journey_key, channel, category,
+        priority, counted, reserved_at, status, release_reason, updated_at)
+    SELECT :message_id, :customer_id, :journey_key, :channel, :category,
+        :priority, :counted, :decided_at, 'reserved', NULL, :decided_at
+    WHERE EXISTS (SELECT 1 FROM unchanged)
+    RETURNING id
+"""
+_CHECKED_RESERVATION_RENEW = """
+    UPDATE contact_reservations SET status = 'reserved', release_reason = NULL,
+        reserved_at = :decided_at, updated_at = :decided_at, counted = :counted,
+        priority = :priority, journey_key = :journey_key, channel = :channel,
+        category = :category
+    WHERE message_id = :message_id AND EXISTS (SELECT 1 FROM unchanged)
+    RETURNING id
+"""
+_CHECKED_ALLOW = f"""
+    WITH unchanged AS ({_UNCHANGED}), r AS ({{reservation}})
+    INSERT INTO policy_decisions ({_DECISION_COLUMNS})
+    SELECT :message_id, :customer_id, :journey_key, :channel, :category, :priority,
+        :decision, :reason, :rule, NULL, r.id, :policy_version, :timezone, :decided_at
+    FROM r
+    RETURNING reservation_id
+"""
 # The PostgreSQL type of every parameter of the statements prepared on the server.
 _PARAMETER_TYPES = {
     "customer": "text",
@@ -930,6 +971,8 @@ _PARAMETER_TYPES = {
     "defer_until": "timestamptz",
     "reservation_id": "integer",
     "policy_version": "integer",
+    "seen_count": "bigint",
+    "seen_sum": "bigint",
     "timezone": "text",
     "decided_at": "timestamptz",
 }
@@ -959,12 +1002,29 @@ class _Snapshot:
 
 
 class _Transaction:
-    """A decision's transaction: its cursor, and the snapshot read under the lock."""
+    """A decision's transaction: its cursor, and the snapshot read under the lock.
 
-    def __init__(self, cursor: Any, snapshot: Sequence[Any]) -> None:
+    Optimistic (PostgreSQL): the snapshot was read without the lock, outside any
+    transaction; the write checks it still stands, or raises :class:`_Stale`.
+    """
+
+    def __init__(
+        self,
+        cursor: Any,
+        snapshot: Sequence[Any],
+        optimistic: bool = False,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
         self.cursor = cursor
         self.snapshot = snapshot
         self.committed = False  # the write committed it
+        self.optimistic = optimistic
+        self.params = params or {}
+
+
+class _Stale(Exception):
+    """What an optimistic decision was based on changed before its write: decide again,
+    under the customer's lock."""
 
 
 class _Backend:
@@ -1000,8 +1060,11 @@ class _Backend:
     def json(self, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str | bytes) else value
 
+    # Whether decisions may first be tried without the customer's lock (see _Transaction).
+    optimistic = False
+
     def transaction(
-        self, lock_key: int, params: Mapping[str, Any], commit: bool
+        self, lock_key: int, params: Mapping[str, Any], commit: bool, optimistic: bool = False
     ) -> AbstractContextManager[_Transaction]:
         """The customer's transaction, holding their lock, with the snapshot read in it."""
         raise NotImplementedError
@@ -1131,8 +1194,9 @@ class _SQLiteBackend(_Backend):
 
     @contextmanager
     def transaction(
-        self, lock_key: int, params: Mapping[str, Any], commit: bool
+        self, lock_key: int, params: Mapping[str, Any], commit: bool, optimistic: bool = False
     ) -> Iterator[_Transaction]:
+        # SQLite has one writer at a time anyway: no optimistic path.
         # A preview only reads: a deferred transaction, out of the writers' way.
         with self._writing() if commit else nullcontext():
             proxied = self.engine.raw_connection()
@@ -1169,7 +1233,8 @@ class _SQLiteBackend(_Backend):
 
 
 class _PostgresBackend(_Backend):
-    """Two round trips a decision: BEGIN, the lock and the snapshot; the writes and COMMIT.
+    """Two round trips a decision: optimistic first (see _Transaction), else BEGIN, the lock
+    and the snapshot; the writes and COMMIT.
 
     The snapshot and the writes are prepared on the server once per connection (``PREPARE``)
     and run as ``EXECUTE`` with their values bound on the client, so that each round trip is
@@ -1178,12 +1243,14 @@ class _PostgresBackend(_Backend):
 
     aggregate = "json_agg(json_build_array(h.reserved_at, h.channel, h.category, h.journey_key))"
     trait = "(p.traits ->> :trait)"
+    optimistic = True
 
     def __init__(self, url: str) -> None:
         import psycopg
 
         self._client_cursor: Any = psycopg.ClientCursor
         self._failed = psycopg.OperationalError
+        self._integrity = psycopg.IntegrityError
         # A pool of its own: in autocommit, so BEGIN travels with the snapshot and COMMIT
         # with the write; without pre-ping, one round trip less (a dead connection is retried
         # instead).
@@ -1211,6 +1278,15 @@ class _PostgresBackend(_Backend):
         self.allow_renew = self._server_prepared(
             "hilo_policy_allow_again", _ALLOW_WITH.format(reservation=_RESERVATION_RENEW)
         )
+        self.checked_allow_insert = self._server_prepared(
+            "hilo_policy_allow_checked",
+            _CHECKED_ALLOW.format(reservation=_CHECKED_RESERVATION_INSERT),
+        )
+        self.checked_allow_renew = self._server_prepared(
+            "hilo_policy_allow_again_checked",
+            _CHECKED_ALLOW.format(reservation=_CHECKED_RESERVATION_RENEW),
+        )
+        self.lone_snapshot = snapshot
         event.listen(self.engine, "connect", self._prepare_connection)
 
     def prepare(self, sql: str) -> str:
@@ -1242,17 +1318,22 @@ class _PostgresBackend(_Backend):
 
     @contextmanager
     def transaction(
-        self, lock_key: int, params: Mapping[str, Any], commit: bool
+        self, lock_key: int, params: Mapping[str, Any], commit: bool, optimistic: bool = False
     ) -> Iterator[_Transaction]:
-        # A preview only reads: no lock, nobody waits for it.
-        sql = self.locked_snapshot if commit else self.unlocked_snapshot
-        proxied, cursor = self._begin(sql, {**params, "lock": lock_key})
+        # A preview only reads: no lock, nobody waits for it. An optimistic decision reads
+        # its snapshot alone, in one statement outside any transaction.
+        if optimistic:
+            sql = self.lone_snapshot
+        else:
+            sql = self.locked_snapshot if commit else self.unlocked_snapshot
+        values = {**params, "lock": lock_key}
+        proxied, cursor = self._begin(sql, values)
         try:
             while cursor.nextset():  # to the last statement's result: the snapshot
                 pass
-            tx = _Transaction(cursor, cursor.fetchone())
+            tx = _Transaction(cursor, cursor.fetchone(), optimistic, values)
             yield tx
-            if not tx.committed:  # a preview, or a stored answer repeated: nothing written
+            if not tx.committed and not optimistic:  # nothing written: end the transaction
                 cursor.execute("ROLLBACK")
         except BaseException:
             self._abandon(proxied, cursor)
@@ -1295,6 +1376,8 @@ class _PostgresBackend(_Backend):
             proxied.invalidate()
 
     def write(self, tx: _Transaction, reserve: bool, renew: bool, values: dict[str, Any]) -> Any:
+        if tx.optimistic:
+            return self._write_checked(tx, reserve, renew, values)
         if reserve:
             sql = self.allow_renew if renew else self.allow_insert
         else:
@@ -1302,6 +1385,44 @@ class _PostgresBackend(_Backend):
         tx.cursor.execute(f"{sql}; COMMIT", values)
         tx.committed = True
         return tx.cursor.fetchone()[0] if reserve else None
+
+    def _write_checked(
+        self, tx: _Transaction, reserve: bool, renew: bool, values: dict[str, Any]
+    ) -> Any:
+        """An optimistic decision's write. A SKIP or a DEFER holds nothing back from anyone:
+        stored as it is, one statement, no lock. An ALLOW takes the customer's lock and is
+        written only if its snapshot still stands; otherwise :class:`_Stale`."""
+        cursor = tx.cursor
+        if not reserve:
+            cursor.execute(self.decision_insert, {**values, "reservation_id": None})
+            tx.committed = True
+            return None
+        sql = self.checked_allow_renew if renew else self.checked_allow_insert
+        snapshot = tx.snapshot
+        checked = {
+            **values,
+            "lock": tx.params["lock"],
+            "since": tx.params["since"],
+            "seen_count": snapshot[17],
+            "seen_sum": snapshot[18],
+        }
+        try:
+            cursor.execute(f"BEGIN; SELECT pg_advisory_xact_lock(%(lock)s); {sql}; COMMIT", checked)
+        except self._integrity as error:  # the same message decided at the same moment
+            cursor.execute("ROLLBACK")
+            raise _Stale(str(error)) from error
+        row = None
+        while True:  # past BEGIN's and the lock's results, to the ALLOW's
+            described = cursor.description
+            if described is not None and described[0].name == "reservation_id":
+                row = cursor.fetchone()
+                break
+            if not cursor.nextset():
+                break
+        if row is None:
+            raise _Stale("the customer's reservations or the policy changed")
+        tx.committed = True
+        return row[0]
 
     def close(self) -> None:
         self.engine.dispose()
@@ -1466,6 +1587,19 @@ class ContactPolicyService:
         return self._decide(intent, _utc(now), persist=False)
 
     def _decide(self, intent: SendIntent, now: datetime, persist: bool) -> PolicyDecision:
+        if persist and self._backend.optimistic:
+            # First without the customer's lock: a SKIP or DEFER never needs it, and an ALLOW
+            # checks at its write that its snapshot still stands. So one customer's decisions
+            # wait for each other only when they would ALLOW at the same moment.
+            try:
+                return self._decide_once(intent, now, persist, optimistic=True)
+            except _Stale:
+                pass
+        return self._decide_once(intent, now, persist, optimistic=False)
+
+    def _decide_once(
+        self, intent: SendIntent, now: datetime, persist: bool, optimistic: bool
+    ) -> PolicyDecision:
         backend = self._backend
         address = _normalise_address(intent.channel, intent.address)
         trait = self.address_traits.get(intent.channel)
@@ -1480,7 +1614,8 @@ class ContactPolicyService:
             "since": backend.when(since),
             "waiting_since": backend.when(now - WAITING_GRACE),
         }
-        with backend.transaction(_lock_key(intent.customer_id), params, commit=persist) as tx:
+        lock_key = _lock_key(intent.customer_id)
+        with backend.transaction(lock_key, params, persist, optimistic) as tx:
             cursor = tx.cursor
             snapshot = self._snapshot(tx.snapshot)
             replay = self._replay(intent, snapshot)
@@ -1491,6 +1626,8 @@ class ContactPolicyService:
             history = snapshot.history
             plan = self._plan(version, policy, intent)
             if version != cached_version:
+                if optimistic:  # the snapshot's history is the old plan's: decide locked
+                    raise _Stale("the policy changed")
                 history = self._history(cursor, intent, plan.since(now))
             zone = (
                 _zone_or_none(intent.timezone)

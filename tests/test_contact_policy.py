@@ -23,9 +23,11 @@ from hilo.channels.preferences import PreferenceChange
 from hilo.contact_policy import (
     ContactPolicyService,
     ContactReservation,
+    PolicyDecisionRecord,
     PolicyInvalid,
     SendIntent,
     SendTimeChoice,
+    _lock_key,
     parse_policy,
 )
 from hilo.delivery_feedback import apply_preferences
@@ -800,3 +802,103 @@ def test_weekly_email_chosen_on_the_preference_page_spaces_marketing_email_a_wee
     # Back to normal: only the brand's policy applies again.
     choose(any_store, frequency="normal")
     assert policy.decide(ask("w6"), now + timedelta(days=7, minutes=3)).outcome == "allow"
+
+
+# ---------------------------------------------------------------- PostgreSQL: optimistic first
+
+
+def interrupted(service: ContactPolicyService, meanwhile: Any) -> list[int]:
+    """Run ``meanwhile()`` once, after ``service``'s next decision read its snapshot and
+    before it writes: another worker acting in that gap. Returns the evaluations seen."""
+    original = service._evaluate
+    calls: list[int] = []
+
+    def evaluate(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            # In a thread of its own: were this decision holding the customer's lock, the
+            # other worker would wait for it, and the test would fail instead of hanging.
+            other = threading.Thread(target=meanwhile)
+            other.start()
+            other.join(timeout=5)
+        return original(*args, **kwargs)
+
+    service._evaluate = evaluate  # type: ignore[method-assign]
+    return calls
+
+
+def test_an_allow_whose_slot_went_to_another_worker_meanwhile_is_decided_again(
+    pg_store: Store,
+) -> None:
+    pg_store.upsert_profile("ana", consent={"email": True}, timezone="America/New_York")
+    mine, theirs = ContactPolicyService(pg_store), ContactPolicyService(pg_store)
+    try:
+        set_rules(mine, **{"global": {"caps": [{"count": 1, "window": "24h"}]}})
+        now = local(2026, 5, 4, 12, 0)
+        for service in (mine, theirs):  # both know the policy: neither starts locked
+            service.preview(ask("warm-up", customer="someone else"), now)
+        taken: list[str] = []
+        evaluations = interrupted(
+            mine, lambda: taken.append(theirs.decide(ask("theirs"), now).outcome)
+        )
+        decision = mine.decide(ask("mine", journey="win_back"), now)
+        # Read without the lock, it looked like an ALLOW; its write found the slot taken, so
+        # it was decided again under the customer's lock.
+        assert taken == ["allow"]
+        assert len(evaluations) == 2
+        assert (decision.outcome, decision.rule) == ("skip", "global.caps[0]")
+        with pg_store.session() as session:
+            held = session.exec(select(ContactReservation)).all()
+            stored = session.exec(
+                select(PolicyDecisionRecord).where(PolicyDecisionRecord.message_id == "mine")
+            ).all()
+        assert [r.message_id for r in held] == ["theirs"]
+        assert [d.decision for d in stored] == ["skip"]  # the stale ALLOW left no trace
+    finally:
+        mine.close()
+        theirs.close()
+
+
+def test_an_allow_decided_under_a_policy_changed_meanwhile_is_decided_again(
+    pg_store: Store,
+) -> None:
+    pg_store.upsert_profile("ana", consent={"email": True}, timezone="America/New_York")
+    service = ContactPolicyService(pg_store)
+    try:
+        now = local(2026, 5, 4, 12, 0)
+        service.preview(ask("warm-up", customer="someone else"), now)
+        quiet = {"global": {"quiet_hours": {"start": "11:00", "end": "13:00"}}}
+        evaluations = interrupted(service, lambda: set_rules(service, **quiet))
+        decision = service.decide(ask("m1"), now)
+        assert len(evaluations) == 2
+        assert decision.outcome == "defer"
+        assert decision.defer_until == local(2026, 5, 4, 13, 0)
+    finally:
+        service.close()
+
+
+def test_decisions_that_hold_nothing_take_no_lock(pg_store: Store) -> None:
+    # A SKIP is written while another session holds the customer's lock: it does not wait.
+    pg_store.upsert_profile("ana", consent={"email": False}, timezone="America/New_York")
+    service = ContactPolicyService(pg_store)
+    try:
+        service.preview(ask("warm-up"), local(2026, 5, 4, 12, 0))
+        outcomes: list[str] = []
+        with pg_store.engine.connect() as holder:
+            holder.exec_driver_sql("SELECT pg_advisory_lock(%(key)s)", {"key": _lock_key("ana")})
+            try:
+                deciding = threading.Thread(
+                    target=lambda: outcomes.append(
+                        service.decide(ask("m1"), local(2026, 5, 4, 12, 0)).outcome
+                    )
+                )
+                deciding.start()
+                deciding.join(timeout=3)
+                done_while_locked = not deciding.is_alive()
+            finally:
+                holder.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+                deciding.join()
+        assert done_while_locked
+        assert outcomes == ["skip"]
+    finally:
+        service.close()
