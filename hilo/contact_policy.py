@@ -851,13 +851,7 @@ _SNAPSHOT_SQL = """
             WHERE h.customer_id = :customer AND h.counted AND h.status IN ('reserved', 'used')
               AND h.reserved_at > :since),
            (SELECT max(w.priority) FROM policy_decisions AS w
-            WHERE w.customer_id = :customer AND w.defer_until >= :waiting_since),
-           (SELECT count(*) FROM contact_reservations AS h
-            WHERE h.customer_id = :customer AND h.counted AND h.status IN ('reserved', 'used')
-              AND h.reserved_at > :since),
-           (SELECT coalesce(sum(h.id), 0) FROM contact_reservations AS h
-            WHERE h.customer_id = :customer AND h.counted AND h.status IN ('reserved', 'used')
-              AND h.reserved_at > :since)
+            WHERE w.customer_id = :customer AND w.defer_until >= :waiting_since)
     FROM (SELECT max(version) AS policy_version FROM contact_policy_versions) AS v
     LEFT JOIN profiles AS p ON p.customer_id = :customer
     LEFT JOIN policy_decisions AS d
@@ -997,6 +991,9 @@ class _Snapshot:
     suppression_address: str | None
     suppressed_because: str | None
     history: list[_Sent]
+    # How many counted reservations the history holds and the sum of their ids: an optimistic
+    # ALLOW is written only if the customer's still match (_UNCHANGED).
+    fingerprint: tuple[int, int]
     # The highest priority among this customer's recent DEFERs (some maybe decided since).
     waiting_priority: int | None
 
@@ -1020,6 +1017,7 @@ class _Transaction:
         self.committed = False  # the write committed it
         self.optimistic = optimistic
         self.params = params or {}
+        self.fingerprint = (0, 0)  # of the snapshot's counted reservations, once parsed
 
 
 class _Stale(Exception):
@@ -1147,7 +1145,9 @@ def _no_automatic_checkpoint(connection: Any, _record: Any) -> None:
 
 
 class _SQLiteBackend(_Backend):
-    aggregate = "json_group_array(json_array(h.reserved_at, h.channel, h.category, h.journey_key))"
+    aggregate = (
+        "json_group_array(json_array(h.reserved_at, h.channel, h.category, h.journey_key, h.id))"
+    )
     trait = "json_extract(p.traits, '$.' || :trait)"
 
     def __init__(self, store: Store) -> None:
@@ -1241,7 +1241,9 @@ class _PostgresBackend(_Backend):
     one simple query of several statements, with nothing to plan.
     """
 
-    aggregate = "json_agg(json_build_array(h.reserved_at, h.channel, h.category, h.journey_key))"
+    aggregate = (
+        "json_agg(json_build_array(h.reserved_at, h.channel, h.category, h.journey_key, h.id))"
+    )
     trait = "(p.traits ->> :trait)"
     optimistic = True
 
@@ -1398,13 +1400,12 @@ class _PostgresBackend(_Backend):
             tx.committed = True
             return None
         sql = self.checked_allow_renew if renew else self.checked_allow_insert
-        snapshot = tx.snapshot
         checked = {
             **values,
             "lock": tx.params["lock"],
             "since": tx.params["since"],
-            "seen_count": snapshot[17],
-            "seen_sum": snapshot[18],
+            "seen_count": tx.fingerprint[0],
+            "seen_sum": tx.fingerprint[1],
         }
         try:
             cursor.execute(f"BEGIN; SELECT pg_advisory_xact_lock(%(lock)s); {sql}; COMMIT", checked)
@@ -1618,6 +1619,7 @@ class ContactPolicyService:
         with backend.transaction(lock_key, params, persist, optimistic) as tx:
             cursor = tx.cursor
             snapshot = self._snapshot(tx.snapshot)
+            tx.fingerprint = snapshot.fingerprint
             replay = self._replay(intent, snapshot)
             if replay is not None:
                 return replay
@@ -1699,9 +1701,10 @@ class ContactPolicyService:
 
     def _snapshot(self, row: Sequence[Any]) -> _Snapshot:
         backend = self._backend
+        counted = backend.json(row[15]) or ()
         history = [
             _Sent(_utc(datetime.fromisoformat(at)), channel, category, journey_key)
-            for at, channel, category, journey_key in backend.json(row[15]) or ()
+            for at, channel, category, journey_key, _id in counted
         ]
         return _Snapshot(
             policy_version=row[0] or 0,
@@ -1720,6 +1723,7 @@ class ContactPolicyService:
             suppression_address=row[13],
             suppressed_because=row[14],
             history=history,
+            fingerprint=(len(counted), sum(int(entry[4]) for entry in counted)),
             waiting_priority=row[16],
         )
 
