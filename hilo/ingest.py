@@ -15,6 +15,8 @@ instances are told who their customer is now.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -170,19 +172,54 @@ class _Batch:
     devices: dict[tuple[str, str], Device] = field(default_factory=dict)
 
 
-_writers: weakref.WeakKeyDictionary[Store, threading.Lock] = weakref.WeakKeyDictionary()
+class _WriterTurn:
+    """A turn to write one SQLite file: first among this process's threads, then among the
+    processes that share the file (an advisory lock on a file beside it). A waiter blocks
+    and is woken as soon as the turn is free, where SQLite's busy handler would sleep."""
+
+    def __init__(self, database: str | None) -> None:
+        self._threads = threading.Lock()
+        self._path = f"{database}-writer" if database and database != ":memory:" else None
+        self._file: int | None = None
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        if self._path is None:
+            return
+        try:
+            if self._file is None:
+                self._file = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                weakref.finalize(self, os.close, self._file)
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+
+    def __exit__(self, *_exc: object) -> None:
+        try:
+            if self._file is not None:
+                fcntl.flock(self._file, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
+_writers: weakref.WeakKeyDictionary[Store, _WriterTurn] = weakref.WeakKeyDictionary()
 _writers_guard = threading.Lock()
 
 
 def writer_lock(store: Store) -> contextlib.AbstractContextManager[Any]:
-    """This process's turn to write to ``store``, for its busy writers (ingestion, the
-    dispatcher). SQLite has one writer at a time anyway; waiting here, the next one goes as
-    soon as the lock is free, where SQLite's busy handler sleeps in steps of up to 100 ms and
-    lets a steady stream of requests starve the dispatcher. No lock on PostgreSQL."""
+    """The turn to write to ``store``, for its busy writers (ingestion, the dispatcher, the
+    contact policy), across this process's threads and the processes sharing the file.
+    SQLite has one writer at a time anyway; waiting here, the next one goes as soon as the
+    turn is free, where SQLite's busy handler sleeps in steps of up to 100 ms and lets a
+    steady stream of requests starve the dispatcher. No lock on PostgreSQL."""
     if store.engine.dialect.name != "sqlite":
         return contextlib.nullcontext()
     with _writers_guard:
-        return _writers.setdefault(store, threading.Lock())
+        turn = _writers.get(store)
+        if turn is None:
+            turn = _writers[store] = _WriterTurn(store.engine.url.database)
+        return turn
 
 
 class Ingestor:

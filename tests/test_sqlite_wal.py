@@ -1,12 +1,17 @@
-"""The SQLite WAL is copied into the database by the store's own thread, not by a request."""
+"""SQLite as several writers share it: the WAL copied by the store's own thread, not by a
+request; the turn to write handed from process to process."""
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import sqlite3
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+from hilo.ingest import writer_lock
 from hilo.storage import WAL_AUTOCHECKPOINT_PAGES, Store
 
 
@@ -51,3 +56,43 @@ def test_the_checkpoint_thread_ends_with_the_store(tmp_path: Path) -> None:
     assert checkpointer is not None and checkpointer._thread.is_alive()
     store.dispose()
     assert not checkpointer._thread.is_alive()
+
+
+def hold_the_writer_turn(url: str, held: Any, release: Any) -> None:
+    """Another process: takes the turn to write, says so, keeps it until told."""
+    store = Store(url)
+    try:
+        with writer_lock(store):
+            held.set()
+            release.wait(timeout=30)
+    finally:
+        store.dispose()
+
+
+def test_the_turn_to_write_is_shared_with_other_processes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hilo.db'}"
+    store = Store(url)
+    context = multiprocessing.get_context("spawn")
+    held, release = context.Event(), context.Event()
+    other = context.Process(target=hold_the_writer_turn, args=(url, held, release))
+    other.start()
+    try:
+        assert held.wait(timeout=60)
+        got_it = threading.Event()
+
+        def take_turn() -> None:
+            with writer_lock(store):
+                got_it.set()
+
+        waiter = threading.Thread(target=take_turn)
+        waiter.start()
+        # The other process holds the turn: this one waits for it...
+        assert not got_it.wait(timeout=1.0)
+        release.set()
+        # ... and has it as soon as it is given back, not after a busy handler's sleep.
+        assert got_it.wait(timeout=5)
+        waiter.join()
+    finally:
+        release.set()
+        other.join(timeout=30)
+        store.dispose()
