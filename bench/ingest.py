@@ -43,7 +43,6 @@ import gzip
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -64,7 +63,7 @@ import httpx  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 
 from bench.common import cpu_seconds, percentile, run_async  # noqa: E402
-from hilo.devserver import free_port  # noqa: E402
+from hilo.devserver import free_port, stop_process_group  # noqa: E402
 from hilo.settings import DEV_WRITE_KEY  # noqa: E402
 
 TRACK_EVENTS = ("Product Viewed", "Product Added", "Checkout Started", "Coupon Applied")
@@ -149,15 +148,7 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process, timeout=20)
 
 
 # ---------------------------------------------------------------- the traffic

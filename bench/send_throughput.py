@@ -60,7 +60,7 @@ from activities.journey_activities import JourneyActivities  # noqa: E402
 from bench.common import cpu_seconds, percentile  # noqa: E402
 from hilo.channels.base import Delivery  # noqa: E402
 from hilo.channels.webhook import SignedWebhook, verify_signature  # noqa: E402
-from hilo.devserver import free_port  # noqa: E402
+from hilo.devserver import free_port, stop_process_group  # noqa: E402
 from hilo.journey_runs import SendRequest  # noqa: E402
 from hilo.storage import Store  # noqa: E402
 
@@ -186,15 +186,7 @@ class Receiver:
 
     def stop(self) -> None:
         self.client.close()
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        stop_process_group(self.process, timeout=10)
 
 
 # ---------------------------------------------------------------- measurement

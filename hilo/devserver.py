@@ -48,6 +48,21 @@ class _StartUpDeath(Exception):
     """The server process ended before its frontend answered."""
 
 
+def stop_process_group(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM a child started with ``start_new_session=True`` and its children; SIGKILL
+    them if they are still there after ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 @dataclass
 class DevServer:
     """``temporal server start-dev`` with a database file, UI optional."""
@@ -152,13 +167,5 @@ class DevServer:
         return "".join(f"\n  {line}" for line in tail)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_process_group(self.process, timeout)
