@@ -105,7 +105,7 @@ from hilo.consent import (
 from hilo.durations import Duration, format_duration, parse_duration
 from hilo.ingest import writer_lock
 from hilo.journeys import CHANNELS, JOURNEY_KEY, WEEKDAYS
-from hilo.storage import Store, make_engine, utcnow
+from hilo.storage import Store, utcnow
 
 __all__ = [
     "ENGAGEMENT_LOOKBACK",
@@ -1116,32 +1116,15 @@ class _InTurn:
                 self._held = False
 
 
-# Decisions between two checkpoints of the SQLite WAL: at three to five pages a decision, about
-# the 1000 pages SQLite's own automatic checkpoint lets pile up.
-_CHECKPOINT_EVERY = 200
+_sqlite_turns: weakref.WeakKeyDictionary[Store, _InTurn] = weakref.WeakKeyDictionary()
+_sqlite_turns_guard = threading.Lock()
 
 
-@dataclass
-class _SQLiteWriters:
-    """This process's decisions on one SQLite database: whose turn it is to write, and how
-    many committed since the last checkpoint."""
-
-    turn: _InTurn
-    since_checkpoint: int = 0
-
-
-_sqlite_writers: weakref.WeakKeyDictionary[Store, _SQLiteWriters] = weakref.WeakKeyDictionary()
-_sqlite_writers_guard = threading.Lock()
-
-
-def _writers_of(store: Store) -> _SQLiteWriters:
-    """Shared by all the services of this process on ``store``."""
-    with _sqlite_writers_guard:
-        return _sqlite_writers.setdefault(store, _SQLiteWriters(_InTurn()))
-
-
-def _no_automatic_checkpoint(connection: Any, _record: Any) -> None:
-    connection.execute("PRAGMA wal_autocheckpoint=0")
+def _turn_of(store: Store) -> _InTurn:
+    """This process's decisions on ``store`` write in the order they came (shared by all
+    the services of this process on it)."""
+    with _sqlite_turns_guard:
+        return _sqlite_turns.setdefault(store, _InTurn())
 
 
 class _SQLiteBackend(_Backend):
@@ -1151,18 +1134,13 @@ class _SQLiteBackend(_Backend):
     trait = "json_extract(p.traits, '$.' || :trait)"
 
     def __init__(self, store: Store) -> None:
+        # The store's connections: no commit of theirs copies the WAL into the database (the
+        # store's own thread does), so no decision waits behind a checkpoint.
         self.engine = store.engine
-        self.owns_engine = store.engine.url.database not in (None, "", ":memory:")
-        if self.owns_engine:
-            # Connections of its own that never checkpoint on commit: the commit that crosses
-            # the threshold copies the WAL into the database and syncs it, while every
-            # decision queued behind it waits. The checkpoint comes after the turn instead.
-            self.engine = make_engine(store.url)
-            event.listen(self.engine, "connect", _no_automatic_checkpoint)
         # Decisions wait for the database's single writer here, in the order they came, and
         # then in turn with ingestion and the dispatcher; SQLite's busy handler would sleep
         # in steps of up to 100 ms instead.
-        self.writers = _writers_of(store)
+        self.turn = _turn_of(store)
         self.writer = writer_lock(store)
         super().__init__()
         self.reservation_insert = _RESERVATION_INSERT
@@ -1171,20 +1149,9 @@ class _SQLiteBackend(_Backend):
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """The turn to write; then, every so many decisions, a checkpoint."""
-        with self.writers.turn, self.writer:
+        """The turn to write: first among this process's decisions, then among all writers."""
+        with self.turn, self.writer:
             yield
-            self.writers.since_checkpoint += 1
-            due = self.writers.since_checkpoint >= _CHECKPOINT_EVERY
-            if due:
-                self.writers.since_checkpoint = 0
-        if due and self.owns_engine:
-            proxied = self.engine.raw_connection()
-            try:
-                connection: Any = proxied.driver_connection
-                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            finally:
-                proxied.close()
 
     def when(self, moment: datetime | None) -> Any:
         # The text SQLAlchemy stores for DateTime on SQLite, so both read each other's rows.
@@ -1226,10 +1193,6 @@ class _SQLiteBackend(_Backend):
             reservation_id = int(tx.cursor.fetchone()[0])
         tx.cursor.execute(self.decision_insert, {**values, "reservation_id": reservation_id})
         return reservation_id
-
-    def close(self) -> None:
-        if self.owns_engine:
-            self.engine.dispose()
 
 
 class _PostgresBackend(_Backend):
