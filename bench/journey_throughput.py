@@ -57,7 +57,8 @@ with workflow.unsafe.imports_passed_through():
     import yaml
     from temporalio.api.enums.v1 import EventType
     from temporalio.client import Client, WorkflowHandle
-    from temporalio.worker import Worker
+    from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+    from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
     from bench.common import cpu_seconds, run_async
     from hilo.catalog import JourneyCatalog
@@ -299,6 +300,7 @@ class Bench:
             self.store,
             settings.task_queue,
             max_concurrent_activities=settings.max_concurrent_activities,
+            sandboxed=args.hilo_sandboxed,
         )
         # The bare side: a plain client, its own task queue, its own worker.
         self.bare_client = await Client.connect(
@@ -311,6 +313,10 @@ class Bench:
             workflows=[BareJourney],
             activities=[noop],
             max_concurrent_activities=settings.max_concurrent_activities,
+            # The SDK's default is the sandbox; Hilo's worker runs without (HILO_WORKFLOW_SANDBOX).
+            workflow_runner=(
+                UnsandboxedWorkflowRunner() if args.bare_unsandboxed else SandboxedWorkflowRunner()
+            ),
         )
         await stack.enter_async_context(hilo_worker)
         await stack.enter_async_context(bare_worker)
@@ -468,6 +474,8 @@ async def measure(bench: Bench, args: argparse.Namespace) -> None:
     sides = ("bare", "hilo") if args.sides == "both" else (args.sides,)
     warmup = min(args.journeys, 10)
     # Hilo goes first: one of its histories says what the bare journey must do.
+    runner = {False: "without the workflow sandbox", True: "in the workflow sandbox"}
+    print(f"  hilo runs {runner[args.hilo_sandboxed]}, bare {runner[not args.bare_unsandboxed]}")
     print(f"warm-up: {warmup} journeys of each side ...", flush=True)
     _round, sample = await bench.hilo_round(warmup)
     hilo_counts = await history_counts(sample)
@@ -538,6 +546,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("both", "hilo", "bare"),
         default="both",
         help="run one side only (to profile it); the ratio needs both",
+    )
+    parser.add_argument(
+        "--hilo-sandboxed",
+        action="store_true",
+        help="run Hilo's interpreter in the workflow sandbox (HILO_WORKFLOW_SANDBOX=true)",
+    )
+    parser.add_argument(
+        "--bare-unsandboxed",
+        action="store_true",
+        help="run the bare workflow without the sandbox (the SDK's default is with it)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: 20 journeys, 1 round")
     args = parser.parse_args(argv)

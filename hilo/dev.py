@@ -64,6 +64,7 @@ async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
             settings.task_queue,
             settings.max_concurrent_activities,
             activities=configured_activities(store),
+            sandboxed=settings.workflow_sandbox,
         )
         app = create_app(settings, store=store, client=client)
         api = _Api(

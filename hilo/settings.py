@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     admin_token: str = DEV_ADMIN_TOKEN
     examples_dir: Path = PROJECT_ROOT / "examples" / "journeys"
     max_concurrent_activities: int = 100
+    workflow_sandbox: bool = Field(
+        False,
+        description="Run the journey interpreter in Temporal's workflow sandbox: a guard for "
+        "changes to the interpreter itself, at about a quarter of the worker's CPU.",
+    )
     write_keys: dict[str, str] = Field(
         default_factory=dict,
         description="Segment write key -> source name, as JSON: "

@@ -158,11 +158,14 @@ class JourneyLab:
         env: WorkflowEnvironment,
         store: Store,
         max_steps_per_run: int = 500,
+        sandboxed: bool = False,
     ) -> AsyncIterator[JourneyLab]:
         from worker.main import build_worker
 
         task_queue = f"hilo-lab-{uuid.uuid4().hex[:8]}"
-        worker = build_worker(env.client, store, task_queue, max_concurrent_activities=20)
+        worker = build_worker(
+            env.client, store, task_queue, max_concurrent_activities=20, sandboxed=sandboxed
+        )
         router = EventRouter(store, env.client, task_queue, max_steps_per_run=max_steps_per_run)
         async with worker:
             yield cls(env, store, router)

@@ -76,5 +76,7 @@ def any_store(request: pytest.FixtureRequest) -> Store:
 
 @pytest.fixture
 async def lab(time_env: WorkflowEnvironment, store: Store) -> AsyncIterator[JourneyLab]:
-    async with JourneyLab.open(time_env, store) as journey_lab:
+    # Sandboxed: the journey tests also keep the interpreter free of what the sandbox forbids
+    # (production runs it without; the example simulations run it that way).
+    async with JourneyLab.open(time_env, store, sandboxed=True) as journey_lab:
         yield journey_lab

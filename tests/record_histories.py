@@ -25,7 +25,7 @@ async def record() -> None:
         store.migrate()
         env = await start_time_skipping()
         try:
-            async with JourneyLab.open(env, store) as lab:
+            async with JourneyLab.open(env, store, sandboxed=True) as lab:
                 store.upsert_profile(
                     "42", traits={"email": "a@example.com"}, consent={"push": True}
                 )

@@ -209,7 +209,12 @@ async def test_continue_as_new_keeps_position_and_message_ids(
     from hilo.storage import Store
 
     assert isinstance(store, Store)
-    async with JourneyLab.open(time_env, store, max_steps_per_run=max_steps_per_run) as lab:  # type: ignore[arg-type]
+    async with JourneyLab.open(
+        time_env,  # type: ignore[arg-type]
+        store,
+        max_steps_per_run=max_steps_per_run,
+        sandboxed=True,
+    ) as lab:
         shopper(lab)
         lab.publish(example("abandoned_cart"))
         begin = await lab.now()
