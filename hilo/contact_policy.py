@@ -875,21 +875,25 @@ _WAITING_SQL = """
       AND d.id = (SELECT max(id) FROM policy_decisions AS l WHERE l.message_id = d.message_id)
     ORDER BY d.priority DESC, d.defer_until
 """
-_RESERVATION_INSERT = """
+# {guard}: nothing, or the optimistic write's condition (below).
+_RESERVATION_INSERT_GUARDED = """
     INSERT INTO contact_reservations (message_id, customer_id, journey_key, channel, category,
         priority, counted, reserved_at, status, release_reason, updated_at)
-    VALUES (:message_id, :customer_id, :journey_key, :channel, :category,
-        :priority, :counted, :decided_at, 'reserved', NULL, :decided_at)
+    SELECT :message_id, :customer_id, :journey_key, :channel, :category,
+        :priority, :counted, :decided_at, 'reserved', NULL, :decided_at
+    {guard}
     RETURNING id
 """
-_RESERVATION_RENEW = """
+_RESERVATION_RENEW_GUARDED = """
     UPDATE contact_reservations SET status = 'reserved', release_reason = NULL,
         reserved_at = :decided_at, updated_at = :decided_at, counted = :counted,
         priority = :priority, journey_key = :journey_key, channel = :channel,
         category = :category
-    WHERE message_id = :message_id
+    WHERE message_id = :message_id {guard}
     RETURNING id
 """
+_RESERVATION_INSERT = _RESERVATION_INSERT_GUARDED.format(guard="")
+_RESERVATION_RENEW = _RESERVATION_RENEW_GUARDED.format(guard="")
 _DECISION_COLUMNS = (
     "message_id, customer_id, journey_key, channel, category, priority, decision, reason, "
     "rule, defer_until, reservation_id, policy_version, timezone, decided_at"
@@ -920,22 +924,12 @@ _UNCHANGED = """
            WHERE h.customer_id = :customer_id AND h.counted
              AND h.status IN ('reserved', 'used') AND h.reserved_at > :since)
 """
-_CHECKED_RESERVATION_INSERT = """
-    INSERT INTO contact_reservations (message_id, customer_id, journey_key, channel, category,
-        priority, counted, reserved_at, status, release_reason, updated_at)
-    SELECT :message_id, :customer_id, :journey_key, :channel, :category,
-        :priority, :counted, :decided_at, 'reserved', NULL, :decided_at
-    WHERE EXISTS (SELECT 1 FROM unchanged)
-    RETURNING id
-"""
-_CHECKED_RESERVATION_RENEW = """
-    UPDATE contact_reservations SET status = 'reserved', release_reason = NULL,
-        reserved_at = :decided_at, updated_at = :decided_at, counted = :counted,
-        priority = :priority, journey_key = :journey_key, channel = :channel,
-        category = :category
-    WHERE message_id = :message_id AND EXISTS (SELECT 1 FROM unchanged)
-    RETURNING id
-"""
+_CHECKED_RESERVATION_INSERT = _RESERVATION_INSERT_GUARDED.format(
+    guard="WHERE EXISTS (SELECT 1 FROM unchanged)"
+)
+_CHECKED_RESERVATION_RENEW = _RESERVATION_RENEW_GUARDED.format(
+    guard="AND EXISTS (SELECT 1 FROM unchanged)"
+)
 _CHECKED_ALLOW = f"""
     WITH unchanged AS ({_UNCHANGED}), r AS ({{reservation}})
     INSERT INTO policy_decisions ({_DECISION_COLUMNS})

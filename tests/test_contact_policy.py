@@ -317,13 +317,19 @@ def test_a_waiting_journey_that_never_came_back_stops_holding_the_slot(
 # ---------------------------------------------------------------- atomicity, reservations
 
 
-def test_fifty_sends_racing_for_the_last_slot_get_exactly_one_allow(
-    policy: ContactPolicyService, any_store: Store
-) -> None:
+def one_slot_left(policy: ContactPolicyService) -> datetime:
+    """A cap of 3 a day with 2 sends allowed already: the moment one slot is left."""
     set_rules(policy, **{"global": {"caps": [{"count": 3, "window": "24h"}]}})
     now = local(2026, 5, 4, 12, 0)
     for index in range(2):
         assert policy.decide(ask(f"early{index}"), now).outcome == "allow"
+    return now
+
+
+def test_fifty_sends_racing_for_the_last_slot_get_exactly_one_allow(
+    policy: ContactPolicyService, any_store: Store
+) -> None:
+    now = one_slot_left(policy)
     racers = 50
     # One service per thread, as fifty workers would have: only the database serialises them.
     services = [ContactPolicyService(any_store) for _ in range(racers)]
@@ -401,10 +407,7 @@ def test_worker_processes_racing_for_the_last_slot_get_exactly_one_allow(
 ) -> None:
     # Production runs several worker processes; no lock of ours crosses them, the
     # database's must. Four processes of ten threads, released together.
-    set_rules(policy, **{"global": {"caps": [{"count": 3, "window": "24h"}]}})
-    now = local(2026, 5, 4, 12, 0)
-    for index in range(2):
-        assert policy.decide(ask(f"early{index}"), now).outcome == "allow"
+    now = one_slot_left(policy)
     processes, racers = 4, 10
     context = multiprocessing.get_context("spawn")
     ready = context.Barrier(processes + 1)
