@@ -32,7 +32,7 @@ from sqlalchemy import (
     or_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.expression import Executable
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
@@ -434,6 +434,74 @@ class SendStatements:
         )
 
 
+@dataclass(frozen=True)
+class EntryStatements:
+    """The statements of an event's way into a journey and out of it (store the event,
+    find the last entry, record the new one, mark the event routed, record the end), built
+    once with bound parameters like :class:`SendStatements`: every journey runs each."""
+
+    event: Executable
+    event_routed_at: Executable
+    routed: Executable
+    latest_entry: Executable
+    started: Executable
+    ended: Executable
+
+    @classmethod
+    def build(cls, insert: Any) -> EntryStatements:
+        events = StoredEvent.__table__  # type: ignore[attr-defined]
+        instances = JourneyInstance.__table__  # type: ignore[attr-defined]
+        entries_so_far = (
+            select(func.coalesce(func.max(instances.c.entry), 0) + 1)
+            .where(instances.c.workflow_id == bindparam("workflow_id"))
+            .scalar_subquery()
+        )
+        started = insert(instances).values(
+            run_id=bindparam("run_id"),
+            workflow_id=bindparam("workflow_id"),
+            entry=entries_so_far,
+            journey_key=bindparam("journey_key"),
+            version=bindparam("version"),
+            customer_id=bindparam("customer_id"),
+            instance_key=bindparam("instance_key"),
+            trigger_message_id=bindparam("trigger_message_id"),
+            status="active",
+            holdout=bindparam("holdout"),
+            started_at=bindparam("started_at"),
+        )
+        return cls(
+            event=insert(events)
+            .on_conflict_do_nothing(index_elements=["message_id"])
+            .returning(events.c.message_id),
+            event_routed_at=select(events.c.routed_at).where(
+                events.c.message_id == bindparam("message_id")
+            ),
+            routed=update(events)
+            .where(events.c.message_id == bindparam("the_message_id"))
+            .values(routed_at=bindparam("now")),
+            latest_entry=select(instances)
+            .where(instances.c.workflow_id == bindparam("workflow_id"))
+            .order_by(instances.c.entry.desc())
+            .limit(1),
+            # The router and a retry of it may both record an entry: the second changes
+            # nothing but a holdout flag the first did not have.
+            started=started.on_conflict_do_update(
+                index_elements=["run_id"],
+                set_={"holdout": or_(instances.c.holdout, started.excluded.holdout)},
+            ),
+            ended=update(instances)
+            .where(instances.c.run_id == bindparam("the_run_id"))
+            .values(
+                holdout=or_(instances.c.holdout, bindparam("new_holdout")),
+                status=bindparam("new_status"),
+                exit_reason=bindparam("new_exit_reason"),
+                ended_at=bindparam("new_ended_at"),
+                converted_at=bindparam("new_converted_at"),
+                revenue=bindparam("new_revenue"),
+            ),
+        )
+
+
 class Store:
     """Database access shared by the API, the router and the activities."""
 
@@ -457,6 +525,10 @@ class Store:
     @cached_property
     def send_sql(self) -> SendStatements:
         return SendStatements.build(self._insert)
+
+    @cached_property
+    def entry_sql(self) -> EntryStatements:
+        return EntryStatements.build(self._insert)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -484,8 +556,19 @@ class Store:
 
     def get_profile(self, customer_id: str) -> Profile | None:
         """The customer's profile; an anonymous id merged into a known one leads there."""
-        with self.session() as session:
-            return _follow(session, customer_id)
+        with self.engine.connect() as connection:
+            return self._profile(connection, customer_id)
+
+    def _profile(self, connection: Connection, customer_id: str) -> Profile | None:
+        profile: Profile | None = None
+        wanted = customer_id
+        for _hop in range(5):  # merges chain at most a few times; never loop on bad data
+            found = connection.execute(self.send_sql.profile, {"customer_id": wanted}).first()
+            profile = Profile(**found._mapping) if found else None
+            if profile is None or profile.merged_into is None:
+                break
+            wanted = profile.merged_into
+        return profile
 
     def upsert_profile(
         self,
@@ -533,33 +616,37 @@ class Store:
         An event stored but not yet routed (routing failed midway) counts as new, so that
         the sender's retry routes it: nothing accepted is lost.
         """
-        with self.session() as session:
-            session.add(
-                StoredEvent(
-                    message_id=message_id,
-                    customer_id=customer_id,
-                    name=name,
-                    properties=properties,
-                    timestamp=timestamp,
-                    source=source,
-                )
-            )
-            try:
-                session.commit()  # insert first: a repeated message_id is the rare case
+        sql = self.entry_sql
+        with self.engine.begin() as connection:
+            # Insert first: a repeated message_id is the rare case.
+            inserted = connection.execute(
+                sql.event,
+                {
+                    "message_id": message_id,
+                    "customer_id": customer_id,
+                    "type": "track",
+                    "name": name,
+                    "properties": properties,
+                    "context": {},
+                    "user_id": None,
+                    "anonymous_id": None,
+                    "source": source,
+                    "timestamp": timestamp,
+                    "sent_at": None,
+                    "received_at": utcnow(),
+                    "routed_at": None,
+                },
+            ).first()
+            if inserted is not None:
                 return True
-            except IntegrityError:
-                session.rollback()
-            stored = session.get(StoredEvent, message_id)
-            return stored is not None and stored.routed_at is None
+            routed = connection.execute(sql.event_routed_at, {"message_id": message_id}).first()
+        return routed is not None and routed.routed_at is None
 
     def event_routed(self, message_id: str) -> None:
-        with self.session() as session:
-            session.exec(
-                update(StoredEvent)
-                .where(col(StoredEvent.message_id) == message_id)
-                .values(routed_at=utcnow())
+        with self.engine.begin() as connection:
+            connection.execute(
+                self.entry_sql.routed, {"the_message_id": message_id, "now": utcnow()}
             )
-            session.commit()
 
     # ------------------------------------------------------------ outbox
 
@@ -757,12 +844,11 @@ class Store:
 
     def get_instance(self, workflow_id: str) -> JourneyInstance | None:
         """The latest entry of an instance."""
-        with self.session() as session:
-            return session.exec(
-                select(JourneyInstance)
-                .where(JourneyInstance.workflow_id == workflow_id)
-                .order_by(col(JourneyInstance.entry).desc())
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                self.entry_sql.latest_entry, {"workflow_id": workflow_id}
             ).first()
+        return JourneyInstance.model_validate(dict(row._mapping)) if row else None
 
     def instance_started(
         self,
@@ -775,38 +861,23 @@ class Store:
         holdout: bool = False,
         trigger_message_id: str | None = None,
     ) -> None:
-        """Record an entry; the router and the workflow both call this, in either order."""
-        for _attempt in range(3):
-            with self.session() as session:
-                instance = session.get(JourneyInstance, run_id)
-                if instance is None:
-                    earlier = session.exec(
-                        select(JourneyInstance.entry)
-                        .where(JourneyInstance.workflow_id == workflow_id)
-                        .order_by(col(JourneyInstance.entry).desc())
-                    ).first()
-                    instance = JourneyInstance(
-                        run_id=run_id,
-                        workflow_id=workflow_id,
-                        entry=(earlier or 0) + 1,
-                        journey_key=journey_key,
-                        version=version,
-                        customer_id=customer_id,
-                        instance_key=instance_key,
-                        holdout=holdout,
-                        trigger_message_id=trigger_message_id,
-                    )
-                elif instance.holdout or not holdout:
-                    return  # already recorded by the other writer: nothing to change
-                else:
-                    instance.holdout = True
-                session.add(instance)
-                try:
-                    session.commit()
-                    return
-                except IntegrityError:
-                    session.rollback()  # the other writer got there first: update theirs
-        raise RuntimeError(f"could not record instance {workflow_id!r}")
+        """Record an entry, numbered after the instance's earlier ones; recording it again
+        changes nothing (but for a holdout flag)."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                self.entry_sql.started,
+                {
+                    "run_id": run_id,
+                    "workflow_id": workflow_id,
+                    "journey_key": journey_key,
+                    "version": version,
+                    "customer_id": customer_id,
+                    "instance_key": instance_key,
+                    "trigger_message_id": trigger_message_id,
+                    "holdout": holdout,
+                    "started_at": utcnow(),
+                },
+            )
 
     def instance_ended(
         self,
@@ -819,18 +890,19 @@ class Store:
         revenue: float | None,
         holdout: bool = False,
     ) -> None:
-        with self.session() as session:
-            instance = session.get(JourneyInstance, run_id)
-            if instance is None:
-                return
-            instance.holdout = instance.holdout or holdout
-            instance.status = status
-            instance.exit_reason = reason
-            instance.ended_at = ended_at
-            instance.converted_at = converted_at
-            instance.revenue = revenue
-            session.add(instance)
-            session.commit()
+        with self.engine.begin() as connection:
+            connection.execute(
+                self.entry_sql.ended,
+                {
+                    "the_run_id": run_id,
+                    "new_holdout": holdout,
+                    "new_status": status,
+                    "new_exit_reason": reason,
+                    "new_ended_at": ended_at,
+                    "new_converted_at": converted_at,
+                    "new_revenue": revenue,
+                },
+            )
 
     def active_instances(self, customer_id: str, journey_keys: set[str]) -> list[JourneyInstance]:
         if not journey_keys:
@@ -876,14 +948,7 @@ class Store:
         with self.engine.connect() as connection:
             row = connection.execute(sql.message, {"message_id": message_id}).first()
             message = Message(**row._mapping) if row else None
-            profile: Profile | None = None
-            wanted = customer_id
-            for _hop in range(5):  # an anonymous profile merged into a known one leads there
-                found = connection.execute(sql.profile, {"customer_id": wanted}).first()
-                profile = Profile(**found._mapping) if found else None
-                if profile is None or profile.merged_into is None:
-                    break
-                wanted = profile.merged_into
+            profile = self._profile(connection, customer_id)
             event = None
             if event_id:
                 found = connection.execute(sql.event, {"message_id": event_id}).first()
