@@ -12,6 +12,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from sqlalchemy.engine import Row
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -41,7 +42,7 @@ from hilo.journey_runs import (
     WindowRequest,
 )
 from hilo.journeys import WEEKDAYS, TimeWindow
-from hilo.storage import Device, Message, Profile, Store, StoredEvent
+from hilo.storage import Message, Store, utcnow
 
 # Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
 # audience syncs are not messages to the customer.
@@ -90,7 +91,7 @@ class JourneyActivities:
 
     @activity.defn(name=LOAD_PROFILE)
     def load_profile(self, request: ProfileRequest) -> ProfileSnapshot:
-        return _snapshot(self.store.get_profile(request.customer_id), request.customer_id)
+        return _snapshot(self.store.profile_row(request.customer_id), request.customer_id)
 
     @activity.defn(name=UPDATE_PROFILE)
     def update_profile(self, request: UpdateProfileRequest) -> None:
@@ -98,7 +99,7 @@ class JourneyActivities:
 
     @activity.defn(name=NEXT_WINDOW_OPENING)
     def next_window_opening(self, request: WindowRequest) -> WindowOpening:
-        profile = self.store.get_profile(request.customer_id)
+        profile = self.store.profile_row(request.customer_id)
         zone_name = (profile.timezone if profile else None) or self.default_timezone
         try:
             zone = ZoneInfo(zone_name)
@@ -172,7 +173,9 @@ class JourneyActivities:
             if decision.outcome == "skip":
                 skip = decision.reason
         if skip is not None:
-            return _result(self.store.record_message(self._ledger_row(request, provider, skip)))
+            return _result(
+                self.store.record_message(Message(**self._ledger_row(request, provider, skip)))
+            )
         unsubscribe_url = self.links.unsubscribe_url(
             request.message_id, profile.customer_id, request.channel
         )
@@ -181,11 +184,10 @@ class JourneyActivities:
             if stored is not None
             else self._render(request, profile, unsubscribe_url, _trigger_context(request, trigger))
         )
-        queued = self.store.queue_message(
+        # The ledger keeps the message as rendered; providers get it in their shape.
+        outgoing = self.store.queue_message(
             self._ledger_row(request, provider, None, content=content, recipient=recipient)
         )
-        # The ledger keeps the message as rendered; providers get it in their shape.
-        outgoing = dict(queued.content)
         if request.channel == "email":
             outgoing = templates.email_parts(outgoing)
             if "html" in outgoing and request.category == "marketing":
@@ -288,27 +290,36 @@ class JourneyActivities:
         skip: str | None,
         content: dict[str, str] | None = None,
         recipient: str | None = None,
-    ) -> Message:
-        return Message(
-            message_id=request.message_id,
-            workflow_id=request.workflow_id,
-            run_id=request.run_id,
-            journey_key=request.journey_key,
-            journey_version=request.journey_version,
-            customer_id=request.customer_id,
-            step_id=request.step_id,
-            iteration=request.iteration,
-            channel=request.channel,
-            template=request.template,
-            category=request.category,
-            content=content or {},
-            status="skipped" if skip else "queued",
-            reason=skip,
-            provider=provider.name,
-            recipient=recipient,
-            attempts=0 if skip else 1,
-            scheduled_at=request.scheduled_at,
-        )
+    ) -> dict[str, Any]:
+        """Every column of the message's ledger row (Message), as the store writes it."""
+        now = utcnow()
+        return {
+            "message_id": request.message_id,
+            "workflow_id": request.workflow_id,
+            "run_id": request.run_id,
+            "journey_key": request.journey_key,
+            "journey_version": request.journey_version,
+            "customer_id": request.customer_id,
+            "step_id": request.step_id,
+            "iteration": request.iteration,
+            "channel": request.channel,
+            "template": request.template,
+            "category": request.category,
+            "content": content or {},
+            "status": "skipped" if skip else "queued",
+            "reason": skip,
+            "provider": provider.name,
+            "provider_message_id": None,
+            "recipient": recipient,
+            "attempts": 0 if skip else 1,
+            "scheduled_at": request.scheduled_at,
+            "created_at": now,
+            "sent_at": None,
+            "delivered_at": None,
+            "opened_at": None,
+            "clicked_at": None,
+            "updated_at": now,
+        }
 
     def _skip_reason(
         self, request: SendRequest, profile: ProfileSnapshot, recipient: str | None
@@ -351,7 +362,7 @@ def next_opening(now: datetime, window: TimeWindow, zone: ZoneInfo) -> datetime:
     raise AssertionError("a window with at least one day opens within a week")
 
 
-def _snapshot(profile: Profile | None, customer_id: str) -> ProfileSnapshot:
+def _snapshot(profile: Row[Any] | None, customer_id: str) -> ProfileSnapshot:
     if profile is None:
         return ProfileSnapshot(customer_id=customer_id)
     return ProfileSnapshot(
@@ -368,8 +379,9 @@ def _mentions_promotions(content: dict[str, str]) -> bool:
     return any("promotions" in source for source in content.values())
 
 
-def _trigger_context(request: SendRequest, event: StoredEvent | None) -> dict[str, Any]:
-    """What templates see under ``trigger``: the same shape as CustomerEvent.as_context()."""
+def _trigger_context(request: SendRequest, event: Row[Any] | None) -> dict[str, Any]:
+    """What templates see under ``trigger`` (from the stored event's row): the same shape as
+    CustomerEvent.as_context()."""
     if request.trigger is not None:
         return request.trigger
     if event is None:
@@ -384,7 +396,7 @@ def _trigger_context(request: SendRequest, event: StoredEvent | None) -> dict[st
     }
 
 
-def _recipient(channel: str, profile: ProfileSnapshot, devices: list[Device]) -> str | None:
+def _recipient(channel: str, profile: ProfileSnapshot, devices: list[Row[Any]]) -> str | None:
     trait = ADDRESS_TRAITS.get(channel)
     if trait:
         value = profile.traits.get(trait)
@@ -403,7 +415,7 @@ def _recipient(channel: str, profile: ProfileSnapshot, devices: list[Device]) ->
     return None
 
 
-def _result(message: Message) -> SendResult:
+def _result(message: Message | Row[Any]) -> SendResult:
     # Feedback (delivered, opened ...) may have moved the row on: to the journey it was sent.
     status = message.status if message.status in ("sent", "skipped", "failed") else "sent"
     return SendResult(

@@ -7,7 +7,7 @@ exactly what a customer would receive. Real providers live in :mod:`hilo.channel
 from __future__ import annotations
 
 from hilo.channels.base import ChannelProvider, Delivery
-from hilo.storage import CapturedMessage, Store
+from hilo.storage import Store, utcnow
 
 __all__ = ["CaptureProvider", "ChannelProvider"]
 
@@ -22,15 +22,16 @@ class CaptureProvider:
 
     def deliver(self, delivery: Delivery) -> str:
         row_id = self.store.capture(
-            CapturedMessage(
-                message_id=delivery.message_id,
-                channel=delivery.channel,
-                template=delivery.template,
-                customer_id=delivery.customer_id,
-                journey_key=delivery.journey_key,
-                step_id=delivery.step_id,
-                recipient=(delivery.recipient or "")[:320] or None,
-                content=delivery.content,
-            )
+            {
+                "message_id": delivery.message_id,
+                "channel": delivery.channel,
+                "template": delivery.template,
+                "customer_id": delivery.customer_id,
+                "journey_key": delivery.journey_key,
+                "step_id": delivery.step_id,
+                "recipient": (delivery.recipient or "")[:320] or None,
+                "content": delivery.content,
+                "captured_at": utcnow(),
+            }
         )
         return f"capture-{row_id}"

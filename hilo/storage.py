@@ -32,7 +32,7 @@ from sqlalchemy import (
     or_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.expression import Executable
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
@@ -556,19 +556,24 @@ class Store:
 
     def get_profile(self, customer_id: str) -> Profile | None:
         """The customer's profile; an anonymous id merged into a known one leads there."""
+        found = self.profile_row(customer_id)
+        return Profile(**found._mapping) if found else None
+
+    def profile_row(self, customer_id: str) -> Row[Any] | None:
+        """The row :meth:`get_profile` finds, without building a model of it: the journeys'
+        reads take only a few of its fields, and the model costs more than the read."""
         with self.engine.connect() as connection:
             return self._profile(connection, customer_id)
 
-    def _profile(self, connection: Connection, customer_id: str) -> Profile | None:
-        profile: Profile | None = None
+    def _profile(self, connection: Connection, customer_id: str) -> Row[Any] | None:
+        found = None
         wanted = customer_id
         for _hop in range(5):  # merges chain at most a few times; never loop on bad data
             found = connection.execute(self.send_sql.profile, {"customer_id": wanted}).first()
-            profile = Profile(**found._mapping) if found else None
-            if profile is None or profile.merged_into is None:
+            if found is None or found.merged_into is None:
                 break
-            wanted = profile.merged_into
-        return profile
+            wanted = found.merged_into
+        return found
 
     def upsert_profile(
         self,
@@ -937,46 +942,43 @@ class Store:
         customer_id: str,
         device_kind: str | None = None,
         event_id: str | None = None,
-    ) -> tuple[Message | None, Profile | None, list[Device], StoredEvent | None]:
+    ) -> tuple[Row[Any] | None, Row[Any] | None, list[Row[Any]], Row[Any] | None]:
         """What a send needs to know first, on one connection: its ledger row, the profile,
-        the customer's active devices of ``device_kind`` and the triggering event.
+        the customer's active devices of ``device_kind`` and the triggering event, as rows
+        (with the columns of Message, Profile, Device and StoredEvent).
 
-        Statements built once with bound parameters, no session: this runs before every
-        send, and building a statement or a unit of work costs more than the reads.
+        Statements built once with bound parameters, no session and no models: this runs
+        before every send, and building any of them costs more than the reads.
         """
         sql = self.send_sql
         with self.engine.connect() as connection:
-            row = connection.execute(sql.message, {"message_id": message_id}).first()
-            message = Message(**row._mapping) if row else None
+            message = connection.execute(sql.message, {"message_id": message_id}).first()
             profile = self._profile(connection, customer_id)
             event = None
             if event_id:
-                found = connection.execute(sql.event, {"message_id": event_id}).first()
-                event = StoredEvent(**found._mapping) if found else None
-            devices: list[Device] = []
+                event = connection.execute(sql.event, {"message_id": event_id}).first()
+            devices: list[Row[Any]] = []
             if device_kind is not None:
                 owner = profile.customer_id if profile else customer_id
-                devices = [
-                    Device(**found._mapping)
-                    for found in connection.execute(
-                        sql.devices, {"customer_id": owner, "kind": device_kind}
-                    )
-                ]
+                devices = list(
+                    connection.execute(sql.devices, {"customer_id": owner, "kind": device_kind})
+                )
             return message, profile, devices, event
 
-    def queue_message(self, message: Message) -> Message:
-        """The ledger row before the provider is called, or the row an earlier attempt left;
-        counts the attempt. On every send's path, hence the prepared statements."""
+    def queue_message(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Write the ledger row (every column of Message) before the provider is called;
+        the content to send: this one's, or the one an earlier attempt queued, whose attempt
+        it counts. On every send's path, hence the prepared statements."""
         sql = self.send_sql
         with self.engine.begin() as connection:
-            inserted = connection.execute(sql.queue, message.model_dump()).first()
+            inserted = connection.execute(sql.queue, message).first()
             if inserted is not None:
-                return message
+                return dict(message["content"])
             connection.execute(
-                sql.count_attempt, {"the_message_id": message.message_id, "now": utcnow()}
+                sql.count_attempt, {"the_message_id": message["message_id"], "now": utcnow()}
             )
-            stored = connection.execute(sql.message, {"message_id": message.message_id}).one()
-        return Message.model_validate(dict(stored._mapping))
+            stored = connection.execute(sql.message, {"message_id": message["message_id"]}).one()
+        return dict(stored.content)
 
     def message_outcome(
         self,
@@ -1055,16 +1057,16 @@ class Store:
                 query = query.where(CapturedMessage.customer_id == customer_id)
             return list(session.exec(query.order_by(CapturedMessage.id)))  # type: ignore[arg-type]
 
-    def capture(self, message: CapturedMessage) -> int:
-        """Store what the capture provider received, once per message id; its row id."""
+    def capture(self, message: dict[str, Any]) -> int:
+        """Store what the capture provider received (every column of CapturedMessage but
+        its id), once per message id; its row id."""
         sql = self.send_sql
         with self.engine.begin() as connection:
-            inserted = connection.execute(sql.capture, message.model_dump(exclude={"id"})).scalar()
+            inserted = connection.execute(sql.capture, message).scalar()
             if inserted is not None:
                 return int(inserted)
-            return int(
-                connection.execute(sql.captured_id, {"message_id": message.message_id}).scalar_one()
-            )
+            earlier = connection.execute(sql.captured_id, {"message_id": message["message_id"]})
+            return int(earlier.scalar_one())
 
     def instances_of_customer(self, customer_id: str) -> list[JourneyInstance]:
         with self.session() as session:
