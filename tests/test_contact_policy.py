@@ -15,6 +15,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import text
 from sqlmodel import select
 from typer.testing import CliRunner
 
@@ -454,6 +455,31 @@ def test_releasing_an_unused_reservation_frees_its_slot(policy: ContactPolicySer
     assert not policy.release("m3", "too late: it was sent")
     # The released message asks again: decided afresh, and the slot is m3's now.
     assert policy.decide(ask("m1"), now).outcome == "skip"
+
+
+def test_decisions_go_on_after_postgresql_closed_the_decisions_connections(
+    pg_store: Store,
+) -> None:
+    """A connection the server closed while idle (restart, idle timeout, failover) is
+    replaced at the next decision, not handed out broken."""
+    pg_store.upsert_profile("ana", traits={"email": "ana@example.com"}, consent={"email": True})
+    service = ContactPolicyService(pg_store)
+    try:
+        now = local(2026, 5, 4, 12, 0)
+        assert service.decide(ask("m1"), now).outcome == "allow"
+        with pg_store.engine.begin() as connection:
+            closed = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND query LIKE '%hilo_policy%'"
+                )
+            ).scalar_one()
+        assert closed >= 1
+        assert service.decide(ask("m2"), now + timedelta(hours=1)).outcome == "allow"
+        assert service.decide(ask("m1"), now).outcome == "allow"  # answered from the store
+    finally:
+        service.close()
 
 
 def test_every_decision_is_stored_and_an_allow_is_answered_again_from_the_store(
