@@ -3,11 +3,13 @@ that listen to it, found through the instance table (never a visibility query).
 
 The published journeys are cached in memory and read again when the catalog changes
 through the same :class:`Store` or after ``catalog_ttl`` seconds (a change made by another
-process).
+process). The store's calls run in a thread: a SQLite write waiting for the writer's turn
+must not stop the event loop (the API's and the dispatcher's) meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -93,7 +95,8 @@ class EventRouter:
         The API stores events through :mod:`hilo.ingest` and the dispatcher delivers them;
         this shortcut serves embedded use (simulations, benchmarks).
         """
-        stored = self.store.record_event(
+        stored = await asyncio.to_thread(
+            self.store.record_event,
             event.message_id,
             event.customer_id,
             event.name,
@@ -105,7 +108,7 @@ class EventRouter:
             return RouteResult(duplicate=True)
         result = await self.deliver(event)
         # Only now is the event done: a failure above leaves it to be routed again on retry.
-        self.store.event_routed(event.message_id)
+        await asyncio.to_thread(self.store.event_routed, event.message_id)
         return result
 
     async def deliver(self, event: CustomerEvent) -> RouteResult:
@@ -133,7 +136,8 @@ class EventRouter:
             for journey, _version, definition in journeys
             if event.name in definition.listens_to()
         }
-        for instance in self.store.active_instances(event.customer_id, listening):
+        active = await asyncio.to_thread(self.store.active_instances, event.customer_id, listening)
+        for instance in active:
             if instance.workflow_id in result.started:
                 continue
             if await self._signal(self.client.get_workflow_handle(instance.workflow_id), event):
@@ -158,7 +162,7 @@ class EventRouter:
                 return
             instance_key = str(value)
         workflow_id = journey_workflow_id(journey.key, event.customer_id, instance_key)
-        previous = self.store.get_instance(workflow_id)
+        previous = await asyncio.to_thread(self.store.get_instance, workflow_id)
         entry = definition.entry
         if previous is not None and previous.trigger_message_id == event.message_id:
             result.not_entered[journey.key] = "already entered from this event"
@@ -211,7 +215,8 @@ class EventRouter:
         except WorkflowAlreadyStartedError:
             result.not_entered[journey.key] = "already in this journey"
             return
-        self.store.instance_started(
+        await asyncio.to_thread(
+            self.store.instance_started,
             workflow_id=workflow_id,
             journey_key=journey.key,
             version=version.version,

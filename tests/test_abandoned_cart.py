@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from datetime import timedelta
 
 import pytest
@@ -250,3 +252,28 @@ async def test_holdout_customers_enter_but_get_no_sends(lab: JourneyLab) -> None
         assert instance is not None
         assert instance.holdout == (customer in held_out)
         assert len(lab.store.messages(customer)) == (0 if customer in held_out else 1)
+
+
+async def test_routing_waits_for_the_database_without_stopping_the_event_loop(
+    lab: JourneyLab,
+) -> None:
+    """Another writer holds SQLite's write lock: the event waits for it in a thread while the
+    event loop (the API's, the dispatcher's) goes on, and is routed once the lock is free."""
+    shopper(lab)
+    lab.publish(example("abandoned_cart"))
+    holder = sqlite3.connect(lab.store.engine.url.database or "", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        routing = asyncio.create_task(lab.send("Cart Abandoned", "42", **CART))
+        ticks = 0
+        for _ in range(30):  # 0.3 s of a loop that must keep turning
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not routing.done()  # still waiting for the write lock
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    route = await asyncio.wait_for(routing, 30)
+    assert ticks == 30
+    assert route.started == [WID]
+    assert (await lab.result(WID)).status == "completed"
