@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -39,6 +39,7 @@ from hilo.storage import (
     ConsentChange,
     Device,
     Identity,
+    JourneyInstance,
     OutboxEntry,
     Profile,
     Store,
@@ -807,3 +808,36 @@ async def test_a_customers_events_reach_the_journey_in_the_order_accepted(
     result = await lab.result("journey/abandoned_cart/o-1/c1")
     assert (result.status, result.reason) == ("exited", "purchased")
     assert lab.store.outbox_size() == 0
+
+
+def test_an_events_entry_and_end_are_recorded_once_on_either_database(any_store: Store) -> None:
+    """The router's bookkeeping: an event stored once (and again only while unrouted), each
+    entry of an instance numbered after the earlier ones, a repeated record changing nothing
+    but a holdout flag, and the end written on the entry."""
+    moment = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    assert any_store.record_event("e1", "ana", "Cart Abandoned", {"cart_id": "c1"}, moment, "t")
+    assert any_store.record_event("e1", "ana", "Cart Abandoned", {}, moment, "t")  # unrouted
+    any_store.event_routed("e1")
+    assert not any_store.record_event("e1", "ana", "Cart Abandoned", {}, moment, "t")
+
+    workflow_id = "journey/abandoned_cart/ana/c1"
+    assert any_store.get_instance(workflow_id) is None
+    for _ in range(2):  # the router's retry records the same entry again
+        any_store.instance_started(workflow_id, "abandoned_cart", 1, "ana", "c1", "run-1")
+    any_store.instance_started(workflow_id, "abandoned_cart", 1, "ana", "c1", "run-1", True)
+    any_store.instance_ended(workflow_id, "run-1", "completed", None, moment, moment, 80.0)
+    any_store.instance_started(workflow_id, "abandoned_cart", 2, "ana", "c1", "run-2")
+
+    latest = any_store.get_instance(workflow_id)
+    assert latest is not None
+    assert (latest.run_id, latest.entry, latest.version, latest.status) == (
+        "run-2",
+        2,
+        2,
+        "active",
+    )
+    with any_store.session() as session:
+        first = session.get(JourneyInstance, "run-1")
+    assert first is not None
+    assert (first.entry, first.holdout, first.status, first.revenue) == (1, True, "completed", 80.0)
+    assert first.converted_at is not None and first.ended_at is not None
