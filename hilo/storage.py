@@ -289,15 +289,6 @@ class CapturedMessage(SQLModel, table=True):
     captured_at: datetime = Field(default_factory=utcnow)
 
 
-def _follow(session: Session, customer_id: str) -> Profile | None:
-    profile = session.get(Profile, customer_id)
-    for _hop in range(5):  # merges chain at most a few times; never loop on bad data
-        if profile is None or profile.merged_into is None:
-            return profile
-        profile = session.get(Profile, profile.merged_into)
-    return profile
-
-
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets the API read while the worker writes; busy_timeout waits instead of failing.
@@ -441,7 +432,6 @@ class EntryStatements:
     once with bound parameters like :class:`SendStatements`: every journey runs each."""
 
     event: Executable
-    event_routed_at: Executable
     routed: Executable
     latest_entry: Executable
     started: Executable
@@ -473,9 +463,6 @@ class EntryStatements:
             event=insert(events)
             .on_conflict_do_nothing(index_elements=["message_id"])
             .returning(events.c.message_id),
-            event_routed_at=select(events.c.routed_at).where(
-                events.c.message_id == bindparam("message_id")
-            ),
             routed=update(events)
             .where(events.c.message_id == bindparam("the_message_id"))
             .values(routed_at=bindparam("now")),
@@ -644,8 +631,8 @@ class Store:
             ).first()
             if inserted is not None:
                 return True
-            routed = connection.execute(sql.event_routed_at, {"message_id": message_id}).first()
-        return routed is not None and routed.routed_at is None
+            stored = connection.execute(self.send_sql.event, {"message_id": message_id}).first()
+        return stored is not None and stored.routed_at is None
 
     def event_routed(self, message_id: str) -> None:
         with self.engine.begin() as connection:
@@ -758,9 +745,8 @@ class Store:
 
     def resolve_customer(self, customer_id: str) -> str:
         """The customer an id stands for now: a merged anonymous profile points on."""
-        with self.session() as session:
-            profile = _follow(session, customer_id)
-            return profile.customer_id if profile is not None else customer_id
+        profile = self.profile_row(customer_id)
+        return profile.customer_id if profile is not None else customer_id
 
     # ------------------------------------------------------------ journeys
 
