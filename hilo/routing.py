@@ -205,7 +205,9 @@ class EventRouter:
                 ),
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 search_attributes=(
-                    start_search_attributes(journey.key, event.customer_id, version.version)
+                    start_search_attributes(
+                        journey.key, event.customer_id, version.version, definition
+                    )
                     if self.search_attributes
                     else None
                 ),

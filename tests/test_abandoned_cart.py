@@ -7,8 +7,11 @@ import sqlite3
 from datetime import timedelta
 
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
+from temporalio.converter import decode_typed_search_attributes
 
+from hilo import search_attributes as attrs
 from hilo.journeys import JourneyDefinition
 from hilo.simulation import JourneyLab
 from tests.conftest import example
@@ -44,6 +47,44 @@ async def test_no_purchase_runs_the_whole_sequence(lab: JourneyLab) -> None:
     first = lab.store.captured("42")[0]
     assert first.recipient == "ana@example.com"
     assert first.content["subject"] == "You left Mug in your cart"
+
+
+async def test_search_attributes_show_each_lasting_step_once(lab: JourneyLab) -> None:
+    shopper(lab)
+    lab.publish(example("abandoned_cart"))
+    await lab.send("Cart Abandoned", "42", **CART)
+    handle = lab.handles[WID]
+    # The opening wait is in the attributes the instance starts with: an operator finds it
+    # there before its first workflow task, which then has nothing to upsert.
+    held = (await handle.describe()).typed_search_attributes
+    assert (held.get(attrs.STEP), held.get(attrs.STATUS), held.get(attrs.WAITING_FOR)) == (
+        "first_reminder_delay",
+        "waiting",
+        ["Order Completed"],
+    )
+    await lab.result(WID)
+    upserts = [
+        decode_typed_search_attributes(
+            event.upsert_workflow_search_attributes_event_attributes.search_attributes
+        )
+        for event in (await handle.fetch_history()).events
+        if event.event_type == EventType.EVENT_TYPE_UPSERT_WORKFLOW_SEARCH_ATTRIBUTES
+    ]
+    assert [
+        (found.get(attrs.STEP), found.get(attrs.STATUS), found.get(attrs.WAITING_FOR))
+        for found in upserts
+    ] == [
+        ("back_on_site", "waiting_for", ["Order Completed", "Page Viewed"]),
+        ("second_reminder_delay", "waiting", ["Order Completed"]),
+        ("retargeting_delay", "waiting", ["Order Completed"]),
+        (None, "completed", []),
+    ]
+    held = (await handle.describe()).typed_search_attributes
+    assert (held.get(attrs.STEP), held.get(attrs.STATUS), held.get(attrs.WAITING_FOR)) == (
+        "retargeting_delay",
+        "completed",
+        [],
+    )
 
 
 async def test_push_only_with_push_consent(lab: JourneyLab) -> None:

@@ -58,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
         BranchStep,
         ExitStep,
         HandoffStep,
+        JourneyDefinition,
         Node,
         SendStep,
         SplitStep,
@@ -96,6 +97,9 @@ class JourneyWorkflow:
         self.profile: ProfileSnapshot | None = None
         self.steps_this_run = 0
         self.seen: dict[str, None] = {}  # recent event ids, oldest first
+        # The step, status and awaited events the server holds for this run: set at start
+        # (for a journey that opens with a wait) or by the last upsert.
+        self.shown = _held(workflow.info().typed_search_attributes)
 
     # ------------------------------------------------------------ signals and queries
 
@@ -492,6 +496,9 @@ class JourneyWorkflow:
         )
         if self.input.search_attributes and status in LASTING_STATUSES:
             waiting = sorted(self.listening | {rule.event for rule in self.definition.exit})
+            shown = (step.id, status, tuple(waiting))
+            if shown == self.shown:
+                return  # the server holds these already: no history event, no visibility write
             workflow.upsert_search_attributes(
                 [
                     attrs.STEP.value_set(step.id),
@@ -499,6 +506,7 @@ class JourneyWorkflow:
                     attrs.WAITING_FOR.value_set(waiting),
                 ]
             )
+            self.shown = shown
 
     async def _finish(self, status: InstanceStatus, reason: str | None) -> JourneyResult:
         info = workflow.info()
@@ -514,6 +522,7 @@ class JourneyWorkflow:
                 attrs.WAITING_FOR.value_set([]),
             ]
             workflow.upsert_search_attributes(updates)
+            self.shown = None
         await self._activity(
             FINISH,
             FinishRequest(
@@ -546,17 +555,53 @@ def _number(properties: dict[str, Any], path: str) -> float | None:
 
 
 def start_search_attributes(
-    journey_key: str, customer_id: str, version: int
+    journey_key: str, customer_id: str, version: int, definition: JourneyDefinition | None = None
 ) -> TypedSearchAttributes:
-    """Set at start, so an instance is findable before its first step runs."""
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(attrs.JOURNEY, journey_key),
-            SearchAttributePair(attrs.CUSTOMER, customer_id),
-            SearchAttributePair(attrs.JOURNEY_VERSION, version),
-            SearchAttributePair(attrs.STATUS, "starting"),
+    """Set at start, so an instance is findable before its first step runs.
+
+    A journey that opens with a timed wait or a ``wait_for`` (most do: abandoned cart,
+    post-purchase, win-back) starts showing that step, so its first workflow task has nothing
+    to upsert: one visibility write less per journey.
+    """
+    pairs: list[SearchAttributePair[Any]] = [
+        SearchAttributePair(attrs.JOURNEY, journey_key),
+        SearchAttributePair(attrs.CUSTOMER, customer_id),
+        SearchAttributePair(attrs.JOURNEY_VERSION, version),
+    ]
+    opening = _opening(definition) if definition is not None else None
+    if opening is None:
+        pairs.append(SearchAttributePair(attrs.STATUS, "starting"))
+    else:
+        step, status, waiting = opening
+        pairs += [
+            SearchAttributePair(attrs.STEP, step),
+            SearchAttributePair(attrs.STATUS, status),
+            SearchAttributePair(attrs.WAITING_FOR, list(waiting)),
         ]
-    )
+    return TypedSearchAttributes(pairs)
+
+
+def _opening(definition: JourneyDefinition) -> tuple[str, str, tuple[str, ...]] | None:
+    """What ``_show`` will write at the first step, when that is known before it runs: a wait
+    of a set duration or a ``wait_for`` (a wait for a time window or the best hour asks an
+    activity first)."""
+    if not definition.steps:
+        return None
+    first = definition.steps[0]
+    exits = {rule.event for rule in definition.exit}
+    if isinstance(first, WaitStep) and first.duration is not None:
+        return first.id, "waiting", tuple(sorted(exits))
+    if isinstance(first, WaitForStep):
+        listening = {outcome.event for outcome in first.events}
+        return first.id, "waiting_for", tuple(sorted(listening | exits))
+    return None
+
+
+def _held(held: TypedSearchAttributes) -> tuple[str, str, tuple[str, ...]] | None:
+    step, status = held.get(attrs.STEP), held.get(attrs.STATUS)
+    if step is None or status is None:
+        return None
+    return step, status, tuple(held.get(attrs.WAITING_FOR) or ())
 
 
 __all__ = ["JourneyWorkflow", "compile_steps", "start_search_attributes"]
