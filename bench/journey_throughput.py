@@ -10,11 +10,12 @@ One Temporal dev server (in memory) and one SQLite store serve both sides:
   Hilo journey did (read from its history), in the same order, with activities that do nothing,
   started with ``client.start_workflow`` on its own task queue and worker.
 
-Each round starts N journeys and times from the first start to the last completion. Rounds
-alternate (bare, hilo, bare, hilo, ...) after a warm-up of each, so that machine noise hits
-both sides; the table gives the median and the best round of each and their ratio.
+Each round starts N journeys and times from the first start to the last completion. After a
+warm-up of each side, rounds alternate in pairs (bare, hilo, then hilo, bare, ...) so that
+machine noise hits both sides; the table gives the median and the best round of each and
+their ratio, and the ratio within each pair of neighbouring rounds.
 
-    .venv/bin/python bench/journey_throughput.py               # 200 journeys, 3 rounds each
+    .venv/bin/python bench/journey_throughput.py               # 200 journeys, 5 rounds each
     .venv/bin/python bench/journey_throughput.py --journeys 500 --rounds 2
     .venv/bin/python bench/journey_throughput.py --quick       # smoke test: 20 journeys, 1 round
 """
@@ -27,6 +28,7 @@ import atexit
 import contextlib
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -458,6 +460,17 @@ def report(
             f"{best['hilo'].rate / best['bare'].rate:.2f} (best rounds); "
             f"{verdict} the {TARGET_RATIO} target"
         )
+        pairs = [
+            first.rate / second.rate if first.side == "hilo" else second.rate / first.rate
+            for first, second in zip(rounds[::2], rounds[1::2], strict=False)
+            if {first.side, second.side} == {"hilo", "bare"}
+        ]
+        if pairs:
+            print(
+                "  hilo/bare in each pair of neighbouring rounds: "
+                + ", ".join(f"{ratio:.2f}" for ratio in pairs)
+                + f" (median {statistics.median(pairs):.2f})"
+            )
         if args.quick:
             print("  (smoke test: too few journeys to load the machine; the ratio means little)")
         floor = hilo_counts.timer_seconds
@@ -494,7 +507,9 @@ async def measure(bench: Bench, args: argparse.Namespace) -> None:
             raise RuntimeError(f"the bare journey differs: {bare_counts.line()}")
     rounds: list[Round] = []
     for number in range(1, args.rounds + 1):
-        for side in sides:
+        # ABBA: bare-hilo, then hilo-bare, ... so that a machine growing slower or faster over
+        # the run favours neither side.
+        for side in sides if number % 2 else sides[::-1]:
             if side == "bare":
                 result, _handle = await bench.bare_round(args.journeys, hilo_counts.plan)
             else:
@@ -535,7 +550,7 @@ async def main(args: argparse.Namespace) -> int:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--journeys", type=int, default=200, help="journeys per round (200)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each side (3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of each side (5)")
     parser.add_argument("--wait", type=int, default=1, help="seconds of each wait (1)")
     parser.add_argument(
         "--concurrency", type=int, default=20, help="events routed / workflows started at once"
