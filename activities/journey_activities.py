@@ -12,7 +12,6 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy.engine import Row
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -42,7 +41,7 @@ from hilo.journey_runs import (
     WindowRequest,
 )
 from hilo.journeys import WEEKDAYS, TimeWindow
-from hilo.storage import Message, Store, utcnow
+from hilo.storage import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, Store, utcnow
 
 # Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
 # audience syncs are not messages to the customer.
@@ -362,7 +361,7 @@ def next_opening(now: datetime, window: TimeWindow, zone: ZoneInfo) -> datetime:
     raise AssertionError("a window with at least one day opens within a week")
 
 
-def _snapshot(profile: Row[Any] | None, customer_id: str) -> ProfileSnapshot:
+def _snapshot(profile: ProfileRow | None, customer_id: str) -> ProfileSnapshot:
     if profile is None:
         return ProfileSnapshot(customer_id=customer_id)
     return ProfileSnapshot(
@@ -379,7 +378,7 @@ def _mentions_promotions(content: dict[str, str]) -> bool:
     return any("promotions" in source for source in content.values())
 
 
-def _trigger_context(request: SendRequest, event: Row[Any] | None) -> dict[str, Any]:
+def _trigger_context(request: SendRequest, event: EventRow | None) -> dict[str, Any]:
     """What templates see under ``trigger`` (from the stored event's row): the same shape as
     CustomerEvent.as_context()."""
     if request.trigger is not None:
@@ -396,7 +395,7 @@ def _trigger_context(request: SendRequest, event: Row[Any] | None) -> dict[str, 
     }
 
 
-def _recipient(channel: str, profile: ProfileSnapshot, devices: list[Row[Any]]) -> str | None:
+def _recipient(channel: str, profile: ProfileSnapshot, devices: list[DeviceRow]) -> str | None:
     trait = ADDRESS_TRAITS.get(channel)
     if trait:
         value = profile.traits.get(trait)
@@ -415,7 +414,7 @@ def _recipient(channel: str, profile: ProfileSnapshot, devices: list[Row[Any]]) 
     return None
 
 
-def _result(message: Message | Row[Any]) -> SendResult:
+def _result(message: Message | LedgerRow) -> SendResult:
     # Feedback (delivered, opened ...) may have moved the row on: to the journey it was sent.
     status = message.status if message.status in ("sent", "skipped", "failed") else "sent"
     return SendResult(

@@ -87,7 +87,6 @@ from sqlalchemy import (
     Column,
     Index,
     UniqueConstraint,
-    bindparam,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -552,14 +551,11 @@ class ContactReservation(SQLModel, table=True):
 
 _RESERVATIONS = ContactReservation.__table__  # type: ignore[attr-defined]
 # Built once: the send runs it after every message a provider took.
-_MARK_USED = (
-    update(_RESERVATIONS)
-    .where(
-        _RESERVATIONS.c.message_id == bindparam("the_message_id"),
-        _RESERVATIONS.c.status.in_(("reserved", "used")),
-    )
-    .values(status="used", updated_at=bindparam("now"))
-)
+# Driver-level SQL: the send runs it on its own connection (see Store.message_outcome).
+_MARK_USED_SQL = """
+    UPDATE contact_reservations SET status = 'used', updated_at = :now
+    WHERE message_id = :message_id AND status IN ('reserved', 'used')
+"""
 
 
 class PolicyDecisionRecord(SQLModel, table=True):
@@ -2014,10 +2010,10 @@ class ContactPolicyService:
 
     # ------------------------------------------------------------ reservations
 
-    def used_statement(self, message_id: str) -> tuple[Any, dict[str, Any]]:
+    def used_statement(self, message_id: str) -> tuple[str, dict[str, Any]]:
         """:meth:`mark_used` as a statement and its parameters, for the caller's own
         transaction (the send runs it with the ledger update, saving a commit a message)."""
-        return _MARK_USED, {"the_message_id": message_id, "now": utcnow()}
+        return _MARK_USED_SQL, {"message_id": message_id, "now": utcnow()}
 
     def mark_used(self, message_id: str) -> bool:
         """The provider took the message: its slot stays counted. False if not reserved."""

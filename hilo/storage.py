@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -30,12 +30,16 @@ from sqlalchemy import (
     event,
     func,
     or_,
+    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.expression import Executable
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
+
+if TYPE_CHECKING:
+    from hilo.sqlite_sends import SQLiteSends
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 logger = logging.getLogger(__name__)
@@ -489,6 +493,48 @@ class EntryStatements:
         )
 
 
+class LedgerRow(NamedTuple):
+    """What a send reads of its ledger row (a retry finds it)."""
+
+    message_id: str
+    status: str
+    reason: str | None
+    provider_message_id: str | None
+    content: dict[str, Any]
+
+
+class ProfileRow(NamedTuple):
+    """What the journeys read of a profile."""
+
+    customer_id: str
+    traits: dict[str, Any]
+    consent: dict[str, Any]
+    timezone: str | None
+    locale: str | None
+    merged_into: str | None
+
+
+class EventRow(NamedTuple):
+    """What templates see of the triggering event."""
+
+    message_id: str
+    customer_id: str
+    name: str
+    properties: dict[str, Any]
+    timestamp: datetime
+
+
+class DeviceRow(NamedTuple):
+    address: str
+    data: dict[str, Any]
+
+
+def _profile_fields(row: Row[Any]) -> ProfileRow:
+    return ProfileRow(
+        row.customer_id, row.traits, row.consent, row.timezone, row.locale, row.merged_into
+    )
+
+
 class Store:
     """Database access shared by the API, the router and the activities."""
 
@@ -517,6 +563,15 @@ class Store:
     def entry_sql(self) -> EntryStatements:
         return EntryStatements.build(self._insert)
 
+    @cached_property
+    def sqlite_sends(self) -> SQLiteSends | None:
+        """The send path on SQLite's driver connection; None on PostgreSQL."""
+        if self.engine.dialect.name != "sqlite":
+            return None
+        from hilo.sqlite_sends import SQLiteSends
+
+        return SQLiteSends(self.engine)
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         with Session(self.engine, expire_on_commit=False) as session:
@@ -543,14 +598,18 @@ class Store:
 
     def get_profile(self, customer_id: str) -> Profile | None:
         """The customer's profile; an anonymous id merged into a known one leads there."""
-        found = self.profile_row(customer_id)
+        with self.engine.connect() as connection:
+            found = self._profile(connection, customer_id)
         return Profile(**found._mapping) if found else None
 
-    def profile_row(self, customer_id: str) -> Row[Any] | None:
-        """The row :meth:`get_profile` finds, without building a model of it: the journeys'
-        reads take only a few of its fields, and the model costs more than the read."""
+    def profile_row(self, customer_id: str) -> ProfileRow | None:
+        """The fields of the profile :meth:`get_profile` finds that the journeys read,
+        without building a model of it: the model costs more than the read."""
+        if self.sqlite_sends is not None:
+            return self.sqlite_sends.profile_row(customer_id)
         with self.engine.connect() as connection:
-            return self._profile(connection, customer_id)
+            found = self._profile(connection, customer_id)
+        return _profile_fields(found) if found is not None else None
 
     def _profile(self, connection: Connection, customer_id: str) -> Row[Any] | None:
         found = None
@@ -928,33 +987,53 @@ class Store:
         customer_id: str,
         device_kind: str | None = None,
         event_id: str | None = None,
-    ) -> tuple[Row[Any] | None, Row[Any] | None, list[Row[Any]], Row[Any] | None]:
+    ) -> tuple[LedgerRow | None, ProfileRow | None, list[DeviceRow], EventRow | None]:
         """What a send needs to know first, on one connection: its ledger row, the profile,
-        the customer's active devices of ``device_kind`` and the triggering event, as rows
-        (with the columns of Message, Profile, Device and StoredEvent).
+        the customer's active devices of ``device_kind`` and the triggering event.
 
-        Statements built once with bound parameters, no session and no models: this runs
-        before every send, and building any of them costs more than the reads.
+        No session and no models: this runs before every send, and building any of them
+        costs more than the reads. On SQLite, plain driver calls (:mod:`hilo.sqlite_sends`).
         """
+        if self.sqlite_sends is not None:
+            return self.sqlite_sends.message_and_profile(
+                message_id, customer_id, device_kind, event_id
+            )
         sql = self.send_sql
         with self.engine.connect() as connection:
-            message = connection.execute(sql.message, {"message_id": message_id}).first()
-            profile = self._profile(connection, customer_id)
+            row = connection.execute(sql.message, {"message_id": message_id}).first()
+            message = (
+                LedgerRow(
+                    row.message_id, row.status, row.reason, row.provider_message_id, row.content
+                )
+                if row is not None
+                else None
+            )
+            found = self._profile(connection, customer_id)
+            profile = _profile_fields(found) if found is not None else None
             event = None
             if event_id:
-                event = connection.execute(sql.event, {"message_id": event_id}).first()
-            devices: list[Row[Any]] = []
+                row = connection.execute(sql.event, {"message_id": event_id}).first()
+                if row is not None:
+                    event = EventRow(
+                        row.message_id, row.customer_id, row.name, row.properties, row.timestamp
+                    )
+            devices: list[DeviceRow] = []
             if device_kind is not None:
                 owner = profile.customer_id if profile else customer_id
-                devices = list(
-                    connection.execute(sql.devices, {"customer_id": owner, "kind": device_kind})
-                )
+                devices = [
+                    DeviceRow(device.address, device.data)
+                    for device in connection.execute(
+                        sql.devices, {"customer_id": owner, "kind": device_kind}
+                    )
+                ]
             return message, profile, devices, event
 
     def queue_message(self, message: dict[str, Any]) -> dict[str, Any]:
         """Write the ledger row (every column of Message) before the provider is called;
         the content to send: this one's, or the one an earlier attempt queued, whose attempt
         it counts. On every send's path, hence the prepared statements."""
+        if self.sqlite_sends is not None:
+            return self.sqlite_sends.queue_message(message)
         sql = self.send_sql
         with self.engine.begin() as connection:
             inserted = connection.execute(sql.queue, message).first()
@@ -972,15 +1051,28 @@ class Store:
         status: str,
         reason: str | None = None,
         provider_message_id: str | None = None,
-        also: Sequence[tuple[Executable, dict[str, Any]]] = (),
+        also: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> None:
         """What the provider answered: sent (with its id) or failed (with the reason); ``also``
-        (statements with their parameters) runs in the same transaction.
+        (SQL with named parameters, and their values) runs in the same transaction.
 
         One UPDATE; feedback that already moved the row on (delivered, opened ...) keeps
         its status, and a provider id or a sent time already there is kept.
         """
         now = utcnow()
+        if self.sqlite_sends is not None:
+            self.sqlite_sends.message_outcome(
+                {
+                    "message_id": message_id,
+                    "status": status,
+                    "reason": reason,
+                    "provider_message_id": provider_message_id,
+                    "sent_at": now if status == "sent" else None,
+                    "now": now,
+                },
+                also,
+            )
+            return
         with self.engine.begin() as connection:
             connection.execute(
                 self.send_sql.outcome,
@@ -993,8 +1085,8 @@ class Store:
                     "now": now,
                 },
             )
-            for statement, parameters in also:
-                connection.execute(statement, parameters)
+            for sql, parameters in also:
+                connection.execute(text(sql), parameters)
 
     def register_device(
         self, customer_id: str, kind: str, address: str, data: dict[str, Any] | None = None
@@ -1046,6 +1138,8 @@ class Store:
     def capture(self, message: dict[str, Any]) -> int:
         """Store what the capture provider received (every column of CapturedMessage but
         its id), once per message id; its row id."""
+        if self.sqlite_sends is not None:
+            return self.sqlite_sends.capture(message)
         sql = self.send_sql
         with self.engine.begin() as connection:
             inserted = connection.execute(sql.capture, message).scalar()
