@@ -559,9 +559,9 @@ def start_search_attributes(
 ) -> TypedSearchAttributes:
     """Set at start, so an instance is findable before its first step runs.
 
-    A journey that opens with a timed wait or a ``wait_for`` (most do: abandoned cart,
-    post-purchase, win-back) starts showing that step, so its first workflow task has nothing
-    to upsert: one visibility write less per journey.
+    A journey that opens with a timed wait or a ``wait_for`` (abandoned cart, support
+    follow-up) starts showing that step, so its first workflow task has nothing to upsert:
+    one visibility write less per journey.
     """
     pairs: list[SearchAttributePair[Any]] = [
         SearchAttributePair(attrs.JOURNEY, journey_key),
