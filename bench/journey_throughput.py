@@ -157,6 +157,9 @@ class Round:
     start_seconds: float  # until every journey was started (routed, for hilo)
     python_cpu: float  # CPU seconds of this process (client, router, workers) in the round
     server_cpu: float  # CPU seconds of the dev server in the round
+    # How late the server fired timers, average and worst, in a sample of the round's
+    # journeys: a wait that fires late stalls a round whatever the engine.
+    timers_late: tuple[float, float] = (0.0, 0.0)
 
     @property
     def rate(self) -> float:
@@ -236,6 +239,24 @@ async def history_counts(handle: WorkflowHandle[Any, Any]) -> HistoryCounts:
     )
 
 
+async def timer_lateness(handles: Sequence[WorkflowHandle[Any, Any]]) -> tuple[float, float]:
+    """Average and worst seconds between a timer falling due and its firing."""
+    late: list[float] = []
+    for handle in handles:
+        started: dict[int, Any] = {}
+        for event in (await handle.fetch_history()).events:
+            if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED:
+                started[event.event_id] = event
+            elif event.event_type == EventType.EVENT_TYPE_TIMER_FIRED:
+                begun = started[event.timer_fired_event_attributes.started_event_id]
+                due = (
+                    begun.event_time.ToDatetime()
+                    + begun.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
+                )
+                late.append((event.event_time.ToDatetime() - due).total_seconds())
+    return (sum(late) / len(late), max(late)) if late else (0.0, 0.0)
+
+
 class Stopwatch:
     """Wall time and the CPU time of both processes, from one moment on."""
 
@@ -278,6 +299,7 @@ class Bench:
         self.customers = 0
         self.round_no = 0
         self.sends: int | None = None  # send_message activities per journey, once known
+        self.handles: list[WorkflowHandle[Any, Any]] = []  # the last round's journeys
 
     async def setup(self, stack: contextlib.AsyncExitStack) -> None:
         args = self.args
@@ -366,6 +388,7 @@ class Bench:
         started = time.perf_counter()
         results = await self.results(handles, journeys)
         measured = watch.round("hilo", journeys, started)
+        self.handles = handles
         bad = [r for r in results if r.status != "completed" or self.sends not in (None, r.sent)]
         if bad:
             raise RuntimeError(
@@ -393,6 +416,7 @@ class Bench:
         started = time.perf_counter()
         results = await self.results(handles, journeys)
         measured = watch.round("bare", journeys, started)
+        self.handles = handles
         if any(result != len(plan.steps) for result in results):
             raise RuntimeError("a bare journey did not run its whole plan")
         return measured, handles[0]
@@ -411,16 +435,20 @@ def report(
     bare_counts: HistoryCounts | None,
 ) -> None:
     print()
-    print("rounds, in the order run (cpu: CPU seconds per journey, of this process / the server)")
+    print(
+        "rounds, in the order run (cpu: CPU ms per journey, of this process / the server;"
+        " timers late: ms, average / worst, in a sample of 20 journeys)"
+    )
     print(
         f"  {'side':<5} {'journeys':>8} {'seconds':>8} {'started in':>10} {'journeys/s':>10}"
-        f" {'cpu ms/journey':>17}"
+        f" {'cpu ms/journey':>17} {'timers late':>15}"
     )
     for r in rounds:
         print(
             f"  {r.side:<5} {r.journeys:>8} {r.seconds:>8.2f} {r.start_seconds:>9.2f}s"
             f" {r.rate:>10.1f} {1000 * r.python_cpu / r.journeys:>8.1f} /"
             f"{1000 * r.server_cpu / r.journeys:>6.1f}"
+            f" {1000 * r.timers_late[0]:>7.0f} /{1000 * r.timers_late[1]:>6.0f}"
         )
     print()
     print(f"one journey: hilo {hilo_counts.line()}")
@@ -520,6 +548,9 @@ async def measure(bench: Bench, args: argparse.Namespace) -> None:
                     hilo_counts.timers,
                 ):
                     raise RuntimeError(f"a hilo journey changed shape: {counts.line()}")
+            result.timers_late = await timer_lateness(
+                bench.handles[:: max(1, len(bench.handles) // 20)]
+            )
             rounds.append(result)
             print(
                 f"  round {number} {side}: {result.journeys} journeys in "
