@@ -20,17 +20,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy import (
     JSON,
     Column,
-    DateTime,
-    String,
     UniqueConstraint,
     and_,
     bindparam,
-    case,
     delete,
     event,
     func,
     or_,
-    text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
@@ -39,7 +35,7 @@ from sqlalchemy.sql.expression import Executable
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
 
 if TYPE_CHECKING:
-    from hilo.sqlite_sends import SQLiteSends
+    from hilo.driver_sends import DriverSends
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 logger = logging.getLogger(__name__)
@@ -363,69 +359,23 @@ def make_engine(url: str) -> Engine:
 
 @dataclass(frozen=True)
 class SendStatements:
-    """The statements of a send's path, built once with bound parameters.
+    """Reads of a profile and of an event by id, built once with bound parameters.
 
     A statement built per call costs its construction and its cache key every time, more
-    CPU than SQLite needs to run it; one built once is compiled once and reused.
+    CPU than SQLite needs to run it; one built once is compiled once and reused. (The send
+    path itself runs on the driver's connection: :mod:`hilo.driver_sends`.)
     """
 
-    message: Executable
     profile: Executable
     event: Executable
-    devices: Executable
-    queue: Executable
-    count_attempt: Executable
-    outcome: Executable
-    capture: Executable
-    captured_id: Executable
 
     @classmethod
-    def build(cls, insert: Any) -> SendStatements:
-        messages = Message.__table__  # type: ignore[attr-defined]
+    def build(cls) -> SendStatements:
         profiles = Profile.__table__  # type: ignore[attr-defined]
         events = StoredEvent.__table__  # type: ignore[attr-defined]
-        devices = Device.__table__  # type: ignore[attr-defined]
-        captured = CapturedMessage.__table__  # type: ignore[attr-defined]
-        # An UPDATE may not name a parameter after a column it sets: "the_" ones are ours.
-        the_message = messages.c.message_id == bindparam("the_message_id")
         return cls(
-            message=select(messages).where(messages.c.message_id == bindparam("message_id")),
             profile=select(profiles).where(profiles.c.customer_id == bindparam("customer_id")),
             event=select(events).where(events.c.message_id == bindparam("message_id")),
-            devices=select(devices)
-            .where(
-                devices.c.customer_id == bindparam("customer_id"),
-                devices.c.kind == bindparam("kind"),
-                devices.c.active.is_(True),
-            )
-            .order_by(devices.c.updated_at.desc()),
-            queue=insert(messages)
-            .on_conflict_do_nothing(index_elements=["message_id"])
-            .returning(messages.c.message_id),
-            count_attempt=update(messages)
-            .where(the_message)
-            .values(attempts=messages.c.attempts + 1, updated_at=bindparam("now")),
-            outcome=update(messages)
-            .where(the_message)
-            .values(
-                status=case(
-                    (messages.c.status == "queued", bindparam("new_status")),
-                    else_=messages.c.status,
-                ),
-                reason=bindparam("new_reason"),
-                provider_message_id=func.coalesce(
-                    bindparam("new_provider_message_id", type_=String),
-                    messages.c.provider_message_id,
-                ),
-                sent_at=func.coalesce(bindparam("new_sent_at", type_=DateTime), messages.c.sent_at),
-                updated_at=bindparam("now"),
-            ),
-            capture=insert(captured)
-            .on_conflict_do_nothing(index_elements=["message_id"])
-            .returning(captured.c.id),
-            captured_id=select(captured.c.id).where(
-                captured.c.message_id == bindparam("message_id")
-            ),
         )
 
 
@@ -529,12 +479,6 @@ class DeviceRow(NamedTuple):
     data: dict[str, Any]
 
 
-def _profile_fields(row: Row[Any]) -> ProfileRow:
-    return ProfileRow(
-        row.customer_id, row.traits, row.consent, row.timezone, row.locale, row.merged_into
-    )
-
-
 class Store:
     """Database access shared by the API, the router and the activities."""
 
@@ -557,20 +501,18 @@ class Store:
 
     @cached_property
     def send_sql(self) -> SendStatements:
-        return SendStatements.build(self._insert)
+        return SendStatements.build()
 
     @cached_property
     def entry_sql(self) -> EntryStatements:
         return EntryStatements.build(self._insert)
 
     @cached_property
-    def sqlite_sends(self) -> SQLiteSends | None:
-        """The send path on SQLite's driver connection; None on PostgreSQL."""
-        if self.engine.dialect.name != "sqlite":
-            return None
-        from hilo.sqlite_sends import SQLiteSends
+    def sends(self) -> DriverSends:
+        """The send path, on the driver's connection (:mod:`hilo.driver_sends`)."""
+        from hilo.driver_sends import DriverSends
 
-        return SQLiteSends(self.engine)
+        return DriverSends(self.engine)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -605,11 +547,7 @@ class Store:
     def profile_row(self, customer_id: str) -> ProfileRow | None:
         """The fields of the profile :meth:`get_profile` finds that the journeys read,
         without building a model of it: the model costs more than the read."""
-        if self.sqlite_sends is not None:
-            return self.sqlite_sends.profile_row(customer_id)
-        with self.engine.connect() as connection:
-            found = self._profile(connection, customer_id)
-        return _profile_fields(found) if found is not None else None
+        return self.sends.profile_row(customer_id)
 
     def _profile(self, connection: Connection, customer_id: str) -> Row[Any] | None:
         found = None
@@ -991,59 +929,16 @@ class Store:
         """What a send needs to know first, on one connection: its ledger row, the profile,
         the customer's active devices of ``device_kind`` and the triggering event.
 
-        No session and no models: this runs before every send, and building any of them
-        costs more than the reads. On SQLite, plain driver calls (:mod:`hilo.sqlite_sends`).
+        Driver calls, no session and no models: this runs before every send, and building
+        any of them costs more than the reads.
         """
-        if self.sqlite_sends is not None:
-            return self.sqlite_sends.message_and_profile(
-                message_id, customer_id, device_kind, event_id
-            )
-        sql = self.send_sql
-        with self.engine.connect() as connection:
-            row = connection.execute(sql.message, {"message_id": message_id}).first()
-            message = (
-                LedgerRow(
-                    row.message_id, row.status, row.reason, row.provider_message_id, row.content
-                )
-                if row is not None
-                else None
-            )
-            found = self._profile(connection, customer_id)
-            profile = _profile_fields(found) if found is not None else None
-            event = None
-            if event_id:
-                row = connection.execute(sql.event, {"message_id": event_id}).first()
-                if row is not None:
-                    event = EventRow(
-                        row.message_id, row.customer_id, row.name, row.properties, row.timestamp
-                    )
-            devices: list[DeviceRow] = []
-            if device_kind is not None:
-                owner = profile.customer_id if profile else customer_id
-                devices = [
-                    DeviceRow(device.address, device.data)
-                    for device in connection.execute(
-                        sql.devices, {"customer_id": owner, "kind": device_kind}
-                    )
-                ]
-            return message, profile, devices, event
+        return self.sends.message_and_profile(message_id, customer_id, device_kind, event_id)
 
     def queue_message(self, message: dict[str, Any]) -> dict[str, Any]:
         """Write the ledger row (every column of Message) before the provider is called;
         the content to send: this one's, or the one an earlier attempt queued, whose attempt
-        it counts. On every send's path, hence the prepared statements."""
-        if self.sqlite_sends is not None:
-            return self.sqlite_sends.queue_message(message)
-        sql = self.send_sql
-        with self.engine.begin() as connection:
-            inserted = connection.execute(sql.queue, message).first()
-            if inserted is not None:
-                return dict(message["content"])
-            connection.execute(
-                sql.count_attempt, {"the_message_id": message["message_id"], "now": utcnow()}
-            )
-            stored = connection.execute(sql.message, {"message_id": message["message_id"]}).one()
-        return dict(stored.content)
+        it counts."""
+        return self.sends.queue_message(message)
 
     def message_outcome(
         self,
@@ -1054,39 +949,23 @@ class Store:
         also: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> None:
         """What the provider answered: sent (with its id) or failed (with the reason); ``also``
-        (SQL with named parameters, and their values) runs in the same transaction.
+        (SQL with ``:name`` parameters, and their values) runs in the same transaction.
 
         One UPDATE; feedback that already moved the row on (delivered, opened ...) keeps
         its status, and a provider id or a sent time already there is kept.
         """
         now = utcnow()
-        if self.sqlite_sends is not None:
-            self.sqlite_sends.message_outcome(
-                {
-                    "message_id": message_id,
-                    "status": status,
-                    "reason": reason,
-                    "provider_message_id": provider_message_id,
-                    "sent_at": now if status == "sent" else None,
-                    "now": now,
-                },
-                also,
-            )
-            return
-        with self.engine.begin() as connection:
-            connection.execute(
-                self.send_sql.outcome,
-                {
-                    "the_message_id": message_id,
-                    "new_status": status,
-                    "new_reason": reason,
-                    "new_provider_message_id": provider_message_id,
-                    "new_sent_at": now if status == "sent" else None,
-                    "now": now,
-                },
-            )
-            for sql, parameters in also:
-                connection.execute(text(sql), parameters)
+        self.sends.message_outcome(
+            {
+                "message_id": message_id,
+                "status": status,
+                "reason": reason,
+                "provider_message_id": provider_message_id,
+                "sent_at": now if status == "sent" else None,
+                "now": now,
+            },
+            also,
+        )
 
     def register_device(
         self, customer_id: str, kind: str, address: str, data: dict[str, Any] | None = None
@@ -1138,15 +1017,7 @@ class Store:
     def capture(self, message: dict[str, Any]) -> int:
         """Store what the capture provider received (every column of CapturedMessage but
         its id), once per message id; its row id."""
-        if self.sqlite_sends is not None:
-            return self.sqlite_sends.capture(message)
-        sql = self.send_sql
-        with self.engine.begin() as connection:
-            inserted = connection.execute(sql.capture, message).scalar()
-            if inserted is not None:
-                return int(inserted)
-            earlier = connection.execute(sql.captured_id, {"message_id": message["message_id"]})
-            return int(earlier.scalar_one())
+        return self.sends.capture(message)
 
     def instances_of_customer(self, customer_id: str) -> list[JourneyInstance]:
         with self.session() as session:

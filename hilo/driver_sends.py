@@ -1,0 +1,249 @@
+"""The send path's reads and writes on the database driver's own connection.
+
+Every message runs these (its ledger row, the profile, the devices, the trigger; the queued
+row, the capture, the outcome), each a statement or two the database answers in tens of
+microseconds. SQLAlchemy's execution around each (context, compiled parameters, result
+processing) cost more than the statement; here they are plain ``sqlite3`` or ``psycopg``
+calls on a connection of the engine's pool.
+
+Values are written as SQLAlchemy writes them, so both read each other's rows: on SQLite JSON
+as text and a moment as its UTC wall time ``YYYY-MM-DD HH:MM:SS.ffffff``; on PostgreSQL JSON
+as text the server casts, and moments as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from hilo.storage import DeviceRow, EventRow, LedgerRow, ProfileRow
+
+_MOMENT = "%Y-%m-%d %H:%M:%S.%f"
+
+_LEDGER_SQL = (
+    "SELECT message_id, status, reason, provider_message_id, content FROM messages "
+    "WHERE message_id = :message_id"
+)
+_PROFILE_SQL = (
+    "SELECT customer_id, traits, consent, timezone, locale, merged_into FROM profiles "
+    "WHERE customer_id = :customer_id"
+)
+_EVENT_SQL = (
+    "SELECT message_id, customer_id, name, properties, timestamp FROM events "
+    "WHERE message_id = :message_id"
+)
+_DEVICES_SQL = (
+    "SELECT address, data FROM devices WHERE customer_id = :customer_id AND kind = :kind "
+    "AND active ORDER BY updated_at DESC"
+)
+_LEDGER_COLUMNS = (
+    "message_id, workflow_id, run_id, journey_key, journey_version, customer_id, step_id, "
+    "iteration, channel, template, category, content, status, reason, provider, "
+    "provider_message_id, recipient, attempts, scheduled_at, created_at, sent_at, "
+    "delivered_at, opened_at, clicked_at, updated_at"
+)
+_QUEUE_SQL = f"""
+    INSERT INTO messages ({_LEDGER_COLUMNS})
+    VALUES ({", ".join(":" + name for name in _LEDGER_COLUMNS.split(", "))})
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING message_id
+"""
+_COUNT_ATTEMPT_SQL = (
+    "UPDATE messages SET attempts = attempts + 1, updated_at = :now WHERE message_id = :message_id"
+)
+_CONTENT_SQL = "SELECT content FROM messages WHERE message_id = :message_id"
+# As SendStatements.outcome: feedback that moved the row on keeps its status, and a provider
+# id or a sent time already there is kept.
+_OUTCOME_SQL = """
+    UPDATE messages SET
+        status = CASE WHEN status = 'queued' THEN :status ELSE status END,
+        reason = :reason,
+        provider_message_id = coalesce(:provider_message_id, provider_message_id),
+        sent_at = coalesce(:sent_at, sent_at),
+        updated_at = :now
+    WHERE message_id = :message_id
+"""
+_CAPTURE_COLUMNS = (
+    "message_id, channel, template, customer_id, journey_key, step_id, recipient, content, "
+    "captured_at"
+)
+_CAPTURE_SQL = f"""
+    INSERT INTO captured_messages ({_CAPTURE_COLUMNS})
+    VALUES ({", ".join(":" + name for name in _CAPTURE_COLUMNS.split(", "))})
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING id
+"""
+_CAPTURED_ID_SQL = "SELECT id FROM captured_messages WHERE message_id = :message_id"
+_NAMED = re.compile(r"(?<!:):(\w+)")
+
+
+class DriverSends:
+    """:class:`hilo.storage.Store`'s send path on SQLite or PostgreSQL (see the module)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sqlite = engine.dialect.name == "sqlite"
+        self._sql: dict[str, str] = {}
+
+    def _prepare(self, sql: str) -> str:
+        """``:name`` parameters in the driver's style (psycopg's is ``%(name)s``)."""
+        if self.sqlite:
+            return sql
+        prepared = self._sql.get(sql)
+        if prepared is None:
+            prepared = self._sql[sql] = _NAMED.sub(r"%(\1)s", sql)
+        return prepared
+
+    def _value(self, value: Any) -> Any:
+        """A parameter as SQLAlchemy writes it on this database."""
+        if isinstance(value, dict | list):
+            return json.dumps(value)
+        if self.sqlite and isinstance(value, datetime):
+            if value.tzinfo is not None:
+                value = value.astimezone(UTC)
+            return value.strftime(_MOMENT)
+        return value
+
+    def _values(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: self._value(value) for name, value in values.items()}
+
+    @staticmethod
+    def _json(value: Any) -> Any:
+        # SQLite hands JSON back as text; psycopg has decoded it already.
+        return json.loads(value) if isinstance(value, str) else value
+
+    @staticmethod
+    def _moment(value: Any) -> datetime:
+        # Naive, as SQLAlchemy reads DateTime columns back.
+        return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+    @contextmanager
+    def _cursor(self, write: bool) -> Iterator[Any]:
+        """A cursor on a pooled connection; ``write``: in a transaction committed at the end."""
+        proxied = self.engine.raw_connection()
+        connection: Any = proxied.driver_connection
+        if self.sqlite:
+            previous = connection.isolation_level
+            connection.isolation_level = None  # our BEGIN, not the driver's
+        cursor = connection.cursor()
+        try:
+            if self.sqlite and write:
+                cursor.execute("BEGIN")
+            try:
+                yield _Cursor(cursor, self)
+            except BaseException:
+                if write and self.sqlite:
+                    cursor.execute("ROLLBACK")
+                elif write:
+                    connection.rollback()
+                raise
+            if write and self.sqlite:
+                cursor.execute("COMMIT")
+            elif write:
+                connection.commit()
+        finally:
+            cursor.close()
+            if self.sqlite:
+                connection.isolation_level = previous
+            proxied.close()  # back to the pool, which ends any read transaction
+
+    def _profile(self, cursor: _Cursor, customer_id: str) -> ProfileRow | None:
+        found = None
+        wanted = customer_id
+        for _hop in range(5):  # merges chain at most a few times; never loop on bad data
+            row = cursor.one(_PROFILE_SQL, {"customer_id": wanted})
+            if row is None:
+                return None
+            customer, traits, consent, timezone, locale, merged_into = row
+            found = ProfileRow(
+                customer, self._json(traits), self._json(consent), timezone, locale, merged_into
+            )
+            if found.merged_into is None:
+                break
+            wanted = found.merged_into
+        return found
+
+    def profile_row(self, customer_id: str) -> ProfileRow | None:
+        with self._cursor(write=False) as cursor:
+            return self._profile(cursor, customer_id)
+
+    def message_and_profile(
+        self, message_id: str, customer_id: str, device_kind: str | None, event_id: str | None
+    ) -> tuple[LedgerRow | None, ProfileRow | None, list[DeviceRow], EventRow | None]:
+        with self._cursor(write=False) as cursor:
+            row = cursor.one(_LEDGER_SQL, {"message_id": message_id})
+            message = None
+            if row is not None:
+                message = LedgerRow(row[0], row[1], row[2], row[3], self._json(row[4]))
+            profile = self._profile(cursor, customer_id)
+            event = None
+            if event_id:
+                row = cursor.one(_EVENT_SQL, {"message_id": event_id})
+                if row is not None:
+                    event = EventRow(
+                        row[0], row[1], row[2], self._json(row[3]), self._moment(row[4])
+                    )
+            devices: list[DeviceRow] = []
+            if device_kind is not None:
+                owner = profile.customer_id if profile else customer_id
+                devices = [
+                    DeviceRow(address, self._json(data))
+                    for address, data in cursor.all(
+                        _DEVICES_SQL, {"customer_id": owner, "kind": device_kind}
+                    )
+                ]
+        return message, profile, devices, event
+
+    def queue_message(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        with self._cursor(write=True) as cursor:
+            if cursor.one(_QUEUE_SQL, self._values(message)) is not None:
+                return dict(message["content"])
+            the_message = {"message_id": message["message_id"]}
+            cursor.run(
+                _COUNT_ATTEMPT_SQL, self._values({**the_message, "now": message["updated_at"]})
+            )
+            row = cursor.one(_CONTENT_SQL, the_message)
+            assert row is not None  # the conflict was this row
+        return dict(self._json(row[0]))
+
+    def message_outcome(
+        self, values: Mapping[str, Any], also: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> None:
+        with self._cursor(write=True) as cursor:
+            cursor.run(_OUTCOME_SQL, self._values(values))
+            for sql, parameters in also:
+                cursor.run(sql, self._values(parameters))
+
+    def capture(self, message: Mapping[str, Any]) -> int:
+        with self._cursor(write=True) as cursor:
+            inserted = cursor.one(_CAPTURE_SQL, self._values(message))
+            if inserted is not None:
+                return int(inserted[0])
+            row = cursor.one(_CAPTURED_ID_SQL, {"message_id": message["message_id"]})
+            assert row is not None  # the conflict was this row
+            return int(row[0])
+
+
+class _Cursor:
+    """A driver cursor taking ``:name`` SQL, the same on both databases."""
+
+    def __init__(self, cursor: Any, sends: DriverSends) -> None:
+        self.cursor = cursor
+        self.sends = sends
+
+    def run(self, sql: str, parameters: Mapping[str, Any]) -> None:
+        self.cursor.execute(self.sends._prepare(sql), parameters)
+
+    def one(self, sql: str, parameters: Mapping[str, Any]) -> Any:
+        self.run(sql, parameters)
+        return self.cursor.fetchone()
+
+    def all(self, sql: str, parameters: Mapping[str, Any]) -> list[Any]:
+        self.run(sql, parameters)
+        return list(self.cursor.fetchall())
