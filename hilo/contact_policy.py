@@ -2011,8 +2011,9 @@ class ContactPolicyService:
     # ------------------------------------------------------------ reservations
 
     def used_statement(self, message_id: str) -> tuple[str, dict[str, Any]]:
-        """:meth:`mark_used` as a statement and its parameters, for the caller's own
-        transaction (the send runs it with the ledger update, saving a commit a message)."""
+        """:meth:`mark_used` as SQL with ``:name`` parameters, and their values, for the
+        caller's own transaction (the send runs it with the ledger update on the driver's
+        connection, saving a commit a message)."""
         return _MARK_USED_SQL, {"message_id": message_id, "now": utcnow()}
 
     def mark_used(self, message_id: str) -> bool:

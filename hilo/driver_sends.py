@@ -58,8 +58,8 @@ _COUNT_ATTEMPT_SQL = (
     "UPDATE messages SET attempts = attempts + 1, updated_at = :now WHERE message_id = :message_id"
 )
 _CONTENT_SQL = "SELECT content FROM messages WHERE message_id = :message_id"
-# As SendStatements.outcome: feedback that moved the row on keeps its status, and a provider
-# id or a sent time already there is kept.
+# Feedback that moved the row on (delivered, opened ...) keeps its status, and a provider id
+# or a sent time already there is kept.
 _OUTCOME_SQL = """
     UPDATE messages SET
         status = CASE WHEN status = 'queued' THEN :status ELSE status END,
