@@ -103,7 +103,7 @@ from hilo.consent import (
 from hilo.durations import Duration, format_duration, parse_duration
 from hilo.ingest import writer_lock
 from hilo.journeys import CHANNELS, JOURNEY_KEY, WEEKDAYS
-from hilo.storage import Store, utcnow
+from hilo.storage import NAMED_PARAMETER, Store, pyformat, utcnow
 
 __all__ = [
     "ENGAGEMENT_LOOKBACK",
@@ -549,9 +549,7 @@ class ContactReservation(SQLModel, table=True):
     updated_at: datetime = SQLField(default_factory=utcnow)
 
 
-_RESERVATIONS = ContactReservation.__table__  # type: ignore[attr-defined]
-# Built once: the send runs it after every message a provider took.
-# Driver-level SQL: the send runs it on its own connection (see Store.message_outcome).
+# The send runs it with the ledger update, on the driver's connection (Store.message_outcome).
 _MARK_USED_SQL = """
     UPDATE contact_reservations SET status = 'used', updated_at = :now
     WHERE message_id = :message_id AND status IN ('reserved', 'used')
@@ -821,8 +819,6 @@ def _normalise_address(channel: str, address: str | None) -> str | None:
     cleaned = address.strip()
     return cleaned.lower() if channel == "email" else cleaned
 
-
-_PARAMETER = re.compile(r"(?<![:\w]):([a-z_]+)")
 
 _HISTORY_SQL = """
     SELECT reserved_at, channel, category, journey_key FROM contact_reservations
@@ -1238,7 +1234,7 @@ class _PostgresBackend(_Backend):
         self.lone_snapshot = snapshot
 
     def prepare(self, sql: str) -> str:
-        return _PARAMETER.sub(r"%(\1)s", sql)
+        return pyformat(sql)
 
     def _server_prepared(self, name: str, sql: str) -> str:
         """Record ``PREPARE name`` for ``sql``; the ``EXECUTE`` that runs it, with psycopg's
@@ -1250,7 +1246,7 @@ class _PostgresBackend(_Backend):
                 names.append(match.group(1))
             return f"${names.index(match.group(1)) + 1}"
 
-        body = _PARAMETER.sub(number, sql)
+        body = NAMED_PARAMETER.sub(number, sql)
         types = ", ".join(_PARAMETER_TYPES[parameter] for parameter in names)
         self._prepares.append(f"PREPARE {name} ({types}) AS {body}")
         return f"EXECUTE {name} ({', '.join(f'%({parameter})s' for parameter in names)})"

@@ -14,15 +14,14 @@ as text the server casts, and moments as they are.
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from hilo.storage import DeviceRow, EventRow, LedgerRow, ProfileRow
+from hilo.storage import DeviceRow, EventRow, LedgerRow, ProfileRow, pyformat
 
 _MOMENT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -42,18 +41,24 @@ _DEVICES_SQL = (
     "SELECT address, data FROM devices WHERE customer_id = :customer_id AND kind = :kind "
     "AND active ORDER BY updated_at DESC"
 )
+
+
+def _insert_once(table: str, columns: str, returning: str) -> str:
+    """A row unless one with its message_id is there already; ``returning`` of the new row."""
+    values = ", ".join(":" + name for name in columns.split(", "))
+    return (
+        f"INSERT INTO {table} ({columns}) VALUES ({values}) "
+        f"ON CONFLICT (message_id) DO NOTHING RETURNING {returning}"
+    )
+
+
 _LEDGER_COLUMNS = (
     "message_id, workflow_id, run_id, journey_key, journey_version, customer_id, step_id, "
     "iteration, channel, template, category, content, status, reason, provider, "
     "provider_message_id, recipient, attempts, scheduled_at, created_at, sent_at, "
     "delivered_at, opened_at, clicked_at, updated_at"
 )
-_QUEUE_SQL = f"""
-    INSERT INTO messages ({_LEDGER_COLUMNS})
-    VALUES ({", ".join(":" + name for name in _LEDGER_COLUMNS.split(", "))})
-    ON CONFLICT (message_id) DO NOTHING
-    RETURNING message_id
-"""
+_QUEUE_SQL = _insert_once("messages", _LEDGER_COLUMNS, "message_id")
 _COUNT_ATTEMPT_SQL = (
     "UPDATE messages SET attempts = attempts + 1, updated_at = :now WHERE message_id = :message_id"
 )
@@ -73,14 +78,8 @@ _CAPTURE_COLUMNS = (
     "message_id, channel, template, customer_id, journey_key, step_id, recipient, content, "
     "captured_at"
 )
-_CAPTURE_SQL = f"""
-    INSERT INTO captured_messages ({_CAPTURE_COLUMNS})
-    VALUES ({", ".join(":" + name for name in _CAPTURE_COLUMNS.split(", "))})
-    ON CONFLICT (message_id) DO NOTHING
-    RETURNING id
-"""
+_CAPTURE_SQL = _insert_once("captured_messages", _CAPTURE_COLUMNS, "id")
 _CAPTURED_ID_SQL = "SELECT id FROM captured_messages WHERE message_id = :message_id"
-_NAMED = re.compile(r"(?<!:):(\w+)")
 
 
 class DriverSends:
@@ -97,7 +96,7 @@ class DriverSends:
             return sql
         prepared = self._sql.get(sql)
         if prepared is None:
-            prepared = self._sql[sql] = _NAMED.sub(r"%(\1)s", sql)
+            prepared = self._sql[sql] = pyformat(sql)
         return prepared
 
     def _value(self, value: Any) -> Any:
@@ -136,7 +135,7 @@ class DriverSends:
             if self.sqlite and write:
                 cursor.execute("BEGIN")
             try:
-                yield _Cursor(cursor, self)
+                yield _Cursor(cursor, self._prepare)
             except BaseException:
                 if write and self.sqlite:
                     cursor.execute("ROLLBACK")
@@ -233,12 +232,12 @@ class DriverSends:
 class _Cursor:
     """A driver cursor taking ``:name`` SQL, the same on both databases."""
 
-    def __init__(self, cursor: Any, sends: DriverSends) -> None:
+    def __init__(self, cursor: Any, prepare: Callable[[str], str]) -> None:
         self.cursor = cursor
-        self.sends = sends
+        self.prepare = prepare
 
     def run(self, sql: str, parameters: Mapping[str, Any]) -> None:
-        self.cursor.execute(self.sends._prepare(sql), parameters)
+        self.cursor.execute(self.prepare(sql), parameters)
 
     def one(self, sql: str, parameters: Mapping[str, Any]) -> Any:
         self.run(sql, parameters)

@@ -7,6 +7,7 @@ from the Alembic migrations in ``hilo/migrations``; :meth:`Store.migrate` applie
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,7 @@ from sqlalchemy import (
     or_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.expression import Executable
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from hilo.driver_sends import DriverSends
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# A ``:name`` parameter of driver-level SQL (not a ``::type`` cast, nor the minutes of a time).
+NAMED_PARAMETER = re.compile(r"(?<![:\w]):([a-z_]+)")
 logger = logging.getLogger(__name__)
 
 
@@ -289,6 +292,11 @@ class CapturedMessage(SQLModel, table=True):
     captured_at: datetime = Field(default_factory=utcnow)
 
 
+def pyformat(sql: str) -> str:
+    """Driver-level SQL's ``:name`` parameters as psycopg takes them (``%(name)s``)."""
+    return NAMED_PARAMETER.sub(r"%(\1)s", sql)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets the API read while the worker writes; busy_timeout waits instead of failing.
@@ -358,34 +366,17 @@ def make_engine(url: str) -> Engine:
 
 
 @dataclass(frozen=True)
-class SendStatements:
-    """Reads of a profile and of an event by id, built once with bound parameters.
-
-    A statement built per call costs its construction and its cache key every time, more
-    CPU than SQLite needs to run it; one built once is compiled once and reused. (The send
-    path itself runs on the driver's connection: :mod:`hilo.driver_sends`.)
-    """
-
-    profile: Executable
-    event: Executable
-
-    @classmethod
-    def build(cls) -> SendStatements:
-        profiles = Profile.__table__  # type: ignore[attr-defined]
-        events = StoredEvent.__table__  # type: ignore[attr-defined]
-        return cls(
-            profile=select(profiles).where(profiles.c.customer_id == bindparam("customer_id")),
-            event=select(events).where(events.c.message_id == bindparam("message_id")),
-        )
-
-
-@dataclass(frozen=True)
 class EntryStatements:
     """The statements of an event's way into a journey and out of it (store the event,
     find the last entry, record the new one, mark the event routed, record the end), built
-    once with bound parameters like :class:`SendStatements`: every journey runs each."""
+    once with bound parameters: every journey runs each.
+
+    A statement built per call costs its construction and its cache key every time, more
+    CPU than SQLite needs to run it; one built once is compiled once and reused.
+    """
 
     event: Executable
+    stored_event: Executable
     routed: Executable
     latest_entry: Executable
     started: Executable
@@ -417,6 +408,7 @@ class EntryStatements:
             event=insert(events)
             .on_conflict_do_nothing(index_elements=["message_id"])
             .returning(events.c.message_id),
+            stored_event=select(events).where(events.c.message_id == bindparam("message_id")),
             routed=update(events)
             .where(events.c.message_id == bindparam("the_message_id"))
             .values(routed_at=bindparam("now")),
@@ -500,10 +492,6 @@ class Store:
         self.catalog_generation = 0
 
     @cached_property
-    def send_sql(self) -> SendStatements:
-        return SendStatements.build()
-
-    @cached_property
     def entry_sql(self) -> EntryStatements:
         return EntryStatements.build(self._insert)
 
@@ -540,24 +528,16 @@ class Store:
 
     def get_profile(self, customer_id: str) -> Profile | None:
         """The customer's profile; an anonymous id merged into a known one leads there."""
-        with self.engine.connect() as connection:
-            found = self._profile(connection, customer_id)
-        return Profile(**found._mapping) if found else None
+        found = self.profile_row(customer_id)
+        if found is None:
+            return None
+        with self.session() as session:
+            return session.get(Profile, found.customer_id)
 
     def profile_row(self, customer_id: str) -> ProfileRow | None:
         """The fields of the profile :meth:`get_profile` finds that the journeys read,
         without building a model of it: the model costs more than the read."""
         return self.sends.profile_row(customer_id)
-
-    def _profile(self, connection: Connection, customer_id: str) -> Row[Any] | None:
-        found = None
-        wanted = customer_id
-        for _hop in range(5):  # merges chain at most a few times; never loop on bad data
-            found = connection.execute(self.send_sql.profile, {"customer_id": wanted}).first()
-            if found is None or found.merged_into is None:
-                break
-            wanted = found.merged_into
-        return found
 
     def upsert_profile(
         self,
@@ -628,7 +608,7 @@ class Store:
             ).first()
             if inserted is not None:
                 return True
-            stored = connection.execute(self.send_sql.event, {"message_id": message_id}).first()
+            stored = connection.execute(sql.stored_event, {"message_id": message_id}).first()
         return stored is not None and stored.routed_at is None
 
     def event_routed(self, message_id: str) -> None:

@@ -495,15 +495,14 @@ class JourneyWorkflow:
             f"**{self.definition.name}** v{version} · step `{step.id}` ({step.type})\n\n{details}"
         )
         if self.input.search_attributes and status in LASTING_STATUSES:
-            waiting = sorted(self.listening | {rule.event for rule in self.definition.exit})
-            shown = (step.id, status, tuple(waiting))
+            shown = _lasting(step.id, status, self.listening, self.definition)
             if shown == self.shown:
                 return  # the server holds these already: no history event, no visibility write
             workflow.upsert_search_attributes(
                 [
                     attrs.STEP.value_set(step.id),
                     attrs.STATUS.value_set(status),
-                    attrs.WAITING_FOR.value_set(waiting),
+                    attrs.WAITING_FOR.value_set(list(shown[2])),
                 ]
             )
             self.shown = shown
@@ -555,7 +554,7 @@ def _number(properties: dict[str, Any], path: str) -> float | None:
 
 
 def start_search_attributes(
-    journey_key: str, customer_id: str, version: int, definition: JourneyDefinition | None = None
+    journey_key: str, customer_id: str, version: int, definition: JourneyDefinition
 ) -> TypedSearchAttributes:
     """Set at start, so an instance is findable before its first step runs.
 
@@ -568,7 +567,7 @@ def start_search_attributes(
         SearchAttributePair(attrs.CUSTOMER, customer_id),
         SearchAttributePair(attrs.JOURNEY_VERSION, version),
     ]
-    opening = _opening(definition) if definition is not None else None
+    opening = _opening(definition)
     if opening is None:
         pairs.append(SearchAttributePair(attrs.STATUS, "starting"))
     else:
@@ -588,13 +587,20 @@ def _opening(definition: JourneyDefinition) -> tuple[str, str, tuple[str, ...]] 
     if not definition.steps:
         return None
     first = definition.steps[0]
-    exits = {rule.event for rule in definition.exit}
     if isinstance(first, WaitStep) and first.duration is not None:
-        return first.id, "waiting", tuple(sorted(exits))
+        return _lasting(first.id, "waiting", set(), definition)
     if isinstance(first, WaitForStep):
         listening = {outcome.event for outcome in first.events}
-        return first.id, "waiting_for", tuple(sorted(listening | exits))
+        return _lasting(first.id, "waiting_for", listening, definition)
     return None
+
+
+def _lasting(
+    step_id: str, status: str, listening: set[str], definition: JourneyDefinition
+) -> tuple[str, str, tuple[str, ...]]:
+    """The step, status and awaited events an instance shows while it waits: what it listens
+    for at that step and what its exit rules listen for all along."""
+    return step_id, status, tuple(sorted(listening | {rule.event for rule in definition.exit}))
 
 
 def _held(held: TypedSearchAttributes) -> tuple[str, str, tuple[str, ...]] | None:
