@@ -16,6 +16,7 @@ from hilo.events import CustomerEvent
 from hilo.routing import EventRouter, RouteResult
 from hilo.settings import Settings
 from hilo.simulation import JourneyLab
+from hilo.storage import Store
 from tests.conftest import EXAMPLES
 
 TOKEN = "t"
@@ -345,3 +346,22 @@ async def test_lifespan_opens_the_database_it_was_not_given(
         assert app.state.router.task_queue == lab.router.task_queue
         assert [j.key for j in app.state.store.list_journeys()] == ["abandoned_cart"]
     assert lab.store.list_journeys() == []
+
+
+@pytest.mark.parametrize("version", ["10000000000000000001", str(2**31), "0", "-1"])
+async def test_a_version_out_of_range_is_422_naming_it(any_store: Store, version: str) -> None:
+    # Past the version column's range the database itself failed: a 500 on both.
+    app = create_app(Settings(admin_token=TOKEN), store=any_store)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://hilo",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as api:
+        response = await api.get(f"/journeys/welcome/versions/{version}")
+        assert response.status_code == 422, response.text
+        [problem] = response.json()["detail"]
+        assert problem["loc"] == ["path", "version"]
+        assert problem["msg"].startswith("Input should be")
+        in_range = await api.get(f"/journeys/welcome/versions/{2**31 - 1}")
+        assert in_range.status_code == 404
+        assert "no journey with key 'welcome'" in in_range.json()["detail"]

@@ -5,7 +5,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, Field
 
 from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep
@@ -34,6 +34,11 @@ DEFINITION_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+# Versions count from 1 in an INTEGER column (32 bits on PostgreSQL): a number past it
+# could never have been stored, and the database refuses to compare with it.
+VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, description="A published version.")]
 
 
 class InvalidJourney(BaseModel):
@@ -222,7 +227,7 @@ def get_journey(key: str, store: StoreDep) -> JourneyDetail:
 
 
 @router.get("/{key}/versions/{version}", responses=NOT_FOUND)
-def get_version(key: str, version: int, store: StoreDep) -> JourneyVersionDetail:
+def get_version(key: str, version: VersionNumber, store: StoreDep) -> JourneyVersionDetail:
     found = store.get_version(key, version)
     if found is None:
         if store.get_journey(key) is None:
