@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: dev test lint typecheck unit bench clean postgres
+.PHONY: dev test lint typecheck unit bench clean postgres chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,13 @@ postgres:
 	  { $(SUDO) apt-get update && \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends postgresql; }
 
-unit: $(STAMP) postgres
+# The API docs are checked in a real browser: install Debian's Chromium when it is missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; }
+
+unit: $(STAMP) postgres chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test: lint typecheck unit

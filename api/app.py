@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from temporalio.client import Client
 
 from api.routes import api_router
@@ -16,6 +17,8 @@ from hilo.ingest import Ingestor
 from hilo.routing import EventRouter
 from hilo.settings import Settings
 from hilo.storage import Store
+
+DOCS_ASSETS = "/docs/assets"
 
 
 def create_app(
@@ -55,7 +58,10 @@ def create_app(
             if owned_store is not None:
                 owned_store.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the installed package, not a CDN,
+    # so they work where the API has no internet.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="Hilo",
         summary="Customer journeys as durable Temporal workflows.",
         version="0.1.0",

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 import yaml
 
 from api.app import create_app
@@ -18,6 +26,7 @@ from hilo.settings import Settings
 from hilo.simulation import JourneyLab
 from hilo.storage import Store
 from tests.conftest import EXAMPLES
+from tests.provider_servers import free_port
 
 TOKEN = "t"
 CART_YAML = (EXAMPLES / "journeys" / "abandoned_cart.yaml").read_text()
@@ -365,3 +374,101 @@ async def test_a_version_out_of_range_is_422_naming_it(any_store: Store, version
         in_range = await api.get(f"/journeys/welcome/versions/{2**31 - 1}")
         assert in_range.status_code == 404
         assert "no journey with key 'welcome'" in in_range.json()["detail"]
+
+
+# ---------------------------------------------------------------- the docs pages, offline
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """The app on a real uvicorn server in a thread; no lifespan, so no Temporal needed."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the API did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+class PageReferences(HTMLParser):
+    """Every URL a page loads: script sources, stylesheets, icons, the spec it renders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if value and name in ("src", "href", "spec-url"):
+                self.urls.append(value)
+
+
+ASSET_TYPES = {
+    ".js": ("text/javascript", "application/javascript"),
+    ".css": ("text/css",),
+    ".png": ("image/png",),
+    ".json": ("application/json",),
+}
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_everything_from_the_api_itself(store: Store, page: str) -> None:
+    with serving(create_app(Settings(admin_token=TOKEN), store=store)) as url:
+        html = httpx.get(url + page)
+        assert html.status_code == 200
+        # No other host: neither a URL with a scheme nor a protocol-relative one.
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html.text), html.text
+        references = PageReferences()
+        references.feed(html.text)
+        spec = re.search(r"url: '([^']+)'", html.text)
+        urls = references.urls + ([spec.group(1)] if spec else [])
+        assert any(u.endswith(".js") for u in urls) and any(u.endswith(".json") for u in urls)
+        for asset in urls:
+            assert asset.startswith("/") and not asset.startswith("//"), asset
+            response = httpx.get(url + asset)
+            assert response.status_code == 200, asset
+            media = response.headers["content-type"].split(";")[0]
+            assert media in ASSET_TYPES[Path(asset).suffix], (asset, media)
+            assert len(response.content) > 1000, asset
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (make test installs it)")
+def test_swagger_ui_renders_the_operations_in_a_browser_without_internet(
+    store: Store, tmp_path: Path
+) -> None:
+    assert CHROMIUM is not None
+    offline = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-proxy-server",
+        # Every host name fails to resolve: the page gets nothing from the internet.
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+        "--virtual-time-budget=20000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    with serving(create_app(Settings(admin_token=TOKEN), store=store)) as url:
+        dom = subprocess.run(
+            [*offline, "--dump-dom", url + "/docs"], capture_output=True, text=True, timeout=120
+        ).stdout
+        screenshot = tmp_path / "docs.png"
+        subprocess.run(
+            [*offline, "--window-size=1280,1400", f"--screenshot={screenshot}", url + "/docs"],
+            capture_output=True,
+            timeout=120,
+        )
+    rendered = set(re.findall(r'data-path="([^"]+)"', dom))
+    assert {"/health", "/journeys/{key}/versions/{version}", "/v1/track"} <= rendered, dom[:2000]
+    assert screenshot.read_bytes().startswith(b"\x89PNG") and screenshot.stat().st_size > 20_000
