@@ -57,7 +57,11 @@ class JourneyCatalog:
         self.playbook = playbook
 
     def check(self, definition: JourneyDefinition, now: datetime | None = None) -> PublishCheck:
-        """The playbook, unsubscribe-link and promotion checks, without publishing."""
+        """The playbook, unsubscribe-link and promotion checks, without publishing.
+
+        The one check behind ``journeys validate`` and ``publish``, on the command line and
+        in the API: what validates is what publishes.
+        """
         problems, warnings = check_promotions(definition, self.store, now or utcnow())
         problems = (
             check_unsubscribe_links(definition)
@@ -83,6 +87,14 @@ class JourneyCatalog:
     def publish_if_changed(
         self, definition: JourneyDefinition, now: datetime | None = None
     ) -> Published:
+        """How the command line and the API publish: a new version only when it differs.
+
+        Raises JourneyInvalid when the publish checks find problems, and ValueError when
+        the journey is archived (even with an unchanged definition).
+        """
+        journey = self.store.get_journey(definition.key)
+        if journey is not None and journey.status == "archived":
+            raise ValueError(f"journey '{definition.key}' is archived; publish it under a new key")
         latest = self.store.latest_version(definition.key)
         if latest is not None and latest.checksum == definition.checksum():
             # Checked again: the playbook or a promotion may have changed since.
