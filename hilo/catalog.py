@@ -21,7 +21,7 @@ from hilo.journeys import JourneyDefinition, JourneyInvalid, JourneyProblem, loa
 from hilo.playbook import Playbook, check_playbook
 from hilo.promotions import check_promotions
 from hilo.storage import Journey, Store, utcnow
-from hilo.templates import check_unsubscribe_links
+from hilo.templates import check_unsubscribe_links, sample_gaps
 
 
 @dataclass
@@ -68,7 +68,7 @@ class JourneyCatalog:
             + check_playbook(definition, self.playbook)
             + problems
         )
-        return PublishCheck(problems=problems, warnings=warnings)
+        return PublishCheck(problems=problems, warnings=warnings + sample_gaps(definition))
 
     def publish(self, definition: JourneyDefinition, now: datetime | None = None) -> Version:
         """Store ``definition`` as a new version; running instances keep theirs.
