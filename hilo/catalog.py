@@ -21,7 +21,7 @@ from hilo.journeys import JourneyDefinition, JourneyInvalid, JourneyProblem, loa
 from hilo.playbook import Playbook, check_playbook
 from hilo.promotions import check_promotions
 from hilo.storage import Journey, Store, utcnow
-from hilo.templates import check_unsubscribe_links
+from hilo.templates import check_unsubscribe_links, sample_gaps
 
 
 @dataclass
@@ -57,14 +57,18 @@ class JourneyCatalog:
         self.playbook = playbook
 
     def check(self, definition: JourneyDefinition, now: datetime | None = None) -> PublishCheck:
-        """The playbook, unsubscribe-link and promotion checks, without publishing."""
+        """The playbook, unsubscribe-link and promotion checks, without publishing.
+
+        The one check behind ``journeys validate`` and ``publish``, on the command line and
+        in the API: what validates is what publishes.
+        """
         problems, warnings = check_promotions(definition, self.store, now or utcnow())
         problems = (
             check_unsubscribe_links(definition)
             + check_playbook(definition, self.playbook)
             + problems
         )
-        return PublishCheck(problems=problems, warnings=warnings)
+        return PublishCheck(problems=problems, warnings=warnings + sample_gaps(definition))
 
     def publish(self, definition: JourneyDefinition, now: datetime | None = None) -> Version:
         """Store ``definition`` as a new version; running instances keep theirs.
@@ -83,6 +87,14 @@ class JourneyCatalog:
     def publish_if_changed(
         self, definition: JourneyDefinition, now: datetime | None = None
     ) -> Published:
+        """How the command line and the API publish: a new version only when it differs.
+
+        Raises JourneyInvalid when the publish checks find problems, and ValueError when
+        the journey is archived (even with an unchanged definition).
+        """
+        journey = self.store.get_journey(definition.key)
+        if journey is not None and journey.status == "archived":
+            raise ValueError(f"journey '{definition.key}' is archived; publish it under a new key")
         latest = self.store.latest_version(definition.key)
         if latest is not None and latest.checksum == definition.checksum():
             # Checked again: the playbook or a promotion may have changed since.

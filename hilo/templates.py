@@ -379,6 +379,94 @@ def _check_whatsapp(
     return approved.preview(params)
 
 
+# What a customer's data and their event fill in; the rest of a send's context (links,
+# journey, message, promotions) is Hilo's own and always there.
+SAMPLED_ROOTS = ("trigger", "profile", "customer")
+
+
+def sample_gaps(definition: JourneyDefinition) -> list[JourneyProblem]:
+    """Warnings: template variables the journey's sample does not have.
+
+    Rendering strictly finds a variable the sample lacks only where the sample's own path
+    goes; this reads every variable of every template (inside an ``if`` not taken, a loop
+    over an empty list, a ``default``), so a field that would render blank for a real event
+    shaped otherwise (``product_name`` where Segment sends ``products[].name``) is named.
+    """
+    from hilo.journeys import HandoffStep, JourneyProblem, SendStep, walk_steps
+
+    context = sample_context(definition)
+    hint = (
+        "add them to the journey's sample as your events and profiles carry them"
+        if definition.sample
+        else "the journey has no sample: add one shaped as your events and profiles"
+    )
+    warnings: list[JourneyProblem] = []
+    for step, path in walk_steps(definition.steps):
+        if isinstance(step, SendStep):
+            sources = step.content()
+        elif isinstance(step, HandoffStep):
+            sources = {"note": step.note}
+        else:
+            continue
+        for field, source in sources.items():
+            missing = [
+                name
+                for name in _variables(source)
+                if name.split(".", 1)[0] in SAMPLED_ROOTS and not _in_sample(context, name)
+            ]
+            if missing:
+                warnings.append(
+                    JourneyProblem(
+                        path=f"{path} ({step.id}).{field}",
+                        message=f"reads {', '.join(missing)}, which the sample does not have "
+                        f"(it renders blank for an event or profile without it); {hint}",
+                    )
+                )
+    return warnings
+
+
+def _variables(source: str) -> list[str]:
+    """The global variables a template reads, as dotted paths, in order, once each."""
+    try:
+        found = parsed(source).analyze().globals
+    except LiquidError:
+        return []  # does not parse: check_templates says why
+    names: dict[str, None] = {}
+    for variables in found.values():
+        for variable in variables:
+            parts = []
+            for segment in variable.segments:
+                if not isinstance(segment, str | int):
+                    break  # a lookup by another variable (a[b]): known only when sent
+                parts.append(str(segment))
+            names[".".join(parts)] = None
+    return list(names)
+
+
+def _in_sample(context: Mapping[str, Any], name: str) -> bool:
+    """Whether Liquid would find ``name`` in ``context`` (``first``, ``last``, ``size`` and
+    indexes on lists as Liquid reads them)."""
+    current: Any = context
+    for segment in name.split("."):
+        if isinstance(current, Mapping):
+            if segment in current:
+                current = current[segment]
+                continue
+            return segment == "size"
+        if isinstance(current, list | tuple | str):
+            if segment == "size":
+                return True
+            index = {"first": 0, "last": -1}.get(segment)
+            if index is None and segment.lstrip("-").isdigit():
+                index = int(segment)
+            if index is None or not -len(current) <= index < len(current):
+                return False
+            current = current[index]
+            continue
+        return False
+    return True
+
+
 def check_unsubscribe_links(definition: JourneyDefinition) -> list[JourneyProblem]:
     """Every marketing email must show the customer's unsubscribe link in its body."""
     from hilo.journeys import JourneyProblem

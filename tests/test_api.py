@@ -119,7 +119,7 @@ async def test_admin_token_is_required(api: httpx.AsyncClient) -> None:
 async def test_validate_reports_every_problem_by_path(api: httpx.AsyncClient) -> None:
     ok = await api.post("/journeys/validate", **yaml_body(CART_YAML))
     assert ok.status_code == 200, ok.text
-    assert ok.json() == {"valid": True, "key": "abandoned_cart", "steps": 12}
+    assert ok.json() == {"valid": True, "key": "abandoned_cart", "steps": 12, "warnings": []}
 
     as_json = await api.post("/journeys/validate", json=yaml.safe_load(CART_YAML))
     assert as_json.json()["key"] == "abandoned_cart"
@@ -151,6 +151,16 @@ async def test_validate_reports_every_problem_by_path(api: httpx.AsyncClient) ->
     assert "application/yaml" in text.json()["detail"]
 
     # Nothing was published by validating.
+    assert (await api.get("/journeys")).json() == []
+
+
+async def test_validate_refuses_what_publish_refuses(api: httpx.AsyncClient) -> None:
+    no_link = CART_YAML.replace("Unsubscribe: {{ unsubscribe_url }}", "Bye")
+    validated = await api.post("/journeys/validate", **yaml_body(no_link))
+    published = await api.post("/journeys", **yaml_body(no_link))
+    assert (validated.status_code, published.status_code) == (422, 422)
+    assert validated.json() == published.json()
+    assert "steps[5] (second_reminder).body" in [p["path"] for p in validated.json()["detail"]]
     assert (await api.get("/journeys")).json() == []
 
 

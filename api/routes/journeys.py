@@ -64,6 +64,9 @@ class ValidJourney(BaseModel):
     valid: bool = True
     key: str
     steps: int = Field(description="How many steps the journey has, nested ones included.")
+    warnings: list[str] = Field(
+        default_factory=list, description="What publishing would warn about."
+    )
 
 
 class PublishedVersion(BaseModel):
@@ -168,9 +171,16 @@ def schema() -> dict[str, Any]:
 
 
 @router.post("/validate", responses=INVALID, openapi_extra=DEFINITION_BODY)
-def validate(definition: DefinitionDep) -> ValidJourney:
-    """Check a definition without publishing it."""
-    return ValidJourney(key=definition.key, steps=sum(1 for _ in walk_steps(definition.steps)))
+def validate(definition: DefinitionDep, catalog: CatalogDep) -> ValidJourney:
+    """Check a definition as publishing would (the same checks), without publishing it."""
+    checked = catalog.check(definition)
+    if checked.problems:
+        raise _invalid(checked.problems)
+    return ValidJourney(
+        key=definition.key,
+        steps=sum(1 for _ in walk_steps(definition.steps)),
+        warnings=[str(warning) for warning in checked.warnings],
+    )
 
 
 @router.post(
@@ -181,18 +191,11 @@ def validate(definition: DefinitionDep) -> ValidJourney:
 )
 def publish(definition: DefinitionDep, catalog: CatalogDep, response: Response) -> PublishedVersion:
     """Publish a new version; 200 and created=false when it equals the latest one."""
-    journey = catalog.store.get_journey(definition.key)
-    # Checked here too: publish_if_changed would answer "unchanged" for an archived journey.
-    if journey is not None and journey.status == "archived":
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"journey '{definition.key}' is archived; publish it under a new key",
-        )
     try:
         published = catalog.publish_if_changed(definition)
     except JourneyInvalid as error:  # the playbook, promotions or the unsubscribe link
         raise _invalid(error.problems) from None
-    except ValueError as error:  # archived between the check and the write
+    except ValueError as error:  # an archived journey
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     if not published.created:
         response.status_code = status.HTTP_200_OK
