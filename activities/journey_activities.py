@@ -158,6 +158,7 @@ class JourneyActivities:
                     category=request.category,
                     ignore_policy=request.ignore_policy,
                     address=recipient if request.channel in ADDRESS_TRAITS else None,
+                    topic=request.topic,
                 ),
                 now=request.scheduled_at,
             )

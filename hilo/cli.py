@@ -28,6 +28,17 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+def _preference_topics() -> list[str]:
+    """The preference page's topic keys (HILO_PREFERENCE_TOPICS): what a send's topic may be."""
+    from hilo.channels.config import ChannelSettings
+
+    try:
+        return [topic.key for topic in ChannelSettings().preference_topics]
+    except Exception as error:
+        typer.secho(f"settings: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
 def _load(path: Path) -> JourneyDefinition:
     if not path.is_file():
         typer.secho(f"{path}: no such file", fg="red", err=True)
@@ -101,7 +112,9 @@ def journeys_publish(files: list[Path]) -> None:
 
     definitions = [_load(path) for path in files]  # all valid, or none published
     settings = _settings()
-    catalog = JourneyCatalog(_store(settings), load_playbook(settings.playbook_file))
+    catalog = JourneyCatalog(
+        _store(settings), load_playbook(settings.playbook_file), topics=_preference_topics()
+    )
     for definition in definitions:
         try:
             version = catalog.publish(definition)

@@ -146,6 +146,13 @@ class SendStep(StepBase):
     channel: Literal["email", "sms", "whatsapp", "push", "webhook", "audience"]
     template: str = Field(min_length=1, description="Template name, e.g. cart_reminder_1.")
     category: Literal["marketing", "transactional"] = "marketing"
+    topic: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="A preference-page topic (HILO_PREFERENCE_TOPICS) this message is about: "
+        "a customer who left the topic is skipped. Marketing sends only.",
+        examples=["promotions"],
+    )
     subject: str | None = Field(None, description="Email subject (Liquid).")
     title: str | None = Field(None, description="Push title (Liquid).")
     body: str | None = Field(None, description="Message body (Liquid).")
@@ -174,6 +181,13 @@ class SendStep(StepBase):
             "audience": ("audience",),
         }[self.channel]
         missing = [name for name in required if not getattr(self, name)]
+        if self.topic is not None and self.category == "transactional":
+            raise PydanticCustomError(
+                "send_field_invalid",
+                "a transactional send reaches the customer whatever topics they chose; "
+                "remove 'topic' or make the send category marketing",
+                {"field": "topic"},
+            )
         if missing:
             # A custom error carries the field, so the problem's path points at it.
             raise PydanticCustomError(
@@ -546,7 +560,7 @@ def _problems_from(error: ValidationError, raw: Any) -> list[JourneyProblem]:
                 if isinstance(item["input"], dict) and "type" in item["input"]
                 else "step has no 'type'"
             ) + f"; 'type' must be one of {', '.join(STEP_TYPES)}"
-        elif item["type"] == "send_field_missing":
+        elif item["type"] in ("send_field_missing", "send_field_invalid"):
             path += f".{item['ctx']['field']}"
         elif item["type"] == "literal_error":
             message = f"{item['msg']} (got {item['input']!r})"

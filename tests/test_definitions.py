@@ -154,6 +154,18 @@ CASES = [
         id="unknown-channel",
     ),
     pytest.param(
+        _step(1, category="transactional", topic="promotions"),
+        "steps[1] (reminder).topic",
+        "a transactional send reaches the customer whatever topics they chose",
+        id="topic-on-a-transactional-send",
+    ),
+    pytest.param(
+        _step(1, topic="Big Promotions!"),
+        "steps[1] (reminder).topic",
+        "String should match pattern",
+        id="topic-not-a-topic-key",
+    ),
+    pytest.param(
         _sms(body="Your cart is waiting. " * 30),
         f"{NESTED}.steps[0] (sms_reminder).body",
         "5 segments; keep it to 4 segments",
