@@ -6,8 +6,10 @@ Each is idempotent: Temporal may run an activity again after a crash, and the da
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -206,7 +208,10 @@ class JourneyActivities:
             unsubscribe_url=unsubscribe_url if request.category == "marketing" else None,
         )
         try:
-            provider_message_id = provider.deliver(delivery)
+            if request.channel in DEVICE_CHANNELS:
+                provider_message_id = self._deliver_to_devices(provider, delivery, devices)
+            else:
+                provider_message_id = provider.deliver(delivery)
         except PermanentFailure as failure:
             self.store.message_outcome(request.message_id, "failed", reason=failure.reason)
             self.policy.release(request.message_id, f"failed: {failure.reason}")
@@ -244,6 +249,41 @@ class JourneyActivities:
         return SendResult(
             message_id=request.message_id, status="sent", provider_message_id=provider_message_id
         )
+
+    def _deliver_to_devices(
+        self, provider: ChannelProvider, delivery: Delivery, devices: list[DeviceRow]
+    ) -> str:
+        """One provider call per active device of the customer; the first provider id.
+
+        Each acceptance is recorded before the next call, so a retry after a retryable
+        failure (or a crash) skips the devices that already have the message. A device whose
+        token or subscription the provider says is gone is switched off and never used again;
+        the message fails only when no device took it.
+        """
+        reached = self.store.devices_reached(delivery.message_id) if len(devices) > 1 else {}
+        accepted: list[str] = []
+        refused: list[str] = []
+        for device in devices:
+            key = hashlib.sha256(device.address.encode()).hexdigest()[:32]
+            if key in reached:
+                accepted.append(reached[key])
+                continue
+            recipient = _device_recipient(delivery.channel, device)
+            try:
+                provider_message_id = provider.deliver(replace(delivery, recipient=recipient))
+            except PermanentFailure as failure:
+                if failure.recipient_gone:
+                    self.store.retire_device(delivery.channel, device.address)
+                refused.append(failure.reason)
+                continue
+            if len(devices) > 1:
+                self.store.device_reached(
+                    delivery.message_id, provider.name, key, provider_message_id
+                )
+            accepted.append(provider_message_id)
+        if not accepted:
+            raise PermanentFailure("; ".join(refused) or f"no {delivery.channel} device")
+        return accepted[0]
 
     def _provider(self, channel: str) -> ChannelProvider:
         provider = self.providers.get(channel)
@@ -402,17 +442,19 @@ def _recipient(channel: str, profile: ProfileSnapshot, devices: list[DeviceRow])
         value = profile.traits.get(trait)
         return str(value) if value else None
     if channel in DEVICE_CHANNELS:
-        if not devices:
-            return None
-        if channel == "webpush":
-            return json.dumps(
-                {"endpoint": devices[0].address, "keys": devices[0].data.get("keys", {})}
-            )
-        return devices[0].address
+        # The ledger names the newest device; the send goes to every one of them.
+        return _device_recipient(channel, devices[0]) if devices else None
     if channel == "audience":
         value = profile.traits.get("email") or profile.traits.get("phone")
         return str(value) if value else None
     return None
+
+
+def _device_recipient(channel: str, device: DeviceRow) -> str:
+    """An FCM token as it is; a web-push subscription as PushSubscription.toJSON() gives it."""
+    if channel == "webpush":
+        return json.dumps({"endpoint": device.address, "keys": device.data.get("keys", {})})
+    return device.address
 
 
 def _result(message: Message | LedgerRow) -> SendResult:

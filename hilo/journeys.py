@@ -35,7 +35,7 @@ STEP_ID = r"^[a-z][a-z0-9_]{0,62}$"
 JOURNEY_KEY = r"^[a-z][a-z0-9_]{0,62}$"
 RESERVED_KEYS = frozenset({"schema", "validate"})
 STEP_TYPES = ("send", "wait", "wait_for", "branch", "split", "update_profile", "handoff", "exit")
-CHANNELS = ("email", "sms", "whatsapp", "push", "webhook", "audience")
+CHANNELS = ("email", "sms", "whatsapp", "push", "webpush", "webhook", "audience")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
@@ -143,7 +143,7 @@ class StepBase(_Strict):
 
 class SendStep(StepBase):
     type: Literal["send"]
-    channel: Literal["email", "sms", "whatsapp", "push", "webhook", "audience"]
+    channel: Literal["email", "sms", "whatsapp", "push", "webpush", "webhook", "audience"]
     template: str = Field(min_length=1, description="Template name, e.g. cart_reminder_1.")
     category: Literal["marketing", "transactional"] = "marketing"
     topic: str | None = Field(
@@ -154,7 +154,7 @@ class SendStep(StepBase):
         examples=["promotions"],
     )
     subject: str | None = Field(None, description="Email subject (Liquid).")
-    title: str | None = Field(None, description="Push title (Liquid).")
+    title: str | None = Field(None, description="Push and web push title (Liquid).")
     body: str | None = Field(None, description="Message body (Liquid).")
     audience: str | None = Field(None, description="Ad audience name (channel audience).")
     url: str | None = Field(None, description="Webhook URL (channel webhook).")
@@ -177,6 +177,7 @@ class SendStep(StepBase):
             "sms": ("body",),
             "whatsapp": ("body",),
             "push": ("title", "body"),
+            "webpush": ("title", "body"),
             "webhook": ("url",),
             "audience": ("audience",),
         }[self.channel]

@@ -150,7 +150,7 @@ CASES = [
     pytest.param(
         _step(1, channel="fax"),
         "steps[1] (reminder).channel",
-        "'email', 'sms', 'whatsapp', 'push', 'webhook' or 'audience' (got 'fax')",
+        "'email', 'sms', 'whatsapp', 'push', 'webpush', 'webhook' or 'audience' (got 'fax')",
         id="unknown-channel",
     ),
     pytest.param(
