@@ -48,6 +48,10 @@ from hilo.storage import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, St
 # Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
 # audience syncs are not messages to the customer.
 POLICY_CHANNELS = frozenset({"email", "sms", "whatsapp", "push", "webpush"})
+UNSIGNED_WEBHOOK = (
+    "HILO_WEBHOOK_SECRET is not set: Hilo signs every webhook it sends (X-Hilo-Signature) and "
+    "sends none unsigned; set it to the secret the receiver checks"
+)
 
 
 class JourneyActivities:
@@ -57,8 +61,12 @@ class JourneyActivities:
         providers: dict[str, ChannelProvider] | None = None,
         default_timezone: str = "UTC",
         links: LinkSigner | None = None,
+        signed_webhooks_only: bool = False,
     ) -> None:
+        """``signed_webhooks_only``: a webhook step without the signed webhook provider
+        (HILO_WEBHOOK_SECRET) fails instead of going to capture, as the worker runs it."""
         self.store = store
+        self.signed_webhooks_only = signed_webhooks_only
         self.policy = ContactPolicyService(store)
         # Without settings (simulations, tests) links are signed with the development secret.
         self.links = links or LinkSigner(DEV_LINK_SECRET, "http://127.0.0.1:8000")
@@ -141,6 +149,14 @@ class JourneyActivities:
             return _result(stored)
         profile = _snapshot(found, request.customer_id)
         provider = self._provider(request.channel)
+        if request.channel == "webhook" and provider is self.fallback and self.signed_webhooks_only:
+            reason = UNSIGNED_WEBHOOK
+            refused = Message(**self._ledger_row(request, provider, reason))
+            refused.status = "failed"
+            self.store.record_message(refused)
+            raise ApplicationError(
+                f"{request.step_id}: {reason}", type="WebhookNotSigned", non_retryable=True
+            )
         recipient = _recipient(request.channel, profile, devices)
         skip = self._skip_reason(request, profile, recipient)
         if skip is None and stored is None and _mentions_promotions(request.content):
@@ -287,8 +303,9 @@ class JourneyActivities:
 
     def _provider(self, channel: str) -> ChannelProvider:
         provider = self.providers.get(channel)
-        if provider is None and channel == "handoff":
-            provider = self.providers.get("webhook")  # a helpdesk hears hand-offs by webhook
+        webhook = self.providers.get("webhook")
+        if provider is None and channel == "handoff" and getattr(webhook, "url", None):
+            provider = webhook  # a helpdesk hears hand-offs at HILO_WEBHOOK_URL
         return provider or self.fallback
 
     def _render(

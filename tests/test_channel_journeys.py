@@ -16,6 +16,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.journey_activities import JourneyActivities
 from hilo.channels.base import ChannelProvider
+from hilo.channels.config import ChannelSettings
 from hilo.channels.fcm import FcmPush, ServiceAccount
 from hilo.channels.webpush import WebPush, vapid_public_key
 from hilo.journeys import parse_journey
@@ -25,13 +26,16 @@ from hilo.storage import Device, Store
 from tests.provider_servers import (
     FakeFirebase,
     FakePushService,
+    FakeWebhookReceiver,
     ProviderServer,
     Subscriber,
     device_token,
     fcm_error,
 )
+from worker.main import configured_activities
 
 VAPID_KEY = ec.generate_private_key(ec.SECP256R1())
+SECRET = "whsec-journey-secret"
 FIREBASE_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
@@ -54,9 +58,12 @@ def fcm_server() -> Iterator[FakeFirebase]:
 
 @asynccontextmanager
 async def lab_with(
-    env: WorkflowEnvironment, store: Store, providers: dict[str, ChannelProvider]
+    env: WorkflowEnvironment,
+    store: Store,
+    providers: dict[str, ChannelProvider] | None = None,
+    activities: JourneyActivities | None = None,
 ) -> AsyncIterator[JourneyLab]:
-    activities = JourneyActivities(store, providers=providers)
+    activities = activities or JourneyActivities(store, providers=providers)
     async with JourneyLab.open(env, store, sandboxed=True, activities=activities) as lab:
         yield lab
 
@@ -229,3 +236,63 @@ async def test_unregistered_and_invalid_tokens_are_retired(
     first, second = sorted(store.messages("bea"), key=lambda m: m.step_id)
     assert first.status == "failed" and "INVALID_ARGUMENT" in (first.reason or "")
     assert (second.status, second.reason) == ("skipped", "no push device on the profile")
+
+
+# ---------------------------------------------------------------- webhooks
+
+
+@pytest.fixture
+def receiver() -> Iterator[FakeWebhookReceiver]:
+    yield from serve(FakeWebhookReceiver(SECRET))
+
+
+def webhook_step(url: str) -> dict[str, Any]:
+    return {
+        "id": "notify_crm",
+        "type": "send",
+        "channel": "webhook",
+        "template": "crm_lead",
+        "url": url,
+        "body": "{{ profile.traits.first_name }} poked us",
+    }
+
+
+async def test_a_webhook_step_posts_signed_to_its_own_url(
+    time_env: WorkflowEnvironment, store: Store, receiver: FakeWebhookReceiver
+) -> None:
+    # Only the secret: no HILO_WEBHOOK_URL, which used to send every webhook step to capture.
+    settings = ChannelSettings(_env_file=None, webhook_secret=SECRET)
+    store.upsert_profile("ana", traits={"first_name": "Ana"})
+    async with lab_with(time_env, store, activities=configured_activities(store, settings)) as lab:
+        lab.publish(journey("crm_sync", webhook_step(receiver.hook_url)))
+        await run_once(lab, "ana")
+    [event] = receiver.events
+    assert event["content"] == {"url": receiver.hook_url, "body": "Ana poked us"}
+    [message] = store.messages("ana")
+    assert (message.status, message.provider, message.provider_message_id) == (
+        "sent",
+        "webhook",
+        "evt_1",
+    )
+    assert store.captured("ana") == []
+
+
+async def test_without_a_webhook_secret_webhook_steps_are_refused_never_sent_unsigned(
+    time_env: WorkflowEnvironment, store: Store, receiver: FakeWebhookReceiver
+) -> None:
+    settings = ChannelSettings(_env_file=None)
+    store.upsert_profile("ana", traits={"first_name": "Ana"})
+    # Published after the worker started: the send is refused, with the reason on the ledger.
+    async with lab_with(time_env, store, activities=configured_activities(store, settings)) as lab:
+        lab.publish(journey("crm_sync", webhook_step(receiver.hook_url)))
+        await run_once(lab, "ana")
+    [message] = store.messages("ana")
+    assert message.status == "failed"
+    assert (message.reason or "").startswith("HILO_WEBHOOK_SECRET is not set")
+    assert receiver.received == [] and store.captured("ana") == []
+    # A worker started now refuses at once, naming the setting and the step.
+    with pytest.raises(ValueError, match="HILO_WEBHOOK_SECRET is not set") as refused:
+        configured_activities(store, settings)
+    assert "crm_sync (steps[0] (notify_crm))" in str(refused.value)
+    # With the secret it starts.
+    configured_activities(store, ChannelSettings(_env_file=None, webhook_secret=SECRET))
