@@ -6,8 +6,10 @@ Each is idempotent: Temporal may run an activity again after a crash, and the da
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -46,6 +48,10 @@ from hilo.storage import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, St
 # Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
 # audience syncs are not messages to the customer.
 POLICY_CHANNELS = frozenset({"email", "sms", "whatsapp", "push", "webpush"})
+UNSIGNED_WEBHOOK = (
+    "HILO_WEBHOOK_SECRET is not set: Hilo signs every webhook it sends (X-Hilo-Signature) and "
+    "sends none unsigned; set it to the secret the receiver checks"
+)
 
 
 class JourneyActivities:
@@ -55,8 +61,12 @@ class JourneyActivities:
         providers: dict[str, ChannelProvider] | None = None,
         default_timezone: str = "UTC",
         links: LinkSigner | None = None,
+        signed_webhooks_only: bool = False,
     ) -> None:
+        """``signed_webhooks_only``: a webhook step without the signed webhook provider
+        (HILO_WEBHOOK_SECRET) fails instead of going to capture, as the worker runs it."""
         self.store = store
+        self.signed_webhooks_only = signed_webhooks_only
         self.policy = ContactPolicyService(store)
         # Without settings (simulations, tests) links are signed with the development secret.
         self.links = links or LinkSigner(DEV_LINK_SECRET, "http://127.0.0.1:8000")
@@ -139,6 +149,14 @@ class JourneyActivities:
             return _result(stored)
         profile = _snapshot(found, request.customer_id)
         provider = self._provider(request.channel)
+        if request.channel == "webhook" and provider is self.fallback and self.signed_webhooks_only:
+            reason = UNSIGNED_WEBHOOK
+            refused = Message(**self._ledger_row(request, provider, reason))
+            refused.status = "failed"
+            self.store.record_message(refused)
+            raise ApplicationError(
+                f"{request.step_id}: {reason}", type="WebhookNotSigned", non_retryable=True
+            )
         recipient = _recipient(request.channel, profile, devices)
         skip = self._skip_reason(request, profile, recipient)
         if skip is None and stored is None and _mentions_promotions(request.content):
@@ -158,6 +176,7 @@ class JourneyActivities:
                     category=request.category,
                     ignore_policy=request.ignore_policy,
                     address=recipient if request.channel in ADDRESS_TRAITS else None,
+                    topic=request.topic,
                 ),
                 now=request.scheduled_at,
             )
@@ -205,7 +224,10 @@ class JourneyActivities:
             unsubscribe_url=unsubscribe_url if request.category == "marketing" else None,
         )
         try:
-            provider_message_id = provider.deliver(delivery)
+            if request.channel in DEVICE_CHANNELS:
+                provider_message_id = self._deliver_to_devices(provider, delivery, devices)
+            else:
+                provider_message_id = provider.deliver(delivery)
         except PermanentFailure as failure:
             self.store.message_outcome(request.message_id, "failed", reason=failure.reason)
             self.policy.release(request.message_id, f"failed: {failure.reason}")
@@ -244,10 +266,46 @@ class JourneyActivities:
             message_id=request.message_id, status="sent", provider_message_id=provider_message_id
         )
 
+    def _deliver_to_devices(
+        self, provider: ChannelProvider, delivery: Delivery, devices: list[DeviceRow]
+    ) -> str:
+        """One provider call per active device of the customer; the first provider id.
+
+        Each acceptance is recorded before the next call, so a retry after a retryable
+        failure (or a crash) skips the devices that already have the message. A device whose
+        token or subscription the provider says is gone is switched off and never used again;
+        the message fails only when no device took it.
+        """
+        reached = self.store.devices_reached(delivery.message_id) if len(devices) > 1 else {}
+        accepted: list[str] = []
+        refused: list[str] = []
+        for device in devices:
+            key = hashlib.sha256(device.address.encode()).hexdigest()[:32]
+            if key in reached:
+                accepted.append(reached[key])
+                continue
+            recipient = _device_recipient(delivery.channel, device)
+            try:
+                provider_message_id = provider.deliver(replace(delivery, recipient=recipient))
+            except PermanentFailure as failure:
+                if failure.recipient_gone:
+                    self.store.retire_device(delivery.channel, device.address)
+                refused.append(failure.reason)
+                continue
+            if len(devices) > 1:
+                self.store.device_reached(
+                    delivery.message_id, provider.name, key, provider_message_id
+                )
+            accepted.append(provider_message_id)
+        if not accepted:
+            raise PermanentFailure("; ".join(refused) or f"no {delivery.channel} device")
+        return accepted[0]
+
     def _provider(self, channel: str) -> ChannelProvider:
         provider = self.providers.get(channel)
-        if provider is None and channel == "handoff":
-            provider = self.providers.get("webhook")  # a helpdesk hears hand-offs by webhook
+        webhook = self.providers.get("webhook")
+        if provider is None and channel == "handoff" and getattr(webhook, "url", None):
+            provider = webhook  # a helpdesk hears hand-offs at HILO_WEBHOOK_URL
         return provider or self.fallback
 
     def _render(
@@ -401,17 +459,19 @@ def _recipient(channel: str, profile: ProfileSnapshot, devices: list[DeviceRow])
         value = profile.traits.get(trait)
         return str(value) if value else None
     if channel in DEVICE_CHANNELS:
-        if not devices:
-            return None
-        if channel == "webpush":
-            return json.dumps(
-                {"endpoint": devices[0].address, "keys": devices[0].data.get("keys", {})}
-            )
-        return devices[0].address
+        # The ledger names the newest device; the send goes to every one of them.
+        return _device_recipient(channel, devices[0]) if devices else None
     if channel == "audience":
         value = profile.traits.get("email") or profile.traits.get("phone")
         return str(value) if value else None
     return None
+
+
+def _device_recipient(channel: str, device: DeviceRow) -> str:
+    """An FCM token as it is; a web-push subscription as PushSubscription.toJSON() gives it."""
+    if channel == "webpush":
+        return json.dumps({"endpoint": device.address, "keys": device.data.get("keys", {})})
+    return device.address
 
 
 def _result(message: Message | LedgerRow) -> SendResult:

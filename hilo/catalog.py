@@ -2,13 +2,15 @@
 
 Publishing checks what a definition alone cannot tell (:func:`~hilo.journeys.check_journey`
 already ran when it was parsed): the brand playbook, the unsubscribe link of marketing
-email, and the promotions its templates name, as they are in the store now. Problems refuse
+email, the promotions its templates name, as they are in the store now, and the preference
+topics its sends name (those the preference page offers). Problems refuse
 the version (:class:`~hilo.journeys.JourneyInvalid`); warnings (a promotion that expired or
 has not started: its sends will be skipped) come back with the version number.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +19,14 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from hilo.journey_runs import SIGNAL_STOP, StopRequest
-from hilo.journeys import JourneyDefinition, JourneyInvalid, JourneyProblem, load_journey_yaml
+from hilo.journeys import (
+    JourneyDefinition,
+    JourneyInvalid,
+    JourneyProblem,
+    SendStep,
+    load_journey_yaml,
+    walk_steps,
+)
 from hilo.playbook import Playbook, check_playbook
 from hilo.promotions import check_promotions
 from hilo.storage import Journey, Store, utcnow
@@ -51,13 +60,37 @@ class PublishCheck:
     warnings: list[JourneyProblem]
 
 
+def check_topics(definition: JourneyDefinition, topics: Collection[str]) -> list[JourneyProblem]:
+    """Every send's ``topic`` must be one the preference page offers, or nobody could leave it."""
+    problems = []
+    for step, path in walk_steps(definition.steps):
+        if isinstance(step, SendStep) and step.topic is not None and step.topic not in topics:
+            known = ", ".join(sorted(topics)) or "none yet"
+            problems.append(
+                JourneyProblem(
+                    path=f"{path} ({step.id}).topic",
+                    message=f"'{step.topic}' is not a topic of the preference page (known: "
+                    f"{known}); add it to HILO_PREFERENCE_TOPICS, e.g. "
+                    f'[{{"key": "{step.topic}", "name": "..."}}], or fix the spelling',
+                )
+            )
+    return problems
+
+
 class JourneyCatalog:
-    def __init__(self, store: Store, playbook: Playbook | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        playbook: Playbook | None = None,
+        topics: Collection[str] | None = None,
+    ) -> None:
+        """``topics``: the preference page's topic keys; None leaves step topics unchecked."""
         self.store = store
         self.playbook = playbook
+        self.topics = topics
 
     def check(self, definition: JourneyDefinition, now: datetime | None = None) -> PublishCheck:
-        """The playbook, unsubscribe-link and promotion checks, without publishing.
+        """The playbook, unsubscribe-link, promotion and topic checks, without publishing.
 
         The one check behind ``journeys validate`` and ``publish``, on the command line and
         in the API: what validates is what publishes.
@@ -66,6 +99,7 @@ class JourneyCatalog:
         problems = (
             check_unsubscribe_links(definition)
             + check_playbook(definition, self.playbook)
+            + (check_topics(definition, self.topics) if self.topics is not None else [])
             + problems
         )
         return PublishCheck(problems=problems, warnings=warnings + sample_gaps(definition))

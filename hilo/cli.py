@@ -28,6 +28,17 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+def _preference_topics() -> list[str]:
+    """The preference page's topic keys (HILO_PREFERENCE_TOPICS): what a send's topic may be."""
+    from hilo.channels.config import ChannelSettings
+
+    try:
+        return [topic.key for topic in ChannelSettings().preference_topics]
+    except Exception as error:
+        typer.secho(f"settings: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
 def _load(path: Path) -> JourneyDefinition:
     if not path.is_file():
         typer.secho(f"{path}: no such file", fg="red", err=True)
@@ -90,7 +101,9 @@ def _catalog() -> Any:
     from hilo.playbook import load_playbook
 
     settings = _settings()
-    return JourneyCatalog(_store(settings), load_playbook(settings.playbook_file))
+    return JourneyCatalog(
+        _store(settings), load_playbook(settings.playbook_file), topics=_preference_topics()
+    )
 
 
 def _warn(warnings: list[Any]) -> None:

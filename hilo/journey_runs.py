@@ -134,6 +134,9 @@ class SendRequest(BaseModel):
     trigger_message_id: str | None = None
     trigger: dict[str, Any] | None = None
     ignore_policy: bool = False
+    # The preference topic the message is about: the contact policy skips it for a customer
+    # who left that topic.
+    topic: str | None = None
     # Workflow time of this attempt: the contact policy decides as of then.
     scheduled_at: datetime
 

@@ -35,7 +35,7 @@ STEP_ID = r"^[a-z][a-z0-9_]{0,62}$"
 JOURNEY_KEY = r"^[a-z][a-z0-9_]{0,62}$"
 RESERVED_KEYS = frozenset({"schema", "validate"})
 STEP_TYPES = ("send", "wait", "wait_for", "branch", "split", "update_profile", "handoff", "exit")
-CHANNELS = ("email", "sms", "whatsapp", "push", "webhook", "audience")
+CHANNELS = ("email", "sms", "whatsapp", "push", "webpush", "webhook", "audience")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
@@ -143,11 +143,18 @@ class StepBase(_Strict):
 
 class SendStep(StepBase):
     type: Literal["send"]
-    channel: Literal["email", "sms", "whatsapp", "push", "webhook", "audience"]
+    channel: Literal["email", "sms", "whatsapp", "push", "webpush", "webhook", "audience"]
     template: str = Field(min_length=1, description="Template name, e.g. cart_reminder_1.")
     category: Literal["marketing", "transactional"] = "marketing"
+    topic: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="A preference-page topic (HILO_PREFERENCE_TOPICS) this message is about: "
+        "a customer who left the topic is skipped. Marketing sends only.",
+        examples=["promotions"],
+    )
     subject: str | None = Field(None, description="Email subject (Liquid).")
-    title: str | None = Field(None, description="Push title (Liquid).")
+    title: str | None = Field(None, description="Push and web push title (Liquid).")
     body: str | None = Field(None, description="Message body (Liquid).")
     audience: str | None = Field(None, description="Ad audience name (channel audience).")
     url: str | None = Field(None, description="Webhook URL (channel webhook).")
@@ -170,10 +177,18 @@ class SendStep(StepBase):
             "sms": ("body",),
             "whatsapp": ("body",),
             "push": ("title", "body"),
+            "webpush": ("title", "body"),
             "webhook": ("url",),
             "audience": ("audience",),
         }[self.channel]
         missing = [name for name in required if not getattr(self, name)]
+        if self.topic is not None and self.category == "transactional":
+            raise PydanticCustomError(
+                "send_field_invalid",
+                "a transactional send reaches the customer whatever topics they chose; "
+                "remove 'topic' or make the send category marketing",
+                {"field": "topic"},
+            )
         if missing:
             # A custom error carries the field, so the problem's path points at it.
             raise PydanticCustomError(
@@ -546,7 +561,7 @@ def _problems_from(error: ValidationError, raw: Any) -> list[JourneyProblem]:
                 if isinstance(item["input"], dict) and "type" in item["input"]
                 else "step has no 'type'"
             ) + f"; 'type' must be one of {', '.join(STEP_TYPES)}"
-        elif item["type"] == "send_field_missing":
+        elif item["type"] in ("send_field_missing", "send_field_invalid"):
             path += f".{item['ctx']['field']}"
         elif item["type"] == "literal_error":
             message = f"{item['msg']} (got {item['input']!r})"

@@ -196,12 +196,19 @@ class JourneyLab:
         store: Store,
         max_steps_per_run: int = 500,
         sandboxed: bool = False,
+        activities: Any = None,
     ) -> AsyncIterator[JourneyLab]:
+        """``activities``: a JourneyActivities with real providers; capture when None."""
         from worker.main import build_worker
 
         task_queue = f"hilo-lab-{uuid.uuid4().hex[:8]}"
         worker = build_worker(
-            env.client, store, task_queue, max_concurrent_activities=20, sandboxed=sandboxed
+            env.client,
+            store,
+            task_queue,
+            max_concurrent_activities=20,
+            sandboxed=sandboxed,
+            activities=activities,
         )
         router = EventRouter(store, env.client, task_queue, max_steps_per_run=max_steps_per_run)
         async with worker:

@@ -947,6 +947,51 @@ class Store:
             also,
         )
 
+    def devices_reached(self, message_id: str) -> dict[str, str]:
+        """The devices a message's provider already accepted, by device key: provider id."""
+        prefix = f"device:{message_id}:"
+        with self.session() as session:
+            rows = session.exec(
+                select(DeliveryEventRow).where(
+                    col(DeliveryEventRow.message_id) == message_id,
+                    col(DeliveryEventRow.raw_id).startswith(prefix),
+                )
+            )
+            return {row.raw_id[len(prefix) :]: row.reason or "" for row in rows}
+
+    def device_reached(
+        self, message_id: str, provider: str, device_key: str, provider_message_id: str
+    ) -> None:
+        """Record that the provider accepted a message for one of the customer's devices, so a
+        retry of the send skips that device (kept with the provider's other answers)."""
+        with self.session() as session:
+            session.add(
+                DeliveryEventRow(
+                    raw_id=f"device:{message_id}:{device_key}",
+                    message_id=message_id,
+                    provider=provider[:40],
+                    status="sent",
+                    reason=provider_message_id[:500],
+                    occurred_at=utcnow(),
+                )
+            )
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()  # a retry that got this far already recorded it
+
+    def retire_device(self, kind: str, address: str) -> bool:
+        """Switch off a push token or web-push subscription the provider says is gone for
+        good, so no send uses it again; False when it was off already."""
+        with self.session() as session:
+            result = session.exec(
+                update(Device)
+                .where(col(Device.kind) == kind, col(Device.address) == address, col(Device.active))
+                .values(active=False, updated_at=utcnow())
+            )
+            session.commit()
+            return bool(result.rowcount)
+
     def register_device(
         self, customer_id: str, kind: str, address: str, data: dict[str, Any] | None = None
     ) -> Device:

@@ -274,7 +274,7 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
                         "Unicode characters)",
                     )
                 )
-        if isinstance(step, SendStep) and step.channel == "push":
+        if isinstance(step, SendStep) and step.channel in ("push", "webpush"):
             for field, limit in (("title", PUSH_TITLE_MAX), ("body", PUSH_BODY_MAX)):
                 if field in rendered and len(rendered[field]) > limit:
                     problems.append(

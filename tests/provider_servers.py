@@ -137,7 +137,7 @@ class ProviderServer:
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.problems: list[str] = []
-        self._failures: deque[Reply] = deque()
+        self._failures: deque[Reply | None] = deque()
         self._delays: deque[float] = deque()
         self._lock = threading.RLock()  # handle() may take failures under it
         self._server = _Server(("127.0.0.1", 0), _Handler)
@@ -173,6 +173,12 @@ class ProviderServer:
         """Answer the next ``times`` well-formed requests with this failure."""
         for _ in range(times):
             self._failures.append(Reply(status, body, headers or {}))
+
+    def pass_next(self, times: int = 1) -> None:
+        """Handle the next ``times`` well-formed requests normally, before any failure queued
+        after this call."""
+        for _ in range(times):
+            self._failures.append(None)
 
     def delay_next(self, seconds: float) -> None:
         """Hold the next request this long before handling it (it is still handled)."""
@@ -736,15 +742,22 @@ class FakeFirebase(ProviderServer):
                 404, fcm_error(404, "NOT_FOUND", "Requested entity was not found.", "UNREGISTERED")
             )
         if not DEVICE_TOKEN.match(device):
-            return Reply(
+            # As FCM answers it: the FcmError and a BadRequest naming the field at fault.
+            invalid = fcm_error(
                 400,
-                fcm_error(
-                    400,
-                    "INVALID_ARGUMENT",
-                    "The registration token is not a valid FCM registration token",
-                    "INVALID_ARGUMENT",
-                ),
+                "INVALID_ARGUMENT",
+                "The registration token is not a valid FCM registration token",
+                "INVALID_ARGUMENT",
             )
+            invalid["error"]["details"].append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.BadRequest",
+                    "fieldViolations": [
+                        {"field": "message.token", "description": "Invalid registration token"}
+                    ],
+                }
+            )
+            return Reply(400, invalid)
         if (failure := self.take_failure()) is not None:
             return failure
         self.pushes.append(message)

@@ -482,3 +482,32 @@ def test_swagger_ui_renders_the_operations_in_a_browser_without_internet(
     rendered = set(re.findall(r'data-path="([^"]+)"', dom))
     assert {"/health", "/journeys/{key}/versions/{version}", "/v1/track"} <= rendered, dom[:2000]
     assert screenshot.read_bytes().startswith(b"\x89PNG") and screenshot.stat().st_size > 20_000
+
+
+async def test_publish_knows_the_preference_pages_topics(lab: JourneyLab) -> None:
+    from hilo.channels.config import ChannelSettings
+
+    app = create_app(
+        Settings(admin_token=TOKEN),
+        store=lab.store,
+        client=lab.client,
+        task_queue=lab.router.task_queue,
+    )
+    app.state.channel_settings = ChannelSettings(
+        _env_file=None, preference_topics=[{"key": "news", "name": "News"}]
+    )
+    cart = yaml.safe_load(CART_YAML)
+    cart["steps"][5]["topic"] = "promotions"
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://hilo",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as api:
+        refused = await api.post("/journeys", json=cart)
+        assert refused.status_code == 422, refused.text
+        [problem] = refused.json()["detail"]
+        assert problem["path"] == "steps[5] (second_reminder).topic"
+        known = "'promotions' is not a topic of the preference page (known: news)"
+        assert known in problem["message"]
+        cart["steps"][5]["topic"] = "news"
+        assert (await api.post("/journeys", json=cart)).status_code == 201

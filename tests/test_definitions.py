@@ -150,8 +150,20 @@ CASES = [
     pytest.param(
         _step(1, channel="fax"),
         "steps[1] (reminder).channel",
-        "'email', 'sms', 'whatsapp', 'push', 'webhook' or 'audience' (got 'fax')",
+        "'email', 'sms', 'whatsapp', 'push', 'webpush', 'webhook' or 'audience' (got 'fax')",
         id="unknown-channel",
+    ),
+    pytest.param(
+        _step(1, category="transactional", topic="promotions"),
+        "steps[1] (reminder).topic",
+        "a transactional send reaches the customer whatever topics they chose",
+        id="topic-on-a-transactional-send",
+    ),
+    pytest.param(
+        _step(1, topic="Big Promotions!"),
+        "steps[1] (reminder).topic",
+        "String should match pattern",
+        id="topic-not-a-topic-key",
     ),
     pytest.param(
         _sms(body="Your cart is waiting. " * 30),

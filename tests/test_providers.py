@@ -536,9 +536,17 @@ def test_fcm_unregistered_and_invalid_tokens_are_permanent(
     fcm_server.unregistered.add(gone)
     with pytest.raises(PermanentFailure, match="UNREGISTERED") as failure:
         fcm.deliver(delivery("push", gone, title="a", body="b"))
-    assert failure.value.provider_status == 404
-    with pytest.raises(PermanentFailure, match="INVALID_ARGUMENT"):
+    assert (failure.value.provider_status, failure.value.recipient_gone) == (404, True)
+    with pytest.raises(PermanentFailure, match="INVALID_ARGUMENT") as invalid:
         fcm.deliver(delivery("push", "not-a-token", title="a", body="b"))
+    assert invalid.value.recipient_gone
+    # INVALID_ARGUMENT about the message, not the token: the device stays.
+    fcm_server.fail_next(
+        400, fcm_error(400, "INVALID_ARGUMENT", "Invalid JSON payload", "INVALID_ARGUMENT")
+    )
+    with pytest.raises(PermanentFailure, match="INVALID_ARGUMENT") as ours:
+        fcm.deliver(delivery("push", device_token(), title="a", body="b"))
+    assert not ours.value.recipient_gone
 
 
 def test_fcm_unavailable_and_quota_are_retryable(fcm: FcmPush, fcm_server: FakeFirebase) -> None:
@@ -646,11 +654,12 @@ def test_webpush_expired_subscription_is_permanent(
     push_server.unsubscribe(subscriber)
     with pytest.raises(PermanentFailure, match="410") as failure:
         webpush.deliver(delivery("webpush", subscriber.subscription_json(), title="a", body="b"))
-    assert failure.value.provider_status == 410
+    assert (failure.value.provider_status, failure.value.recipient_gone) == (410, True)
     unknown = json.loads(push_server.subscribe().subscription_json())
     unknown["endpoint"] = f"{push_server.url}/push/never-existed"
-    with pytest.raises(PermanentFailure, match="404"):
+    with pytest.raises(PermanentFailure, match="404") as missing:
         webpush.deliver(delivery("webpush", json.dumps(unknown), title="a", body="b"))
+    assert missing.value.recipient_gone
 
 
 def test_webpush_rate_limit_with_an_http_date_is_retryable(

@@ -13,8 +13,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from activities.journey_activities import JourneyActivities
+from activities.journey_activities import UNSIGNED_WEBHOOK, JourneyActivities
 from hilo.channels.config import ChannelSettings, build_providers
+from hilo.journeys import JourneyDefinition, SendStep, walk_steps
 from hilo.settings import Settings
 from hilo.storage import Store
 from workflows.journey import JourneyWorkflow
@@ -39,11 +40,32 @@ def configured_activities(
     """The activities with the providers HILO_* settings choose (capture by default).
 
     Credentials are read here, in the worker, and never travel in workflow inputs.
+
+    Raises ValueError when a published journey sends webhooks and HILO_WEBHOOK_SECRET is not
+    set: those sends would otherwise fail one by one, hours later.
     """
     channels = channels or ChannelSettings()
+    providers = build_providers(channels)
+    if "webhook" not in providers:
+        unsigned = [
+            f"{journey.key} ({path})"
+            for journey, version in store.published_journeys()
+            if journey.status != "archived"
+            for path in _webhook_steps(JourneyDefinition.model_validate(version.definition))
+        ]
+        if unsigned:
+            raise ValueError(f"{UNSIGNED_WEBHOOK}; webhook steps: {', '.join(unsigned)}")
     return JourneyActivities(
-        store, providers=build_providers(channels), links=channels.link_signer()
+        store, providers=providers, links=channels.link_signer(), signed_webhooks_only=True
     )
+
+
+def _webhook_steps(definition: JourneyDefinition) -> list[str]:
+    return [
+        f"{path} ({step.id})"
+        for step, path in walk_steps(definition.steps)
+        if isinstance(step, SendStep) and step.channel == "webhook"
+    ]
 
 
 def build_worker(

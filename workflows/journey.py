@@ -229,6 +229,7 @@ class JourneyWorkflow:
             step.content(),
             ignore_policy=step.ignore_policy,
             step=step,
+            topic=step.topic,
         )
         if result.status == "failed" and step.on_failure == "exit":
             self.state.exit_reason = f"{step.id} failed: {result.reason}"
@@ -258,12 +259,13 @@ class JourneyWorkflow:
         content: dict[str, str],
         ignore_policy: bool = False,
         step: AnyStep | None = None,
+        topic: str | None = None,
     ) -> SendResult:
         """Send, asking again after each deferral of the contact policy (quiet hours,
         allowed days, minimum gap): the deferral is a durable timer an exit rule can cut."""
         while True:
             result = await self._send_once(
-                step_id, channel, template, category, content, ignore_policy
+                step_id, channel, template, category, content, ignore_policy, topic
             )
             if result.status != "deferred" or result.defer_until is None:
                 return result
@@ -292,6 +294,7 @@ class JourneyWorkflow:
         category: str,
         content: dict[str, str],
         ignore_policy: bool,
+        topic: str | None = None,
     ) -> SendResult:
         info = workflow.info()
         iteration = self.state.step_counts.get(step_id, 1)
@@ -310,6 +313,7 @@ class JourneyWorkflow:
             content=content,
             trigger_message_id=self.input.trigger.message_id,
             ignore_policy=ignore_policy,
+            topic=topic,
             scheduled_at=workflow.now(),
         )
         try:

@@ -27,10 +27,10 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.deps import StoreDep
+from api.deps import StoreDep, get_channel_settings
 from hilo.channels.config import ChannelSettings
 from hilo.channels.feedback import (
     DeliveryEvent,
@@ -118,27 +118,6 @@ The links in our most recent message to you will work.</p>
 
 
 # ================================================================ dependencies
-
-
-def get_channel_settings(request: Request) -> ChannelSettings:
-    """``HILO_*`` channel settings, read once per app (tests put their own on app.state)."""
-    settings = getattr(request.app.state, "channel_settings", None)
-    if settings is None:
-        try:
-            settings = ChannelSettings()
-        except ValidationError as error:
-            # Names the variables only: the input values may be secrets.
-            problems = "; ".join(
-                f"HILO_{'_'.join(str(part) for part in problem['loc']).upper() or 'SETTINGS'}: "
-                f"{problem['msg']}"
-                for problem in error.errors()
-            )
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, f"channel settings are invalid: {problems}"
-            ) from None
-        request.app.state.channel_settings = settings
-    assert isinstance(settings, ChannelSettings)
-    return settings
 
 
 ChannelSettingsDep = Annotated[ChannelSettings, Depends(get_channel_settings)]

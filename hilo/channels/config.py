@@ -108,8 +108,16 @@ class ChannelSettings(BaseSettings):
     vapid_subject: str = ""
     webpush_ttl_seconds: int = 24 * 3600
 
-    webhook_url: str = ""
-    webhook_secret: SecretStr | None = None
+    webhook_url: str = Field(
+        "",
+        description="Where hand-offs go by webhook; a webhook step posts to its own url.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Signs every webhook (X-Hilo-Signature). Webhook steps need it: without "
+        "it the worker refuses to start while a published journey has one, and refuses "
+        "such a send rather than sending it unsigned.",
+    )
 
     meta_access_token: SecretStr | None = None
     meta_base_url: str = "https://graph.facebook.com"
@@ -201,7 +209,7 @@ def build_providers(settings: ChannelSettings) -> dict[str, ChannelProvider]:
         builders["push"] = ("HILO_PUSH_PROVIDER=fcm", _fcm)
     if settings.webpush_provider == "vapid":
         builders["webpush"] = ("HILO_WEBPUSH_PROVIDER=vapid", _webpush)
-    if settings.webhook_url:
+    if settings.webhook_url or settings.webhook_secret:
         builders["webhook"] = ("HILO_WEBHOOK_URL", _webhook)
     if settings.audience_provider == "meta":
         builders["audience"] = ("HILO_AUDIENCE_PROVIDER=meta", _meta)
