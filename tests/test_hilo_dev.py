@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,3 +113,75 @@ async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             stop(process)
+
+
+def run_dev_until_it_exits(env: dict[str, str], within: float) -> tuple[int, list[str]]:
+    """``hilo dev``'s exit code and output lines; Ctrl-C and fail when it is still running."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hilo.cli", "dev"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)  # stops the Temporal server it may have started
+        output, _ = process.communicate(timeout=60)
+        raise AssertionError(f"hilo dev did not exit within {within:.0f}s:\n{output}") from None
+    return process.returncode, output.strip().splitlines()
+
+
+PORT_SETTINGS = {
+    # which port is taken: (the line's name for it, the setting that moves it)
+    "temporal": ("Temporal frontend", "HILO_TEMPORAL_ADDRESS"),
+    "ui": ("Temporal UI", "HILO_TEMPORAL_UI_PORT"),
+    "api": ("Hilo API", "HILO_API_PORT"),
+}
+
+
+@pytest.mark.parametrize("taken", list(PORT_SETTINGS))
+def test_hilo_dev_refuses_a_port_something_else_holds(tmp_path: Path, taken: str) -> None:
+    ports = {"temporal": free_port(), "ui": free_port(), "api": free_port()}
+    env = {
+        **os.environ,
+        "HILO_STATE_DIR": str(tmp_path / "state"),
+        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}",
+        "HILO_TEMPORAL_UI_PORT": str(ports["ui"]),
+        "HILO_API_PORT": str(ports["api"]),
+    }
+    with socket.socket() as holder:  # any listener, as another server would be
+        holder.bind(("127.0.0.1", ports[taken]))
+        holder.listen()
+        started = time.monotonic()
+        returncode, output = run_dev_until_it_exits(env, within=30)
+        elapsed = time.monotonic() - started
+    port = ports[taken]
+    name, setting = PORT_SETTINGS[taken]
+    assert returncode != 0, output
+    assert len(output) == 1, output
+    line = output[0]
+    assert line.startswith(f"port {port} ({name}) is in use; set {setting}="), line
+    assert line.endswith(" or stop what holds it"), line
+    # The suggested port is one `hilo dev` could use.
+    suggested = line.split(f"{setting}=", 1)[1].split(" ", 1)[0]
+    assert int(suggested.rsplit(":", 1)[-1]) not in ports.values(), line
+    assert elapsed < 10, f"took {elapsed:.1f}s to refuse"
+    assert not (tmp_path / "state" / "temporal.db").exists(), "a Temporal server was started"
+
+
+def test_hilo_dev_refuses_two_of_its_own_services_on_one_port(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "HILO_STATE_DIR": str(tmp_path / "state"),
+        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HILO_TEMPORAL_UI_PORT": str(port),
+        "HILO_API_PORT": str(port),
+    }
+    returncode, output = run_dev_until_it_exits(env, within=30)
+    assert returncode != 0
+    assert output == [
+        f"HILO_TEMPORAL_UI_PORT and HILO_API_PORT are both {port}; give each its own port"
+    ]
