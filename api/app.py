@@ -62,6 +62,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # The links and webhooks read the same settings object (tests may put their own after).
+    app.state.channel_settings = settings
     # Set here, not in the lifespan, so the app also works where no lifespan runs
     # (httpx.ASGITransport in tests).
     app.state.store = store

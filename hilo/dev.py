@@ -131,7 +131,7 @@ async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
             store,
             settings.task_queue,
             settings.max_concurrent_activities,
-            activities=configured_activities(store),
+            activities=configured_activities(store, settings),
             sandboxed=settings.workflow_sandbox,
         )
         app = create_app(settings, store=store, client=client)

@@ -39,8 +39,9 @@ def configured_activities(
     """The activities with the providers HILO_* settings choose (capture by default).
 
     Credentials are read here, in the worker, and never travel in workflow inputs.
+    ``channels`` is the process's :class:`Settings` (read from the environment when not given).
     """
-    channels = channels or ChannelSettings()
+    channels = channels or Settings()
     return JourneyActivities(
         store, providers=build_providers(channels), links=channels.link_signer()
     )
@@ -88,7 +89,7 @@ async def run_worker(settings: Settings) -> None:
         store,
         settings.task_queue,
         settings.max_concurrent_activities,
-        activities=configured_activities(store),
+        activities=configured_activities(store, settings),
         sandboxed=settings.workflow_sandbox,
     )
     await worker.run()

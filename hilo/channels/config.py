@@ -39,12 +39,13 @@ DEV_LINK_SECRET = "dev-only-link-secret-refused-in-production"
 class ChannelSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HILO_", env_file=".env", extra="ignore")
 
-    # The same HILO_ENVIRONMENT as hilo.settings.Settings: production refuses dev secrets.
+    # Production refuses dev secrets (hilo.settings.Settings extends this class).
     environment: Literal["development", "test", "production"] = "development"
     public_url: str = Field(
         "http://127.0.0.1:8000",
         description="Where providers and customers reach Hilo's public endpoints (webhooks, "
-        "links); Twilio signs its callbacks over this URL.",
+        "links); Twilio signs its callbacks over this URL. Required in production; elsewhere "
+        "Settings makes it the API's own address (HILO_API_HOST, HILO_API_PORT).",
     )
     link_secret: SecretStr | None = Field(
         None,
