@@ -24,7 +24,11 @@ def create_app(
     client: Client | None = None,
     task_queue: str | None = None,
 ) -> FastAPI:
-    """The API over ``store`` and ``client``; whichever is missing is made at startup."""
+    """The API over ``store`` and ``client``; whichever is missing is made at startup.
+
+    In production, exits at once (no traceback) naming each setting the API cannot run without.
+    """
+    settings.refuse_to_start_without("api")
     queue = task_queue or settings.task_queue
 
     @asynccontextmanager

@@ -8,6 +8,7 @@ worker read the same values the same way.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -73,13 +74,37 @@ class Settings(ChannelSettings):
             host = f"[{host}]"
         return f"http://{host}:{self.api_port}"
 
-    @model_validator(mode="after")
-    def _no_placeholder_secrets(self) -> Settings:
-        if self.environment == "production" and self.admin_token == DEV_ADMIN_TOKEN:
-            raise ValueError(
-                "HILO_ADMIN_TOKEN is the development placeholder; set a secret token for production"
-            )
-        return self
+    def production_problems(self, role: Literal["api", "worker"]) -> list[str]:
+        """One line per setting ``role`` cannot run without in production; empty elsewhere.
+
+        The API needs its admin token and Segment write keys; both make links, so both need
+        the public URL and the link secret.
+        """
+        if self.environment != "production":
+            return []
+        problems = []
+        if role == "api":
+            if self.admin_token == DEV_ADMIN_TOKEN:
+                problems.append(
+                    "HILO_ADMIN_TOKEN is not set (or is the development placeholder); the admin "
+                    "routes need a secret bearer token of your own"
+                )
+            if not self.write_keys:
+                problems.append(
+                    "HILO_WRITE_KEYS is not set; every Segment call would be refused: give each "
+                    'source its write key, as JSON: {"<write key>": "web"}'
+                )
+        return problems + self.link_problems()
+
+    def refuse_to_start_without(self, role: Literal["api", "worker"]) -> None:
+        """Exit with :meth:`production_problems`, a line each and no traceback, if any.
+
+        For a process's start, before it serves or polls anything: an API that says ok on
+        /health and then refuses every call is worse than one that does not start.
+        """
+        problems = self.production_problems(role)
+        if problems:
+            raise SystemExit("\n".join(problems))
 
     @model_validator(mode="after")
     def _links_follow_the_api(self) -> Settings:

@@ -81,7 +81,14 @@ def build_worker(
 
 
 async def run_worker(settings: Settings) -> None:
+    """Run a worker; exits at once (a line per missing setting, no traceback) when it could
+    not send: production settings or a chosen provider's credentials missing."""
+    settings.refuse_to_start_without("worker")
     store = Store(settings.resolved_database_url)
+    try:
+        activities = configured_activities(store, settings)
+    except ValueError as error:  # build_providers names each missing setting, a line each
+        raise SystemExit(str(error)) from None
     store.migrate()
     client = await connect(settings)
     worker = build_worker(
@@ -89,7 +96,7 @@ async def run_worker(settings: Settings) -> None:
         store,
         settings.task_queue,
         settings.max_concurrent_activities,
-        activities=configured_activities(store, settings),
+        activities=activities,
         sandboxed=settings.workflow_sandbox,
     )
     await worker.run()
