@@ -1,4 +1,9 @@
-"""Settings, read once from ``HILO_*`` environment variables and passed down."""
+"""Settings, read once from ``HILO_*`` environment variables and passed down.
+
+One object for every process: :class:`Settings` extends the channel settings (providers,
+credentials, links; :mod:`hilo.channels.config`) with where Hilo runs, so the API and the
+worker read the same values the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,18 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from hilo.channels.config import ChannelSettings
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_WRITE_KEY = "dev-write-key"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class Settings(BaseSettings):
+class Settings(ChannelSettings):
     model_config = SettingsConfigDict(env_prefix="HILO_", env_file=".env", extra="ignore")
 
-    environment: Literal["development", "test", "production"] = "development"
     state_dir: Path = Field(Path(".hilo"), description="Where `hilo dev` keeps its files.")
     database_url: str = Field(
         "", description="SQLAlchemy URL; empty means a SQLite file in state_dir."
@@ -58,12 +64,55 @@ class Settings(BaseSettings):
             return {DEV_WRITE_KEY: "development"}
         return dict(self.write_keys)
 
+    @property
+    def api_url(self) -> str:
+        """Where the API answers on this machine (a wildcard host means the loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+            self.api_host, self.api_host
+        )
+        if ":" in host:  # an IPv6 address goes in brackets in a URL
+            host = f"[{host}]"
+        return f"http://{host}:{self.api_port}"
+
+    def production_problems(self, role: Literal["api", "worker"]) -> list[str]:
+        """One line per setting ``role`` cannot run without in production; empty elsewhere.
+
+        The API needs its admin token and Segment write keys; both make links, so both need
+        the public URL and the link secret.
+        """
+        if self.environment != "production":
+            return []
+        problems = []
+        if role == "api":
+            if self.admin_token == DEV_ADMIN_TOKEN:
+                problems.append(
+                    "HILO_ADMIN_TOKEN is not set (or is the development placeholder); the admin "
+                    "routes need a secret bearer token of your own"
+                )
+            if not self.write_keys:
+                problems.append(
+                    "HILO_WRITE_KEYS is not set; every Segment call would be refused: give each "
+                    'source its write key, as JSON: {"<write key>": "web"}'
+                )
+        return problems + self.link_problems()
+
+    def refuse_to_start_without(self, role: Literal["api", "worker"]) -> None:
+        """Exit with :meth:`production_problems`, a line each and no traceback, if any.
+
+        For a process's start, before it serves or polls anything: an API that says ok on
+        /health and then refuses every call is worse than one that does not start.
+        """
+        problems = self.production_problems(role)
+        if problems:
+            raise SystemExit("\n".join(problems))
+
     @model_validator(mode="after")
-    def _no_placeholder_secrets(self) -> Settings:
-        if self.environment == "production" and self.admin_token == DEV_ADMIN_TOKEN:
-            raise ValueError(
-                "HILO_ADMIN_TOKEN is the development placeholder; set a secret token for production"
-            )
+    def _links_follow_the_api(self) -> Settings:
+        # Outside production, links point at this machine's API unless HILO_PUBLIC_URL says
+        # otherwise: a fixed :8000 would make every link dead on another HILO_API_PORT.
+        if self.environment != "production" and "public_url" not in self.model_fields_set:
+            self.public_url = self.api_url
+            self.model_fields_set.discard("public_url")  # still derived, not given
         return self
 
     @property

@@ -40,11 +40,12 @@ def configured_activities(
     """The activities with the providers HILO_* settings choose (capture by default).
 
     Credentials are read here, in the worker, and never travel in workflow inputs.
+    ``channels`` is the process's :class:`Settings` (read from the environment when not given).
 
     Raises ValueError when a published journey sends webhooks and HILO_WEBHOOK_SECRET is not
     set: those sends would otherwise fail one by one, hours later.
     """
-    channels = channels or ChannelSettings()
+    channels = channels or Settings()
     providers = build_providers(channels)
     if "webhook" not in providers:
         unsigned = [
@@ -102,7 +103,14 @@ def build_worker(
 
 
 async def run_worker(settings: Settings) -> None:
+    """Run a worker; exits at once (a line per missing setting, no traceback) when it could
+    not send: production settings or a chosen provider's credentials missing."""
+    settings.refuse_to_start_without("worker")
     store = Store(settings.resolved_database_url)
+    try:
+        activities = configured_activities(store, settings)
+    except ValueError as error:  # build_providers names each missing setting, a line each
+        raise SystemExit(str(error)) from None
     store.migrate()
     client = await connect(settings)
     worker = build_worker(
@@ -110,7 +118,7 @@ async def run_worker(settings: Settings) -> None:
         store,
         settings.task_queue,
         settings.max_concurrent_activities,
-        activities=configured_activities(store),
+        activities=activities,
         sandboxed=settings.workflow_sandbox,
     )
     await worker.run()
