@@ -14,6 +14,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from liquid.exceptions import ResourceLimitError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -334,8 +335,13 @@ class JourneyActivities:
                 request.channel, request.template, request.content, context
             )
         except Exception as error:  # a template that rendered at publish but not now
+            reason = (
+                templates.limit_reached(error)
+                if isinstance(error, ResourceLimitError)
+                else str(error)
+            )
             raise ApplicationError(
-                f"{request.step_id}: template did not render: {error}",
+                f"{request.step_id}: template did not render: {reason}",
                 type="TemplateError",
                 non_retryable=True,
             ) from error

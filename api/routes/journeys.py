@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep
 from hilo.journeys import (
@@ -142,6 +143,11 @@ async def definition_body(request: Request) -> JourneyDefinition:
         text = (await request.body()).decode()
     except UnicodeDecodeError:
         raise _invalid([JourneyProblem(path="(root)", message="body is not UTF-8 text")]) from None
+    # Checking renders every template: in a thread, so other requests (/health) go on.
+    return await run_in_threadpool(_checked_definition, text, media)
+
+
+def _checked_definition(text: str, media: str) -> JourneyDefinition:
     try:
         if media in YAML_TYPES:
             return load_journey_yaml(text)
