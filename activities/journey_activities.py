@@ -208,9 +208,14 @@ class JourneyActivities:
             self._ledger_row(request, provider, None, content=content, recipient=recipient)
         )
         if request.channel == "email":
-            outgoing = templates.email_parts(outgoing)
+            outgoing = templates.email_parts(outgoing, request.content)
             if "html" in outgoing and request.category == "marketing":
-                outgoing["html"] = rewrite_links(outgoing["html"], request.message_id, self.links)
+                outgoing["html"] = rewrite_links(
+                    outgoing["html"],
+                    request.message_id,
+                    self.links,
+                    template=request.content.get("body", ""),
+                )
         delivery = Delivery(
             message_id=request.message_id,
             channel=request.channel,

@@ -19,6 +19,12 @@ numbered placeholders, and each of ``params`` the Liquid that fills one placehol
       params: ["{{ profile.traits.first_name }}", "{{ trigger.properties.product_name }}"]
 
 Any other body is a text message, for replies inside the window.
+
+HTML. An email body whose template has markup is HTML, and every value it outputs is
+escaped: a customer's name holding ``<a href=...>`` reads as that text, and never becomes a
+link (click tracking signs only the template's own links, see
+:func:`hilo.channels.links.rewrite_links`). A trusted fragment is marked with ``| safe``.
+Everything else (subjects, plain-text bodies, SMS, WhatsApp, push) is text and is not escaped.
 """
 
 from __future__ import annotations
@@ -84,6 +90,10 @@ class _BoundedEnvironment(Environment):
 
 _lenient = _BoundedEnvironment()
 _strict = _BoundedEnvironment(undefined=StrictUndefined)
+# An email's HTML body escapes what the context puts in it: a customer's name is text, never
+# markup or a link. Authors mark trusted fragments with the `safe` filter.
+_lenient_html = _BoundedEnvironment(autoescape=True)
+_strict_html = _BoundedEnvironment(autoescape=True, undefined=StrictUndefined)
 
 # GSM 03.38 basic set; anything else makes an SMS UCS-2 (70/67 characters a segment).
 _GSM7 = set(
@@ -99,13 +109,26 @@ SAMPLE_UNSUBSCRIBE_URL = "https://example.com/l/u/sample-unsubscribe-token"
 
 
 @functools.lru_cache(maxsize=2048)
-def parsed(source: str) -> BoundTemplate:
+def parsed(source: str, *, html: bool = False) -> BoundTemplate:
     # A journey's few templates are rendered for every customer: parse each once.
-    return _lenient.from_string(source)
+    return (_lenient_html if html else _lenient).from_string(source)
 
 
-def render(source: str, context: dict[str, Any]) -> str:
-    return parsed(source).render(**context)
+def render(source: str, context: dict[str, Any], *, html: bool = False) -> str:
+    """``source`` rendered with ``context``; ``html`` escapes every value it outputs."""
+    return parsed(source, html=html).render(**context)
+
+
+_TAG = re.compile(r"<[a-zA-Z!/][^>]*>")
+
+
+def is_html(channel: str, field: str, source: str) -> bool:
+    """Whether a step's field is HTML: an email body whose template itself has markup.
+
+    The template decides, never the rendered text: a plain-text body stays text even when
+    a customer's name holds a tag. Everything else (subjects, SMS, WhatsApp, push) is text.
+    """
+    return channel == "email" and field == "body" and _TAG.search(source) is not None
 
 
 def limit_reached(error: ResourceLimitError) -> str:
@@ -211,7 +234,10 @@ def render_content(
                 "params": json.dumps(params, ensure_ascii=False),
                 "body": approved.preview(params),
             }
-    return {field: render(source, context) for field, source in content.items()}
+    return {
+        field: render(source, context, html=is_html(channel, field, source))
+        for field, source in content.items()
+    }
 
 
 # ---------------------------------------------------------------- the sample
@@ -275,7 +301,9 @@ def sample_messages(definition: JourneyDefinition) -> Iterator[SampleMessage]:
                         "whatsapp", step.template, {"body": source}, context
                     )["body"]
                 else:
-                    rendered[field] = render(source, context)
+                    rendered[field] = render(
+                        source, context, html=is_html(step.channel, field, source)
+                    )
             except (LiquidError, ValidationError):
                 rendered[field] = source
         yield SampleMessage(step, f"{path} ({step.id})", sources, rendered)
@@ -289,11 +317,13 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
 
     problems: list[JourneyProblem] = []
     context = sample_context(definition)
-    environment = _strict if definition.sample else _lenient
+    strict = bool(definition.sample)
 
-    def rendered_or_problem(source: str, where: str) -> str | None:
+    def rendered_or_problem(source: str, where: str, html: bool = False) -> str | None:
         try:
-            return environment.from_string(source).render(**context)
+            if strict:
+                return (_strict_html if html else _strict).from_string(source).render(**context)
+            return render(source, context, html=html)
         except ResourceLimitError as error:
             problems.append(
                 JourneyProblem(path=where, message=f"template is too heavy: {limit_reached(error)}")
@@ -326,7 +356,8 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
             if isinstance(step, SendStep) and step.channel == "whatsapp" and field == "body":
                 text = _check_whatsapp(step, f"{label}.body", rendered_or_problem, problems)
             else:
-                text = rendered_or_problem(source, f"{label}.{field}")
+                markup = isinstance(step, SendStep) and is_html(step.channel, field, source)
+                text = rendered_or_problem(source, f"{label}.{field}", markup)
             if text is not None:
                 rendered[field] = text
         if isinstance(step, SendStep) and step.channel == "sms" and "body" in rendered:
@@ -566,21 +597,21 @@ def _names_unsubscribe_url(source: str) -> bool:
         return "unsubscribe_url" in source
 
 
-_TAG = re.compile(r"<[a-zA-Z!/][^>]*>")
-
-
-def email_parts(rendered: dict[str, str]) -> dict[str, str]:
+def email_parts(rendered: dict[str, str], sources: Mapping[str, str]) -> dict[str, str]:
     """A journey's email ``body`` as the text and HTML parts providers send.
 
-    A body with markup is the HTML part, and its text part is the same words without tags
-    (mail clients that show text only, and spam filters, expect both); a plain body is text.
+    A body whose template has markup (``sources``, see :func:`is_html`) is the HTML part,
+    and its text part is the same words without the template's tags (mail clients that show
+    text only, and spam filters, expect both): values the HTML escaped read as typed there.
+    A plain body is text, whatever its values hold.
     """
     if "body" not in rendered or "text" in rendered or "html" in rendered:
         return rendered
     parts = {name: value for name, value in rendered.items() if name != "body"}
     body = rendered["body"]
-    if _TAG.search(body):
+    if is_html("email", "body", sources.get("body", "")):
         parts["html"] = body
+        # Escaped values are no tags: they survive the strip and unescape to their text.
         parts["text"] = html.unescape(_TAG.sub("", body)).strip()
     else:
         parts["text"] = body
