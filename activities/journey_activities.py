@@ -27,11 +27,13 @@ from hilo.journey_runs import (
     FINISH,
     LOAD_PROFILE,
     NEXT_WINDOW_OPENING,
+    NOTE,
     SEND_MESSAGE,
     UPDATE_PROFILE,
     BestTimeAnswer,
     BestTimeRequest,
     FinishRequest,
+    NoteRequest,
     ProfileRequest,
     ProfileSnapshot,
     SendRequest,
@@ -73,6 +75,7 @@ class JourneyActivities:
             self.update_profile,
             self.next_window_opening,
             self.best_send_time,
+            self.note,
         ]
 
     @activity.defn(name=FINISH)
@@ -87,6 +90,11 @@ class JourneyActivities:
             revenue=request.revenue,
             holdout=request.holdout,
         )
+
+    @activity.defn(name=NOTE)
+    def note(self, request: NoteRequest) -> None:
+        # Summaries are written for people and may quote long property values.
+        self.store.add_journey_note({**request.model_dump(), "summary": request.summary[:500]})
 
     @activity.defn(name=LOAD_PROFILE)
     def load_profile(self, request: ProfileRequest) -> ProfileSnapshot:

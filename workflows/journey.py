@@ -7,6 +7,7 @@ step id: it survives continue-as-new, and operators read it in the Temporal UI.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -21,7 +22,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from hilo import search_attributes as attrs
-    from hilo.conditions import lookup
+    from hilo.conditions import Condition, SameValue, exact_equal, lookup, same_value
     from hilo.durations import format_duration
     from hilo.events import CustomerEvent
     from hilo.ids import message_id, stable_fraction
@@ -30,6 +31,7 @@ with workflow.unsafe.imports_passed_through():
         FINISH,
         LOAD_PROFILE,
         NEXT_WINDOW_OPENING,
+        NOTE,
         SEND_MESSAGE,
         SIGNAL_EVENT,
         SIGNAL_IDENTIFIED,
@@ -44,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         JourneyProgress,
         JourneyResult,
         JourneyState,
+        NoteRequest,
         ProfileRequest,
         ProfileSnapshot,
         SendRequest,
@@ -56,7 +59,9 @@ with workflow.unsafe.imports_passed_through():
     from hilo.journeys import (
         AnyStep,
         BranchStep,
+        EventMatch,
         ExitStep,
+        Goal,
         HandoffStep,
         JourneyDefinition,
         Node,
@@ -70,6 +75,8 @@ with workflow.unsafe.imports_passed_through():
     )
 
 QUICK = timedelta(seconds=30)
+# Instances started before it compare with ``==`` (555 ≠ "555") and note no near misses.
+SAME_VALUE_RULE = "same-value-rule"
 # Search attributes are written where a status lasts (waits) and at the end: each upsert is a
 # history event and a visibility write, and a send or a branch is over in milliseconds.
 LASTING_STATUSES = frozenset({"waiting", "waiting_for", "deferred"})
@@ -92,7 +99,8 @@ class JourneyWorkflow:
         self.status = "starting"
         self.step: str | None = self.state.cursor
         self.listening: set[str] = set()
-        self.inbox: list[CustomerEvent] = []
+        self.waiting: WaitForStep | None = None  # the wait_for step the instance is in
+        self.answer: int | None = None  # the outcome of the wait_for an event chose
         self.final_status: InstanceStatus | None = None
         self.profile: ProfileSnapshot | None = None
         self.steps_this_run = 0
@@ -104,7 +112,7 @@ class JourneyWorkflow:
     # ------------------------------------------------------------ signals and queries
 
     @workflow.signal(name=SIGNAL_EVENT)
-    def on_event(self, event: CustomerEvent) -> None:
+    async def on_event(self, event: CustomerEvent) -> None:
         if event.message_id == self.input.trigger.message_id or event.message_id in self.seen:
             return  # the trigger itself, or an event routed twice after a retried delivery
         self.seen[event.message_id] = None
@@ -112,20 +120,52 @@ class JourneyWorkflow:
             del self.seen[next(iter(self.seen))]
         context = self._context()
         data = event.as_context()
+        near_misses: list[str] = []
         if self.state.exit_reason is None:
             for rule in self.definition.exit:
-                if rule.matches(data, context):
+                if self._matches(rule, data, context):
                     self.state.exit_reason = rule.reason or f"exit event: {event.name}"
                     break
+            else:
+                near_misses += [
+                    f"{event.name} did not end the journey: {why}"
+                    for why in _mismatches(self.definition.exit, data, context)
+                ]
         goal = self.definition.goal
-        if goal and self.state.converted_at is None and goal.as_match().matches(data, context):
+        if goal and self.state.converted_at is None and self._matches(goal, data, context):
             started = self.state.started_at or workflow.now()
             if event.timestamp - started <= goal.within:
                 self.state.converted_at = event.timestamp
                 if goal.revenue:
                     self.state.revenue = _number(event.properties, goal.revenue)
-        if event.name in self.listening:
-            self.inbox.append(event)
+        waiting = self.waiting
+        if waiting is not None and self.state.exit_reason is None and self.answer is None:
+            for index, outcome in enumerate(waiting.events):
+                if self._matches(outcome, data, context):
+                    self.answer = index
+                    break
+            else:
+                near_misses += [
+                    f"{event.name} did not end the wait at {waiting.id}: {why}"
+                    for why in _mismatches(waiting.events, data, context)
+                ]
+        if near_misses and workflow.patched(SAME_VALUE_RULE):
+            # Nothing else would show why a purchase did not end the cart: say it once.
+            info = workflow.info()
+            await self._activity(
+                NOTE,
+                NoteRequest(
+                    workflow_id=info.workflow_id,
+                    run_id=self.run_id,
+                    journey_key=self.definition.key,
+                    customer_id=self.customer_id,
+                    step_id=self.step,
+                    event_message_id=event.message_id,
+                    summary="; ".join(near_misses),
+                    noted_at=workflow.now(),
+                ),
+                summary=f"note: {near_misses[0]}"[:200],
+            )
 
     @workflow.signal(name=SIGNAL_STOP)
     def on_stop(self, request: StopRequest) -> None:
@@ -161,11 +201,34 @@ class JourneyWorkflow:
 
     # ------------------------------------------------------------ the run
 
+    def _by_rule(self, check: Callable[[SameValue], bool]) -> bool:
+        """``check`` under the comparison rule of this instance (hilo.conditions).
+
+        Instances started before :func:`same_value` keep ``==``. The patch is asked only
+        when the two rules disagree, so a journey that never meets 555 against "555" pays
+        no marker (nor the search-attribute write that comes with it).
+        """
+        answer = check(same_value)
+        if answer == check(exact_equal) or workflow.patched(SAME_VALUE_RULE):
+            return answer
+        return not answer
+
+    def _holds(self, condition: Condition, context: dict[str, Any]) -> bool:
+        return self._by_rule(lambda same: condition.evaluate(context, same))
+
+    def _matches(
+        self, rule: EventMatch | Goal, event: dict[str, Any], context: dict[str, Any]
+    ) -> bool:
+        match = rule.as_match() if isinstance(rule, Goal) else rule
+        return self._by_rule(lambda same: match.matches(event, context, same))
+
+    @property
+    def run_id(self) -> str:
+        # The first run's id names the enrollment: stable across continue-as-new and retries.
+        return self.state.enrollment_run_id or workflow.info().first_execution_run_id
+
     @workflow.run
     async def run(self, input: JourneyInput) -> JourneyResult:
-        info = workflow.info()
-        # The first run's id names the enrollment: stable across continue-as-new and retries.
-        self.run_id = self.state.enrollment_run_id or info.first_execution_run_id
         self.state.enrollment_run_id = self.run_id
         if input.state is None:
             self.state.started_at = workflow.now()
@@ -375,42 +438,30 @@ class JourneyWorkflow:
         return following
 
     async def _wait_for(self, step: WaitForStep, following: str | None) -> str | None:
-        self.inbox.clear()
+        self.answer = None
         self.listening = {outcome.event for outcome in step.events}
+        self.waiting = step
         names = ", ".join(outcome.event for outcome in step.events)
         self._show(
             step,
             "waiting_for",
             f"waiting up to {format_duration(step.timeout)} for: {names}",
         )
-        chosen: list[int] = []
-
-        def settled() -> bool:
-            if self.state.exit_reason is not None:
-                return True
-            context = self._context()
-            for event in self.inbox:
-                for index, outcome in enumerate(step.events):
-                    if outcome.matches(event.as_context(), context):
-                        chosen.append(index)
-                        return True
-            self.inbox.clear()  # none matched: those events are spent
-            return False
-
         try:
+            # on_event picks the outcome, in the order events arrive.
             await workflow.wait_condition(
-                settled,
+                lambda: self.state.exit_reason is not None or self.answer is not None,
                 timeout=step.timeout,
                 timeout_summary=f"{step.id}: up to {format_duration(step.timeout)} for {names}",
             )
         except TimeoutError:
-            self.listening = set()
             return first_of(list(step.on_timeout), following)
-        self.listening = set()
-        self.inbox.clear()
-        if not chosen:
+        finally:
+            self.listening = set()
+            self.waiting = None
+        if self.state.exit_reason is not None or self.answer is None:
             return None  # exit rule fired while waiting
-        return first_of(list(step.events[chosen[0]].steps), following)
+        return first_of(list(step.events[self.answer].steps), following)
 
     async def _branch(self, step: BranchStep, following: str | None) -> str | None:
         self._show(step, "deciding", "evaluating branch conditions")
@@ -421,7 +472,7 @@ class JourneyWorkflow:
             await self._refresh_profile(step.id)
         context = self._context()
         for branch in step.branches:
-            if branch.when.evaluate(context):
+            if self._holds(branch.when, context):
                 return first_of(list(branch.steps), following)
         return first_of(list(step.otherwise), following)
 
@@ -544,6 +595,16 @@ class JourneyWorkflow:
             steps=sum(self.state.step_counts.values()),
             converted=self.state.converted_at is not None,
         )
+
+
+def _mismatches(
+    rules: Sequence[EventMatch], event: dict[str, Any], context: dict[str, Any]
+) -> list[str]:
+    """Why each rule for this event's name left it out on a ``match_trigger`` property."""
+    reasons = (
+        rule.trigger_mismatch(event, context) for rule in rules if rule.event == event["name"]
+    )
+    return list(dict.fromkeys(reason for reason in reasons if reason is not None))
 
 
 def _number(properties: dict[str, Any], path: str) -> float | None:
