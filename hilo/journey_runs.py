@@ -84,6 +84,7 @@ class JourneyProgress(BaseModel):
     customer_id: str
     step: str | None
     status: str
+    # What it listens for now (its wait_for's and its exit rules'), as HiloWaitingFor says.
     waiting_for: list[str]
     sent: int
     exit_reason: str | None

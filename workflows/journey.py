@@ -102,6 +102,7 @@ class JourneyWorkflow:
         self.waiting: WaitForStep | None = None  # the wait_for step the instance is in
         self.answer: int | None = None  # the outcome of the wait_for an event chose
         self.final_status: InstanceStatus | None = None
+        self.ended = False
         self.profile: ProfileSnapshot | None = None
         self.steps_this_run = 0
         self.seen: dict[str, None] = {}  # recent event ids, oldest first
@@ -194,7 +195,7 @@ class JourneyWorkflow:
             customer_id=self.customer_id,
             step=self.step,
             status=self.status,
-            waiting_for=sorted(self.listening),
+            waiting_for=list(self._awaited()),
             sent=self.state.sent,
             exit_reason=self.state.exit_reason,
         )
@@ -538,6 +539,12 @@ class JourneyWorkflow:
             summary=summary,
         )
 
+    def _awaited(self) -> tuple[str, ...]:
+        """The events the instance listens for now, as the progress query and the
+        HiloWaitingFor attribute show them: its wait_for's and, until it ends, its exit
+        rules'."""
+        return () if self.ended else _awaited(self.listening, self.definition)
+
     def _show(self, step: AnyStep, status: str, details: str) -> None:
         """What the operator sees: current details and search attributes."""
         self.status = status
@@ -546,7 +553,7 @@ class JourneyWorkflow:
             f"**{self.definition.name}** v{version} · step `{step.id}` ({step.type})\n\n{details}"
         )
         if self.input.search_attributes and status in LASTING_STATUSES:
-            shown = _lasting(step.id, status, self.listening, self.definition)
+            shown = (step.id, status, self._awaited())
             if shown == self.shown:
                 return  # the server holds these already: no history event, no visibility write
             workflow.upsert_search_attributes(
@@ -562,6 +569,7 @@ class JourneyWorkflow:
         info = workflow.info()
         self.status = status
         self.listening = set()
+        self.ended = True
         workflow.set_current_details(
             f"**{self.definition.name}** v{self.input.journey.version} · {status}"
             + (f": {reason}" if reason else "")
@@ -569,7 +577,7 @@ class JourneyWorkflow:
         if self.input.search_attributes:
             updates: list[SearchAttributeUpdate[Any]] = [
                 attrs.STATUS.value_set(status),
-                attrs.WAITING_FOR.value_set([]),
+                attrs.WAITING_FOR.value_set(list(self._awaited())),
             ]
             workflow.upsert_search_attributes(updates)
             self.shown = None
@@ -649,19 +657,17 @@ def _opening(definition: JourneyDefinition) -> tuple[str, str, tuple[str, ...]] 
         return None
     first = definition.steps[0]
     if isinstance(first, WaitStep) and first.duration is not None:
-        return _lasting(first.id, "waiting", set(), definition)
+        return first.id, "waiting", _awaited(set(), definition)
     if isinstance(first, WaitForStep):
         listening = {outcome.event for outcome in first.events}
-        return _lasting(first.id, "waiting_for", listening, definition)
+        return first.id, "waiting_for", _awaited(listening, definition)
     return None
 
 
-def _lasting(
-    step_id: str, status: str, listening: set[str], definition: JourneyDefinition
-) -> tuple[str, str, tuple[str, ...]]:
-    """The step, status and awaited events an instance shows while it waits: what it listens
-    for at that step and what its exit rules listen for all along."""
-    return step_id, status, tuple(sorted(listening | {rule.event for rule in definition.exit}))
+def _awaited(listening: set[str], definition: JourneyDefinition) -> tuple[str, ...]:
+    """The events a running instance waits for: what it listens for at its step and what
+    its exit rules listen for all along."""
+    return tuple(sorted(listening | {rule.event for rule in definition.exit}))
 
 
 def _held(held: TypedSearchAttributes) -> tuple[str, str, tuple[str, ...]] | None:
