@@ -103,6 +103,11 @@ class JourneyWorkflow:
         self.answer: int | None = None  # the outcome of the wait_for an event chose
         self.final_status: InstanceStatus | None = None
         self.ended = False
+        # A skipped send completes like a sent one in the Temporal UI: the current details
+        # name the last skip, and the next timer's or activity's summary mentions it.
+        self.details = ""
+        self.last_skip: str | None = None
+        self.unmentioned_skip: str | None = None
         self.profile: ProfileSnapshot | None = None
         self.steps_this_run = 0
         self.seen: dict[str, None] = {}  # recent event ids, oldest first
@@ -272,7 +277,7 @@ class JourneyWorkflow:
             await self._activity(
                 UPDATE_PROFILE,
                 UpdateProfileRequest(customer_id=self.customer_id, set=step.set, unset=step.unset),
-                summary=f"{step.id}: update profile",
+                summary=self._summary(f"{step.id}: update profile"),
             )
             self.profile = None  # read it again when a later step needs it
             return node.next
@@ -339,7 +344,7 @@ class JourneyWorkflow:
                 await workflow.wait_condition(
                     lambda: self.state.exit_reason is not None,
                     timeout=delay,
-                    timeout_summary=f"{step_id}: {label}"[:200],
+                    timeout_summary=self._summary(f"{step_id}: {label}"),
                 )
             if self.state.exit_reason is not None:
                 return SendResult(
@@ -383,7 +388,7 @@ class JourneyWorkflow:
                 result_type=SendResult,
                 start_to_close_timeout=timedelta(seconds=self.input.send_timeout_seconds),
                 retry_policy=SEND_RETRY,
-                summary=f"{step_id}: {channel} {template}",
+                summary=self._summary(f"{step_id}: {channel} {template}"),
             )
         except ActivityError as error:
             cause = error.cause
@@ -394,6 +399,10 @@ class JourneyWorkflow:
             )
         if result.status == "sent":
             self.state.sent += 1
+        elif result.status == "skipped":
+            self.last_skip = f"{step_id} ({channel} {template}) skipped: {result.reason}"
+            self.unmentioned_skip = self.last_skip
+            self._details(self.details)
         return result
 
     async def _wait(self, step: WaitStep, following: str | None) -> str | None:
@@ -412,7 +421,7 @@ class JourneyWorkflow:
                     fallback_hour=step.best_time.fallback_hour,
                     max_delay_seconds=step.best_time.max_delay.total_seconds(),
                 ),
-                summary=f"{step.id}: best time to reach this customer",
+                summary=self._summary(f"{step.id}: best time to reach this customer"),
                 result_type=BestTimeAnswer,
             )
             delay = max(best.at - workflow.now(), timedelta(0))
@@ -422,7 +431,9 @@ class JourneyWorkflow:
             opening = await self._activity(
                 NEXT_WINDOW_OPENING,
                 WindowRequest(customer_id=self.customer_id, window=step.until, now=workflow.now()),
-                summary=f"{step.id}: next {step.until.start}-{step.until.end} local time",
+                summary=self._summary(
+                    f"{step.id}: next {step.until.start}-{step.until.end} local time"
+                ),
                 result_type=WindowOpening,
             )
             delay = max(opening.at - workflow.now(), timedelta(0))
@@ -434,7 +445,7 @@ class JourneyWorkflow:
                 await workflow.wait_condition(
                     lambda: self.state.exit_reason is not None,
                     timeout=delay,
-                    timeout_summary=f"{step.id}: wait {label}",
+                    timeout_summary=self._summary(f"{step.id}: wait {label}"),
                 )
         return following
 
@@ -453,7 +464,9 @@ class JourneyWorkflow:
             await workflow.wait_condition(
                 lambda: self.state.exit_reason is not None or self.answer is not None,
                 timeout=step.timeout,
-                timeout_summary=f"{step.id}: up to {format_duration(step.timeout)} for {names}",
+                timeout_summary=self._summary(
+                    f"{step.id}: up to {format_duration(step.timeout)} for {names}"
+                ),
             )
         except TimeoutError:
             return first_of(list(step.on_timeout), following)
@@ -496,7 +509,7 @@ class JourneyWorkflow:
         self.profile = await self._activity(
             LOAD_PROFILE,
             ProfileRequest(customer_id=self.customer_id),
-            summary=f"{step_id}: read profile",
+            summary=self._summary(f"{step_id}: read profile"),
             result_type=ProfileSnapshot,
         )
 
@@ -545,11 +558,24 @@ class JourneyWorkflow:
         rules'."""
         return () if self.ended else _awaited(self.listening, self.definition)
 
+    def _details(self, details: str) -> None:
+        self.details = details
+        if self.last_skip is not None:
+            details += f"\n\n**Last skipped send:** {self.last_skip}"
+        workflow.set_current_details(details)
+
+    def _summary(self, summary: str) -> str:
+        """A timer's or activity's summary; the first after a skipped send names it."""
+        if self.unmentioned_skip is not None:
+            summary = f"{summary} · after {self.unmentioned_skip}"
+            self.unmentioned_skip = None
+        return summary[:200]
+
     def _show(self, step: AnyStep, status: str, details: str) -> None:
         """What the operator sees: current details and search attributes."""
         self.status = status
         version = self.input.journey.version
-        workflow.set_current_details(
+        self._details(
             f"**{self.definition.name}** v{version} · step `{step.id}` ({step.type})\n\n{details}"
         )
         if self.input.search_attributes and status in LASTING_STATUSES:
@@ -570,7 +596,7 @@ class JourneyWorkflow:
         self.status = status
         self.listening = set()
         self.ended = True
-        workflow.set_current_details(
+        self._details(
             f"**{self.definition.name}** v{self.input.journey.version} · {status}"
             + (f": {reason}" if reason else "")
         )
@@ -593,7 +619,7 @@ class JourneyWorkflow:
                 revenue=self.state.revenue,
                 holdout=status == "holdout",
             ),
-            summary=f"{status}" + (f": {reason}" if reason else ""),
+            summary=self._summary(f"{status}" + (f": {reason}" if reason else "")),
         )
         await workflow.wait_condition(workflow.all_handlers_finished)
         return JourneyResult(
