@@ -30,11 +30,13 @@ from hilo.journey_runs import (
     FINISH,
     LOAD_PROFILE,
     NEXT_WINDOW_OPENING,
+    NOTE,
     SEND_MESSAGE,
     UPDATE_PROFILE,
     BestTimeAnswer,
     BestTimeRequest,
     FinishRequest,
+    NoteRequest,
     ProfileRequest,
     ProfileSnapshot,
     SendRequest,
@@ -84,6 +86,7 @@ class JourneyActivities:
             self.update_profile,
             self.next_window_opening,
             self.best_send_time,
+            self.note,
         ]
 
     @activity.defn(name=FINISH)
@@ -98,6 +101,11 @@ class JourneyActivities:
             revenue=request.revenue,
             holdout=request.holdout,
         )
+
+    @activity.defn(name=NOTE)
+    def note(self, request: NoteRequest) -> None:
+        # Summaries are written for people and may quote long property values.
+        self.store.add_journey_note({**request.model_dump(), "summary": request.summary[:500]})
 
     @activity.defn(name=LOAD_PROFILE)
     def load_profile(self, request: ProfileRequest) -> ProfileSnapshot:

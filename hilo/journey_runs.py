@@ -21,6 +21,7 @@ SEND_MESSAGE = "send_message"
 UPDATE_PROFILE = "update_profile"
 NEXT_WINDOW_OPENING = "next_window_opening"
 BEST_SEND_TIME = "best_send_time"
+NOTE = "note"
 
 SIGNAL_EVENT = "event"
 SIGNAL_STOP = "stop"
@@ -83,6 +84,7 @@ class JourneyProgress(BaseModel):
     customer_id: str
     step: str | None
     status: str
+    # What it listens for now (its wait_for's and its exit rules'), as HiloWaitingFor says.
     waiting_for: list[str]
     sent: int
     exit_reason: str | None
@@ -97,6 +99,19 @@ class FinishRequest(BaseModel):
     converted_at: datetime | None = None
     revenue: float | None = None
     holdout: bool = False
+
+
+class NoteRequest(BaseModel):
+    """A line for the customer's timeline about one event an instance heard."""
+
+    workflow_id: str
+    run_id: str
+    journey_key: str
+    customer_id: str
+    step_id: str | None = None
+    event_message_id: str
+    summary: str
+    noted_at: datetime
 
 
 class ProfileRequest(BaseModel):

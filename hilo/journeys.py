@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from hilo.conditions import Condition
+from hilo.conditions import Condition, SameValue, same_value
 from hilo.durations import Duration
 
 STEP_ID = r"^[a-z][a-z0-9_]{0,62}$"
@@ -96,15 +96,37 @@ class EventMatch(_Strict):
         description="Event properties that must equal the trigger's (e.g. [cart_id]).",
     )
 
-    def matches(self, event: dict[str, Any], context: dict[str, Any]) -> bool:
+    def matches(
+        self, event: dict[str, Any], context: dict[str, Any], same: SameValue = same_value
+    ) -> bool:
         if event.get("name") != self.event:
             return False
+        if self.trigger_mismatch(event, context, same) is not None:
+            return False
+        return self.where is None or self.where.evaluate({**context, "event": event}, same)
+
+    def trigger_mismatch(
+        self, event: dict[str, Any], context: dict[str, Any], same: SameValue = same_value
+    ) -> str | None:
+        """Why ``event`` is not about the trigger's ``match_trigger`` properties (``cart_id
+        c2 ≠ trigger's c1``); None when it is."""
         trigger_props = context.get("trigger", {}).get("properties", {})
         event_props = event.get("properties", {})
         for prop in self.match_trigger:
-            if prop not in event_props or event_props.get(prop) != trigger_props.get(prop):
-                return False
-        return self.where is None or self.where.evaluate({**context, "event": event})
+            theirs = _shown(trigger_props[prop]) if prop in trigger_props else "none"
+            if prop not in event_props:
+                return f"the event has no {prop} (trigger's {theirs})"
+            if not same(event_props[prop], trigger_props.get(prop)):
+                return f"{prop} {_shown(event_props[prop])} ≠ trigger's {theirs}"
+        return None
+
+
+def _shown(value: Any) -> str:
+    """A property value as an operator reads it: text as it is, anything else (and text
+    that spaces or emptiness would hide) as JSON."""
+    if isinstance(value, str) and value and value.strip() == value:
+        return value
+    return json.dumps(value, default=str)
 
 
 class ExitRule(EventMatch):

@@ -32,6 +32,7 @@ from hilo.storage import (
     Device,
     Identity,
     JourneyInstance,
+    JourneyNote,
     Message,
     Profile,
     Store,
@@ -64,7 +65,14 @@ _P256DH_BYTES = 65
 _AUTH_BYTES = 16
 
 TimelineKind = Literal[
-    "event", "identify", "journey_entry", "journey_exit", "message", "consent", "policy_decision"
+    "event",
+    "identify",
+    "journey_entry",
+    "journey_exit",
+    "journey_note",
+    "message",
+    "consent",
+    "policy_decision",
 ]
 
 
@@ -281,6 +289,7 @@ def timeline(
             *_events(session, ids, limit, until),
             *_journey_entries(session, ids, limit, until),
             *_journey_exits(session, ids, limit, until),
+            *_journey_notes(session, ids, limit, until),
             *_messages(session, ids, limit, until),
             *_consent_changes(session, ids, limit, until),
             *_policy_decisions(session, ids, limit, until),
@@ -388,6 +397,29 @@ def _journey_exits(
             )
         )
     return entries
+
+
+def _journey_notes(
+    session: Session, ids: Sequence[str], limit: int, before: datetime | None
+) -> list[TimelineEntry]:
+    query = select(JourneyNote).where(col(JourneyNote.customer_id).in_(ids))
+    if before is not None:
+        query = query.where(col(JourneyNote.noted_at) < before)
+    rows = session.exec(query.order_by(col(JourneyNote.noted_at).desc()).limit(limit))
+    return [
+        TimelineEntry(
+            kind="journey_note",
+            at=_utc(row.noted_at),
+            summary=row.summary,
+            data={
+                "journey_key": row.journey_key,
+                "workflow_id": row.workflow_id,
+                "step_id": row.step_id,
+                "event_message_id": row.event_message_id,
+            },
+        )
+        for row in rows
+    ]
 
 
 def _messages(

@@ -19,7 +19,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from hilo.conditions import lookup
+from hilo.conditions import key_text, lookup
 from hilo.events import CustomerEvent
 from hilo.ids import journey_workflow_id
 from hilo.journey_runs import SIGNAL_EVENT, JourneyInput
@@ -160,7 +160,7 @@ class EventRouter:
                     f"event has no {definition.trigger.key}, the journey's instance key"
                 )
                 return
-            instance_key = str(value)
+            instance_key = key_text(value)
         workflow_id = journey_workflow_id(journey.key, event.customer_id, instance_key)
         previous = await asyncio.to_thread(self.store.get_instance, workflow_id)
         entry = definition.entry

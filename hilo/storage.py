@@ -207,6 +207,25 @@ class JourneyInstance(SQLModel, table=True):
     revenue: float | None = None
 
 
+class JourneyNote(SQLModel, table=True):
+    """What a running instance noticed that left no other trace, for the customer's
+    timeline: an event that almost ended it or answered its wait ("Order Completed did not
+    end the journey: cart_id c2 ≠ trigger's c1"). One per instance run and event."""
+
+    __tablename__ = "journey_notes"
+    __table_args__ = (UniqueConstraint("run_id", "event_message_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    workflow_id: str = Field(max_length=1000)
+    run_id: str = Field(max_length=64)
+    journey_key: str = Field(max_length=63)
+    customer_id: str = Field(index=True, max_length=200)
+    step_id: str | None = Field(default=None, max_length=63)
+    event_message_id: str = Field(max_length=200)
+    summary: str = Field(max_length=500)
+    noted_at: datetime
+
+
 class Message(SQLModel, table=True):
     """The message ledger: one row per deterministic message id."""
 
@@ -895,6 +914,16 @@ class Store:
                         JourneyInstance.status == "active",
                     )
                 )
+            )
+
+    def add_journey_note(self, note: dict[str, Any]) -> None:
+        """Record a note (every column of JourneyNote but its id) once: a retried activity
+        writes nothing more."""
+        notes = JourneyNote.__table__  # type: ignore[attr-defined]
+        statement = self._insert(notes).values(**note)
+        with self.engine.begin() as connection:
+            connection.execute(
+                statement.on_conflict_do_nothing(index_elements=["run_id", "event_message_id"])
             )
 
     # ------------------------------------------------------------ messages
