@@ -49,13 +49,22 @@ def wait_for_http(
     raise AssertionError(f"{url} did not answer in {timeout}s:\n{log.read_text()}")
 
 
+def three_free_ports() -> tuple[int, int, int]:
+    """Three different free ports (free_port alone may hand out one twice)."""
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    first, second, third = sorted(ports)
+    return first, second, third
+
+
 def stop(process: subprocess.Popen[bytes]) -> int:
     process.send_signal(signal.SIGINT)
     return process.wait(timeout=60)
 
 
 async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
-    temporal_port, ui_port, api_port = free_port(), free_port(), free_port()
+    temporal_port, ui_port, api_port = three_free_ports()
     env = {
         **os.environ,
         "HILO_STATE_DIR": str(tmp_path / "state"),
@@ -148,7 +157,7 @@ PORT_SETTINGS = {
 
 @pytest.mark.parametrize("taken", list(PORT_SETTINGS))
 def test_hilo_dev_refuses_a_port_something_else_holds(tmp_path: Path, taken: str) -> None:
-    ports = {"temporal": free_port(), "ui": free_port(), "api": free_port()}
+    ports = dict(zip(("temporal", "ui", "api"), three_free_ports(), strict=True))
     env = {
         **os.environ,
         "HILO_STATE_DIR": str(tmp_path / "state"),
@@ -177,11 +186,11 @@ def test_hilo_dev_refuses_a_port_something_else_holds(tmp_path: Path, taken: str
 
 
 def test_hilo_dev_refuses_two_of_its_own_services_on_one_port(tmp_path: Path) -> None:
-    port = free_port()
+    port, temporal_port, _ = three_free_ports()
     env = {
         **os.environ,
         "HILO_STATE_DIR": str(tmp_path / "state"),
-        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
         "HILO_TEMPORAL_UI_PORT": str(port),
         "HILO_API_PORT": str(port),
     }
@@ -220,7 +229,7 @@ def test_development_links_follow_the_api_address(monkeypatch: pytest.MonkeyPatc
 def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     """One ``hilo dev`` on ports other than the defaults, for the tests that only look at it."""
     folder = tmp_path_factory.mktemp("dev_stack")
-    temporal_port, ui_port, api_port = free_port(), free_port(), free_port()
+    temporal_port, ui_port, api_port = three_free_ports()
     env = {
         **os.environ,
         "HILO_STATE_DIR": str(folder / "state"),
