@@ -37,7 +37,10 @@ DEV_LINK_SECRET = "dev-only-link-secret-refused-in-production"
 
 
 class ChannelSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HILO_", env_file=".env", extra="ignore")
+    # An empty variable is no value (compose passes every setting, empty when unset).
+    model_config = SettingsConfigDict(
+        env_prefix="HILO_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     # Production refuses dev secrets (hilo.settings.Settings extends this class).
     environment: Literal["development", "test", "production"] = "development"
