@@ -49,6 +49,8 @@ LINK_PATHS: dict[LinkKind, str] = {
     "open": "/l/o/",
 }
 PREFERENCES_TTL = timedelta(days=60)
+# The id of the preference page's pause choices (render_preference_page writes it).
+PAUSE_FRAGMENT = "#pause"
 MIN_SECRET_LENGTH = 32
 
 
@@ -149,6 +151,23 @@ class LinkSigner:
         self, customer_id: str, *, ttl: timedelta = PREFERENCES_TTL, now: datetime | None = None
     ) -> str:
         return self._url("preferences", now, ttl, customer_id=_required(customer_id, "customer_id"))
+
+    def pause_url(
+        self, customer_id: str, *, ttl: timedelta = PREFERENCES_TTL, now: datetime | None = None
+    ) -> str:
+        """The preference page opened at its "Take a break" choices: a GET changes nothing,
+        the customer picks the pause there and saves."""
+        return self.preferences_url(customer_id, ttl=ttl, now=now) + PAUSE_FRAGMENT
+
+    def message_links(
+        self, message_id: str, customer_id: str, channel: str, *, now: datetime | None = None
+    ) -> dict[str, str]:
+        """The links every template can show, by the variable that holds each."""
+        return {
+            "unsubscribe_url": self.unsubscribe_url(message_id, customer_id, channel, now=now),
+            "preferences_url": self.preferences_url(customer_id, now=now),
+            "pause_url": self.pause_url(customer_id, now=now),
+        }
 
     def click_url(self, message_id: str, target_url: str, *, now: datetime | None = None) -> str:
         if not _is_web_url(target_url):
