@@ -177,7 +177,12 @@ class JourneyActivities:
             return _result(
                 self.store.record_message(Message(**self._ledger_row(request, provider, skip)))
             )
-        links = self.links.message_links(request.message_id, profile.customer_id, request.channel)
+        links = self.links.message_links(
+            request.message_id,
+            profile.customer_id,
+            request.channel,
+            templates=request.content.values(),
+        )
         unsubscribe_url = links["unsubscribe_url"]
         content = (
             stored.content

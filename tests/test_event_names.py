@@ -277,3 +277,16 @@ def test_a_journey_writes_only_preferences_the_policy_reads(store: Store) -> Non
         "'paused'; a journey may set preferences.frequency (normal, weekly, monthly) or "
         "preferences.topics",
     ]
+
+
+def test_a_send_signs_only_the_links_its_templates_name() -> None:
+    signer = LinkSigner(DEV_LINK_SECRET, LAB_LINKS)
+    plain = signer.message_links("m1", "42", "email", templates=["Bye {{ unsubscribe_url }}"])
+    assert list(plain) == ["unsubscribe_url"]
+    both = signer.message_links("m1", "42", "email", templates=["{{ pause_url }}"])
+    assert list(both) == ["unsubscribe_url", "pause_url"]
+    assert list(signer.message_links("m1", "42", "email")) == [
+        "unsubscribe_url",
+        "preferences_url",
+        "pause_url",
+    ]

@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from html import escape, unescape
@@ -160,14 +160,27 @@ class LinkSigner:
         return self.preferences_url(customer_id, ttl=ttl, now=now) + PAUSE_FRAGMENT
 
     def message_links(
-        self, message_id: str, customer_id: str, channel: str, *, now: datetime | None = None
+        self,
+        message_id: str,
+        customer_id: str,
+        channel: str,
+        *,
+        templates: Iterable[str] | None = None,
+        now: datetime | None = None,
     ) -> dict[str, str]:
-        """The links every template can show, by the variable that holds each."""
-        return {
-            "unsubscribe_url": self.unsubscribe_url(message_id, customer_id, channel, now=now),
-            "preferences_url": self.preferences_url(customer_id, now=now),
-            "pause_url": self.pause_url(customer_id, now=now),
-        }
+        """The links every template can show, by the variable that holds each.
+
+        The unsubscribe link always (providers put it in the List-Unsubscribe header); the
+        others only when one of ``templates`` names them, when given: each costs a signature
+        on every send (about 7 us).
+        """
+        sources = None if templates is None else " ".join(templates)
+        links = {"unsubscribe_url": self.unsubscribe_url(message_id, customer_id, channel, now=now)}
+        if sources is None or "preferences_url" in sources:
+            links["preferences_url"] = self.preferences_url(customer_id, now=now)
+        if sources is None or "pause_url" in sources:
+            links["pause_url"] = self.pause_url(customer_id, now=now)
+        return links
 
     def click_url(self, message_id: str, target_url: str, *, now: datetime | None = None) -> str:
         if not _is_web_url(target_url):
