@@ -5,8 +5,8 @@ already ran when it was parsed): the brand playbook, the unsubscribe link of mar
 email, and the promotions its templates name, as they are in the store now. Problems refuse
 the version (:class:`~hilo.journeys.JourneyInvalid`); warnings come back with the version
 number: a promotion that expired or has not started (its sends will be skipped), an event
-name nothing produces (neither Hilo nor any event received so far), a template variable the
-sample does not have.
+name nothing produces (Hilo does not emit it, Segment's specs do not name it, no event has
+carried it yet), a template variable the sample does not have.
 """
 
 from __future__ import annotations
