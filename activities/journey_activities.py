@@ -113,7 +113,9 @@ class JourneyActivities:
 
     @activity.defn(name=UPDATE_PROFILE)
     def update_profile(self, request: UpdateProfileRequest) -> None:
-        self.store.upsert_profile(request.customer_id, traits=request.set, unset=request.unset)
+        self.store.upsert_profile(
+            request.customer_id, traits=request.set, unset=request.unset, paths=True
+        )
 
     @activity.defn(name=NEXT_WINDOW_OPENING)
     def next_window_opening(self, request: WindowRequest) -> WindowOpening:
@@ -203,13 +205,17 @@ class JourneyActivities:
             return _result(
                 self.store.record_message(Message(**self._ledger_row(request, provider, skip)))
             )
-        unsubscribe_url = self.links.unsubscribe_url(
-            request.message_id, profile.customer_id, request.channel
+        links = self.links.message_links(
+            request.message_id,
+            profile.customer_id,
+            request.channel,
+            templates=request.content.values(),
         )
+        unsubscribe_url = links["unsubscribe_url"]
         content = (
             stored.content
             if stored is not None
-            else self._render(request, profile, unsubscribe_url, _trigger_context(request, trigger))
+            else self._render(request, profile, links, _trigger_context(request, trigger))
         )
         # The ledger keeps the message as rendered; providers get it in their shape.
         outgoing = self.store.queue_message(
@@ -326,11 +332,11 @@ class JourneyActivities:
         self,
         request: SendRequest,
         profile: ProfileSnapshot,
-        unsubscribe_url: str,
+        links: dict[str, str],
         trigger: dict[str, Any],
     ) -> dict[str, str]:
         context = {
-            "unsubscribe_url": unsubscribe_url,
+            **links,
             "profile": profile.as_context(),
             "customer": profile.traits,
             "trigger": trigger,

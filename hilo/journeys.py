@@ -337,8 +337,14 @@ class SplitStep(StepBase):
 
 class UpdateProfileStep(StepBase):
     type: Literal["update_profile"]
-    set: dict[str, Any] = Field(default_factory=dict, description="Traits to set.")
-    unset: list[str] = Field(default_factory=list, description="Traits to remove.")
+    set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Traits to set; a dotted name sets one field of an object trait and keeps "
+        "its others (preferences.frequency: monthly).",
+    )
+    unset: list[str] = Field(
+        default_factory=list, description="Traits to remove (dotted names as in 'set')."
+    )
 
     @model_validator(mode="after")
     def _something(self) -> UpdateProfileStep:

@@ -490,6 +490,30 @@ class DeviceRow(NamedTuple):
     data: dict[str, Any]
 
 
+def traits_with_paths(
+    traits: dict[str, Any], values: dict[str, Any], unset: Sequence[str]
+) -> dict[str, Any]:
+    """``traits`` with ``values`` set and ``unset`` removed, a dotted name reaching into an
+    object trait (a new dict at each level: JSON columns see the change)."""
+    merged = dict(traits)
+    for name, value in values.items():
+        head, dot, rest = name.partition(".")
+        if not dot:
+            merged[name] = value
+            continue
+        inner = merged.get(head)
+        merged[head] = traits_with_paths(
+            inner if isinstance(inner, dict) else {}, {rest: value}, []
+        )
+    for name in unset:
+        head, dot, rest = name.partition(".")
+        if not dot:
+            merged.pop(name, None)
+        elif isinstance(merged.get(head), dict):
+            merged[head] = traits_with_paths(merged[head], {}, [rest])
+    return merged
+
+
 class Store:
     """Database access shared by the API, the router and the activities."""
 
@@ -566,14 +590,22 @@ class Store:
         timezone: str | None = None,
         locale: str | None = None,
         unset: list[str] | None = None,
+        paths: bool = False,
     ) -> Profile:
-        """Merge traits and consent into the profile, creating it when new."""
+        """Merge traits and consent into the profile, creating it when new.
+
+        With ``paths`` (a journey's update_profile), a dotted name sets or unsets one field
+        of an object trait and keeps its others: ``preferences.frequency``.
+        """
         for _attempt in range(3):
             with self.session() as session:
                 profile = session.get(Profile, customer_id) or Profile(customer_id=customer_id)
-                merged = {**profile.traits, **(traits or {})}
-                for name in unset or []:
-                    merged.pop(name, None)
+                if paths:
+                    merged = traits_with_paths(profile.traits, traits or {}, unset or [])
+                else:
+                    merged = {**profile.traits, **(traits or {})}
+                    for name in unset or []:
+                        merged.pop(name, None)
                 profile.traits = merged
                 profile.consent = {**profile.consent, **(consent or {})}
                 profile.timezone = timezone or profile.timezone
@@ -629,6 +661,17 @@ class Store:
                 return True
             stored = connection.execute(sql.stored_event, {"message_id": message_id}).first()
         return stored is not None and stored.routed_at is None
+
+    def received_event_names(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` Hilo has ever stored an event of (one look-up a name, at
+        publish; each stops at the first event found)."""
+        found = set()
+        with self.session() as session:
+            for name in sorted(set(names)):
+                statement = select(StoredEvent.message_id).where(StoredEvent.name == name)
+                if session.exec(statement.limit(1)).first() is not None:
+                    found.add(name)
+        return found
 
     def event_routed(self, message_id: str) -> None:
         with self.engine.begin() as connection:
