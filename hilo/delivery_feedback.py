@@ -21,6 +21,7 @@ topics); a customer who never chose hears about every topic.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -367,9 +368,24 @@ def _set_consent(
     detail: str,
     now: datetime,
 ) -> bool:
-    """Record a consent change; False when the profile already said so."""
+    """Record a consent change; False when the profile already said so.
+
+    A withdrawal also queues the customer's removal from every ad audience (an ``audiences``
+    outbox entry, committed with the change): the worker does the platforms' calls.
+    """
     if profile.consent.get(channel) is granted:
         return False
+    if not granted:
+        session.add(
+            OutboxEntry(
+                kind="audiences",
+                message_id=f"leave-{uuid.uuid4().hex}",
+                customer_id=profile.customer_id,
+                payload={"reason": f"{channel} consent withdrawn: {detail}"[:300]},
+                created_at=now,
+                available_at=now,
+            )
+        )
     profile.consent = {**profile.consent, channel: granted}  # a new dict: JSON columns
     profile.updated_at = now
     session.add(profile)

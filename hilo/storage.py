@@ -137,7 +137,8 @@ class OutboxEntry(SQLModel, table=True):
     """Work the dispatcher owes Temporal, committed with what caused it.
 
     ``event``: route a stored event (start and signal); ``merge``: tell the running
-    instances of a merged anonymous profile who their customer is now.
+    instances of a merged anonymous profile who their customer is now; ``audiences``: take a
+    customer who withdrew consent out of every ad audience.
     """
 
     __tablename__ = "outbox"
@@ -946,6 +947,21 @@ class Store:
             },
             also,
         )
+
+    def audience_messages(self, customer_id: str) -> list[Message]:
+        """The customer's audience adds and removals that went out, oldest first."""
+        with self.session() as session:
+            return list(
+                session.exec(
+                    select(Message)
+                    .where(
+                        col(Message.customer_id) == customer_id,
+                        col(Message.channel) == "audience",
+                        col(Message.status) == "sent",
+                    )
+                    .order_by(col(Message.sent_at), col(Message.created_at))
+                )
+            )
 
     def devices_reached(self, message_id: str) -> dict[str, str]:
         """The devices a message's provider already accepted, by device key: provider id."""

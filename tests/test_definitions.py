@@ -160,6 +160,12 @@ CASES = [
         id="topic-on-a-transactional-send",
     ),
     pytest.param(
+        _step(1, action="remove"),
+        "steps[1] (reminder).action",
+        "'action' (add or remove) applies to audience sends only",
+        id="action-on-an-email",
+    ),
+    pytest.param(
         _step(1, topic="Big Promotions!"),
         "steps[1] (reminder).topic",
         "String should match pattern",
