@@ -370,12 +370,13 @@ def _set_consent(
 ) -> bool:
     """Record a consent change; False when the profile already said so.
 
-    A withdrawal also queues the customer's removal from every ad audience (an ``audiences``
-    outbox entry, committed with the change): the worker does the platforms' calls.
+    A withdrawal also queues the customer's removal from the ad audiences journeys added them
+    to (an ``audiences`` outbox entry, committed with the change): the worker does the
+    platforms' calls.
     """
     if profile.consent.get(channel) is granted:
         return False
-    if not granted:
+    if not granted and _in_audiences(session, profile.customer_id):
         session.add(
             OutboxEntry(
                 kind="audiences",
@@ -400,6 +401,20 @@ def _set_consent(
         )
     )
     return True
+
+
+def _in_audiences(session: Session, customer_id: str) -> bool:
+    """Whether an audience message (an add, maybe since removed) ever went out for them."""
+    found = session.exec(
+        select(Message.message_id)
+        .where(
+            col(Message.customer_id) == customer_id,
+            col(Message.channel) == "audience",
+            col(Message.status) == "sent",
+        )
+        .limit(1)
+    ).first()
+    return found is not None
 
 
 def _revoke(

@@ -433,15 +433,18 @@ async def test_an_unsubscribe_takes_the_customer_out_of_every_audience(
     time_env: WorkflowEnvironment, store: Store, meta_server: FakeMetaGraph
 ) -> None:
     customer(store, "ana")
+    customer(store, "bea")
     async with lab_with(time_env, store, {"audience": meta(meta_server)}) as lab:
         lab.publish(journey("retarget", audience_step("retarget", META_AUDIENCE)))
         await run_once(lab, "ana")
         assert meta_server.members[META_AUDIENCE] == {(ANA_EMAIL,)}
-        claims = LinkClaims(
-            kind="unsubscribe", issued_at=datetime.now(UTC), customer_id="ana", channel="email"
-        )
-        assert unsubscribe(store, claims, "unsubscribe link")
+        for who in ("bea", "ana"):  # Bea was never in an audience: nothing to queue for her
+            claims = LinkClaims(
+                kind="unsubscribe", issued_at=datetime.now(UTC), customer_id=who, channel="email"
+            )
+            assert unsubscribe(store, claims, "unsubscribe link")
         [entry] = store.outbox_batch(10)
+        assert (entry.kind, entry.customer_id) == ("audiences", "ana")
         dispatcher = Dispatcher(store, lab.router)
         assert (await dispatcher.dispatch_once())[0] == 1
         await dispatcher.dispatch_once()  # a repeated delivery starts nothing more
