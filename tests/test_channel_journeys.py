@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlmodel import select
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
 
 from activities.journey_activities import JourneyActivities
 from hilo.channels.audiences import (
@@ -47,6 +49,7 @@ from tests.provider_servers import (
     fcm_error,
 )
 from worker.main import configured_activities
+from workflows.journey import JourneyWorkflow
 
 VAPID_KEY = ec.generate_private_key(ec.SECP256R1())
 SECRET = "whsec-journey-secret"
@@ -423,7 +426,11 @@ async def test_a_journey_that_exits_takes_the_customer_out_of_the_audiences_it_a
         }
         await lab.send("Order Completed", "ana")
         result = await lab.result(workflow_id)
+        history = await lab.handles[workflow_id].fetch_history()
     assert (result.status, result.reason) == ("exited", "purchased")
+    # The patched exit replays on today's code.
+    replayer = Replayer(workflows=[JourneyWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
     assert ads_server.user_lists[user_list] == set()
     removal = [m for m in store.messages("ana") if m.content.get("action") == "remove"]
     assert [(m.status, m.content["audience"]) for m in removal] == [("sent", "555000111")]
