@@ -21,7 +21,6 @@ topics); a customer who never chose hears about every topic.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +44,7 @@ from hilo.storage import (
     Profile,
     Store,
     StoredEvent,
+    queue_audience_exit,
     utcnow,
 )
 
@@ -376,17 +376,8 @@ def _set_consent(
     """
     if profile.consent.get(channel) is granted:
         return False
-    if not granted and _in_audiences(session, profile.customer_id):
-        session.add(
-            OutboxEntry(
-                kind="audiences",
-                message_id=f"leave-{uuid.uuid4().hex}",
-                customer_id=profile.customer_id,
-                payload={"reason": f"{channel} consent withdrawn: {detail}"[:300]},
-                created_at=now,
-                available_at=now,
-            )
-        )
+    if not granted:
+        queue_audience_exit(session, profile.customer_id, f"{channel} consent withdrawn", now)
     profile.consent = {**profile.consent, channel: granted}  # a new dict: JSON columns
     profile.updated_at = now
     session.add(profile)
@@ -401,20 +392,6 @@ def _set_consent(
         )
     )
     return True
-
-
-def _in_audiences(session: Session, customer_id: str) -> bool:
-    """Whether an audience message (an add, maybe since removed) ever went out for them."""
-    found = session.exec(
-        select(Message.message_id)
-        .where(
-            col(Message.customer_id) == customer_id,
-            col(Message.channel) == "audience",
-            col(Message.status) == "sent",
-        )
-        .limit(1)
-    ).first()
-    return found is not None
 
 
 def _revoke(

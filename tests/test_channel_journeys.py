@@ -439,24 +439,35 @@ async def test_a_journey_that_exits_takes_the_customer_out_of_the_audiences_it_a
 async def test_an_unsubscribe_takes_the_customer_out_of_every_audience(
     time_env: WorkflowEnvironment, store: Store, meta_server: FakeMetaGraph
 ) -> None:
-    customer(store, "ana")
-    customer(store, "bea")
+    for who in ("ana", "bea", "cai"):
+        customer(store, who)
     async with lab_with(time_env, store, {"audience": meta(meta_server)}) as lab:
         lab.publish(journey("retarget", audience_step("retarget", META_AUDIENCE)))
         await run_once(lab, "ana")
-        assert meta_server.members[META_AUDIENCE] == {(ANA_EMAIL,)}
-        for who in ("bea", "ana"):  # Bea was never in an audience: nothing to queue for her
+        await run_once(lab, "cai")
+        cai_email = ("EMAIL", hashlib.sha256(b"cai@example.com").hexdigest())
+        assert meta_server.members[META_AUDIENCE] == {(ANA_EMAIL,), (cai_email,)}
+        # Ana and Bea (never in an audience: nothing to queue) use the unsubscribe link; Cai
+        # withdraws through the consent API.
+        for who in ("bea", "ana"):
             claims = LinkClaims(
                 kind="unsubscribe", issued_at=datetime.now(UTC), customer_id=who, channel="email"
             )
             assert unsubscribe(store, claims, "unsubscribe link")
-        [entry] = store.outbox_batch(10)
-        assert (entry.kind, entry.customer_id) == ("audiences", "ana")
+        record_consent(store, "cai", "email", False, "support desk")
+        entries = store.outbox_batch(10)
+        assert [(e.kind, e.customer_id) for e in entries] == [
+            ("audiences", "ana"),
+            ("audiences", "cai"),
+        ]
         dispatcher = Dispatcher(store, lab.router)
-        assert (await dispatcher.dispatch_once())[0] == 1
-        await dispatcher.dispatch_once()  # a repeated delivery starts nothing more
-        handle = lab.client.get_workflow_handle(f"audiences/{entry.message_id}")
-        left = LeaveAudiencesResult.model_validate(await handle.result())
-    assert left.removed == [META_AUDIENCE]
+        assert (await dispatcher.dispatch_once())[0] == 2
+        left = [
+            LeaveAudiencesResult.model_validate(
+                await lab.client.get_workflow_handle(f"audiences/{entry.message_id}").result()
+            )
+            for entry in entries
+        ]
+    assert [result.removed for result in left] == [[META_AUDIENCE], [META_AUDIENCE]]
     assert meta_server.members[META_AUDIENCE] == set()
-    assert [r.method for r in meta_server.received] == ["POST", "DELETE"]
+    assert [r.method for r in meta_server.received] == ["POST", "POST", "DELETE", "DELETE"]
