@@ -163,7 +163,11 @@ class SendStep(StepBase):
         "address not suppressed) or remove them. A journey that exits removes the customer from "
         "the audiences it added them to.",
     )
-    url: str | None = Field(None, description="Webhook URL (channel webhook).")
+    url: str | None = Field(
+        None,
+        description="Channel webhook: where the step posts, signed. Push and web push: the "
+        "page the notification opens.",
+    )
     on_failure: Literal["continue", "exit"] = "continue"
     on_skip: Literal["continue", "exit"] = Field(
         "continue",
