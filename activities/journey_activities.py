@@ -22,8 +22,8 @@ from hilo import promotions, templates
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
 from hilo.channels.config import DEV_LINK_SECRET
 from hilo.channels.links import LinkSigner, rewrite_links
-from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS
-from hilo.contact_policy import ContactPolicyService, SendIntent
+from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS, PREFERENCES_TRAIT
+from hilo.contact_policy import ContactPolicyService, SendIntent, left_topic
 from hilo.journey_runs import (
     BEST_SEND_TIME,
     FINISH,
@@ -219,6 +219,8 @@ class JourneyActivities:
             recipient = str(matched.get("email") or matched.get("phone") or "") or None
             if not matched and unusable:
                 skip = f"nothing to match the audience with: {unusable}"
+            elif request.topic and left_topic(profile.traits.get(PREFERENCES_TRAIT), request.topic):
+                skip = f"left topic: {request.topic}"  # as the contact policy says it
         elif request.channel == "audience" and request.content.get("match"):
             # Leaving: by the identifiers the add used, so the platform finds the same member.
             names = request.content["match"].split(",")

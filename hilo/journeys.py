@@ -198,6 +198,12 @@ class SendStep(StepBase):
                 "'action' (add or remove) applies to audience sends only; remove it",
                 {"field": "action"},
             )
+        if self.topic is not None and self.channel == "webhook":
+            raise PydanticCustomError(
+                "send_field_invalid",
+                "a webhook does not reach the customer, so no topic choice applies; remove 'topic'",
+                {"field": "topic"},
+            )
         if self.topic is not None and self.category == "transactional":
             raise PydanticCustomError(
                 "send_field_invalid",

@@ -28,9 +28,10 @@ from hilo.channels.base import ChannelProvider
 from hilo.channels.config import ChannelSettings
 from hilo.channels.fcm import FcmPush, ServiceAccount
 from hilo.channels.links import LinkClaims
+from hilo.channels.preferences import PreferenceChange
 from hilo.channels.webpush import WebPush, vapid_public_key
 from hilo.contact_policy import ContactPolicyService
-from hilo.delivery_feedback import unsubscribe
+from hilo.delivery_feedback import apply_preferences, unsubscribe
 from hilo.dispatcher import Dispatcher
 from hilo.journey_runs import LeaveAudiencesResult
 from hilo.journeys import parse_journey
@@ -371,11 +372,17 @@ async def test_an_audience_gets_only_customers_who_consented_and_are_not_suppres
     customer(store, "bea", email=False)  # withdrew email, never gave SMS
     customer(store, "cai", sms=False)
     ContactPolicyService(store).suppress("email", "cai@example.com", "hard bounce", "sendgrid")
+    customer(store, "dee", sms=True)
+    apply_preferences(  # Dee left the topic the retargeting is about
+        store,
+        "dee",
+        PreferenceChange(frequency="normal", pause_until=None, topics=["news"], opt_out=False),
+    )
     async with lab_with(time_env, store, {"audience": meta(meta_server)}) as lab:
         lab.publish(
             journey(
                 "retarget",
-                audience_step("retarget", META_AUDIENCE),
+                {**audience_step("retarget", META_AUDIENCE), "topic": "promotions"},
                 {"id": "later", "type": "wait", "duration": "1d"},
                 audience_step("untarget", META_AUDIENCE, action="remove"),
             )
@@ -387,10 +394,11 @@ async def test_an_audience_gets_only_customers_who_consented_and_are_not_suppres
         assert (await lab.result(workflow_id)).status == "completed"
         await run_once(lab, "bea")
         await run_once(lab, "cai")
-    # The remove step took Ana out again; Bea and Cai were never added (removing them, which
-    # changes nothing, is always allowed).
+        await run_once(lab, "dee")
+    # The remove step took Ana out again; Bea, Cai and Dee were never added (removing them,
+    # which changes nothing, is always allowed).
     assert meta_server.members[META_AUDIENCE] == set()
-    assert [r.method for r in meta_server.received] == ["POST", "DELETE", "DELETE", "DELETE"]
+    assert [r.method for r in meta_server.received] == ["POST"] + ["DELETE"] * 4
     skipped = {
         m.customer_id: m.reason
         for m in store.messages()
@@ -401,6 +409,7 @@ async def test_an_audience_gets_only_customers_who_consented_and_are_not_suppres
         "no sms or whatsapp consent for its phone",
         "cai": "nothing to match the audience with: email suppressed (hard bounce); "
         "no sms or whatsapp consent for its phone",
+        "dee": "left topic: promotions",
     }
 
 
