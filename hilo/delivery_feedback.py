@@ -63,6 +63,7 @@ from hilo.storage import (
     Profile,
     Store,
     StoredEvent,
+    queue_audience_exit,
     utcnow,
 )
 
@@ -398,9 +399,16 @@ def _set_consent(
     detail: str,
     now: datetime,
 ) -> bool:
-    """Record a consent change; False when the profile already said so."""
+    """Record a consent change; False when the profile already said so.
+
+    A withdrawal also queues the customer's removal from the ad audiences journeys added them
+    to (an ``audiences`` outbox entry, committed with the change): the worker does the
+    platforms' calls.
+    """
     if profile.consent.get(channel) is granted:
         return False
+    if not granted:
+        queue_audience_exit(session, profile.customer_id, f"{channel} consent withdrawn", now)
     profile.consent = {**profile.consent, channel: granted}  # a new dict: JSON columns
     profile.updated_at = now
     session.add(profile)

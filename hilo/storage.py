@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -137,7 +138,8 @@ class OutboxEntry(SQLModel, table=True):
     """Work the dispatcher owes Temporal, committed with what caused it.
 
     ``event``: route a stored event (start and signal); ``merge``: tell the running
-    instances of a merged anonymous profile who their customer is now.
+    instances of a merged anonymous profile who their customer is now; ``audiences``: take a
+    customer who withdrew consent out of every ad audience.
     """
 
     __tablename__ = "outbox"
@@ -151,6 +153,33 @@ class OutboxEntry(SQLModel, table=True):
     available_at: datetime = Field(default_factory=utcnow)
     attempts: int = 0
     last_error: str | None = Field(default=None, max_length=1000)
+
+
+def queue_audience_exit(session: Session, customer_id: str, reason: str, now: datetime) -> None:
+    """On a consent withdrawal, in its transaction: an ``audiences`` outbox entry that takes
+    the customer out of the ad audiences journeys added them to, when any audience message
+    ever went out for them (most customers were never in one)."""
+    in_audiences = session.exec(
+        select(Message.message_id)
+        .where(
+            col(Message.customer_id) == customer_id,
+            col(Message.channel) == "audience",
+            col(Message.status) == "sent",
+        )
+        .limit(1)
+    ).first()
+    if in_audiences is None:
+        return
+    session.add(
+        OutboxEntry(
+            kind="audiences",
+            message_id=f"leave-{uuid.uuid4().hex}",
+            customer_id=customer_id,
+            payload={"reason": reason[:300]},
+            created_at=now,
+            available_at=now,
+        )
+    )
 
 
 class DispatcherLease(SQLModel, table=True):
@@ -1018,6 +1047,21 @@ class Store:
             },
             also,
         )
+
+    def audience_messages(self, customer_id: str) -> list[Message]:
+        """The customer's audience adds and removals that went out, oldest first."""
+        with self.session() as session:
+            return list(
+                session.exec(
+                    select(Message)
+                    .where(
+                        col(Message.customer_id) == customer_id,
+                        col(Message.channel) == "audience",
+                        col(Message.status) == "sent",
+                    )
+                    .order_by(col(Message.sent_at), col(Message.created_at))
+                )
+            )
 
     def devices_reached(self, message_id: str) -> dict[str, str]:
         """The devices a message's provider already accepted, by device key: provider id."""
