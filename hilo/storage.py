@@ -117,6 +117,25 @@ class ConsentChange(SQLModel, table=True):
     changed_at: datetime = Field(default_factory=utcnow)
 
 
+class ProfileChange(SQLModel, table=True):
+    """A change to who a customer is that a source asked for — a merge of two known
+    customers, a new email or phone, a device taken from another customer, a consent grant —
+    with that source, and whether it was applied (``reason`` says why not): the audit behind
+    the trust each source kind has. Applied consent changes are in ``consent_changes``."""
+
+    __tablename__ = "profile_changes"
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(index=True, max_length=200)
+    kind: str = Field(max_length=20)  # merge | email | phone | device | consent
+    applied: bool
+    summary: str = Field(max_length=500)
+    source: str = Field(max_length=100)
+    message_id: str | None = Field(default=None, max_length=200)  # the call that asked
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    changed_at: datetime = Field(default_factory=utcnow)
+
+
 class Device(SQLModel, table=True):
     """A push token or web-push subscription of a customer."""
 
