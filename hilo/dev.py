@@ -11,9 +11,12 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import socket
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import uvicorn
@@ -169,19 +172,46 @@ class _Api(uvicorn.Server):
 
 
 def _print_urls(settings: Settings, server: DevServer) -> None:
+    print(banner(settings, server), flush=True)
+
+
+def banner(settings: Settings, server: DevServer) -> str:
+    """What ``hilo dev`` prints once everything answers: where each part is, the secrets a
+    developer needs (they are development values), and commands that run as printed."""
     ui = server.ui_url
     namespace = settings.temporal_namespace
-    api = f"http://{settings.api_host}:{settings.api_port}"
-    query = quote("HiloJourney = 'abandoned_cart'")
-    print(
+    api = settings.api_url
+    token = settings.admin_token
+    write_key = next(iter(settings.sources), "")
+    query = "HiloJourney = 'abandoned_cart'"
+    namespace_option = f" --namespace {namespace}" if namespace != "default" else ""
+    return (
         "\nHilo is running.\n"
-        f"  Temporal UI      {ui}/namespaces/{namespace}/workflows\n"
-        f"  Temporal server  {server.address} (namespace {namespace})\n"
-        f"  Hilo API         {api}/docs   (admin token: HILO_ADMIN_TOKEN)\n"
+        f"  Temporal UI        {ui}/namespaces/{namespace}/workflows\n"
+        f"  Temporal server    {server.address} (namespace {namespace})\n"
+        f"  Hilo API           {api}/docs\n"
+        f"  Admin token        {token}   (header  Authorization: Bearer {token})\n"
+        f"  Segment write key  {write_key}   (the Basic auth user of /v1 calls)\n"
         "\nTry a journey:\n"
-        "  hilo send-event 'Cart Abandoned' --customer 42 "
+        f"  {_beside_python('hilo')} send-event 'Cart Abandoned' --customer 42 "
         "-p cart_id=c1 -p cart_value=80 -p product_name=Mug\n"
-        f"  then open {ui}/namespaces/{namespace}/workflows?query={query}\n"
-        "\nCtrl-C stops everything.\n",
-        flush=True,
+        f"  then open {ui}/namespaces/{namespace}/workflows?query={quote(query)}\n"
+        "  or ask the API and the Temporal CLI (which needs the server's --address):\n"
+        f"  curl -H 'Authorization: Bearer {token}' {api}/profiles/42/timeline\n"
+        f"  {_beside_python('temporal')} workflow list --address {server.address}"
+        f'{namespace_option} --query "{query}"\n'
+        "\nPorts move with HILO_API_PORT, HILO_TEMPORAL_ADDRESS and HILO_TEMPORAL_UI_PORT, in\n"
+        "the environment or in a .env file where you run hilo (every hilo command reads it).\n"
+        "\nCtrl-C stops everything.\n"
     )
+
+
+def _beside_python(program: str) -> str:
+    """How to run a program installed beside this Python (the virtualenv is rarely on PATH):
+    relative to the current folder when it is inside it, as ``.venv/bin/hilo``."""
+    path = Path(sys.executable).parent / program
+    if not path.exists():
+        return program if shutil.which(program) else f"{sys.executable} -m hilo.cli"
+    with contextlib.suppress(ValueError):
+        return str(path.absolute().relative_to(Path.cwd()))
+    return str(path.absolute())

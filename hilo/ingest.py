@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from hilo.events import CustomerEvent
+from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
 from hilo.storage import (
     ConsentChange,
     Device,
@@ -46,7 +46,7 @@ from hilo.storage import (
 )
 
 # Segment's page and screen calls reach journeys under the names its destinations use.
-EVENT_NAMES = {"page": "Page Viewed", "screen": "Screen Viewed"}
+EVENT_NAMES = {"page": PAGE_VIEWED, "screen": SCREEN_VIEWED}
 # Calls that journeys can trigger on or listen to; identify, group and alias change the
 # profile and are kept on its timeline, but start nothing.
 ROUTED_TYPES = frozenset({"track", "page", "screen"})

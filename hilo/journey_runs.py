@@ -32,6 +32,9 @@ UPDATE_PROFILE = "update_profile"
 NEXT_WINDOW_OPENING = "next_window_opening"
 BEST_SEND_TIME = "best_send_time"
 NOTE = "note"
+LEAVE_AUDIENCES = "leave_audiences"
+# The workflow that takes a customer out of every ad audience after they unsubscribed.
+LEAVE_AUDIENCES_WORKFLOW = "LeaveAudiences"
 
 SIGNAL_EVENT = "event"
 SIGNAL_STOP = "stop"
@@ -178,6 +181,22 @@ class SendResult(BaseModel):
     provider_message_id: str | None = None
     defer_until: datetime | None = None
     rule: str | None = Field(None, description="The contact-policy rule that decided.")
+
+
+class LeaveAudiencesRequest(BaseModel):
+    """Take the customer out of the ad audiences journeys added them to."""
+
+    customer_id: str
+    reason: str
+    # Only the audiences this instance added (a journey's exit); None: every audience.
+    workflow_id: str | None = None
+    run_id: str | None = None
+    scheduled_at: datetime
+
+
+class LeaveAudiencesResult(BaseModel):
+    removed: list[str] = Field(default_factory=list, description="Audiences left, by name.")
+    skipped: list[str] = Field(default_factory=list, description="Why a removal did not go.")
 
 
 class UpdateProfileRequest(BaseModel):

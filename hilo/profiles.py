@@ -37,6 +37,7 @@ from hilo.storage import (
     Profile,
     Store,
     StoredEvent,
+    queue_audience_exit,
     utcnow,
 )
 
@@ -586,6 +587,10 @@ def record_consent(
             .execution_options(populate_existing=True)
         ).first() or Profile(customer_id=customer)
         if topic is None:
+            if not granted and profile.consent.get(channel) is not False:
+                queue_audience_exit(
+                    session, profile.customer_id, f"{channel} consent withdrawn", now
+                )
             profile.consent = {**profile.consent, channel: granted}
         profile.updated_at = now
         session.add(profile)

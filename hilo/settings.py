@@ -21,7 +21,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(ChannelSettings):
-    model_config = SettingsConfigDict(env_prefix="HILO_", env_file=".env", extra="ignore")
+    # An empty variable is no value (compose passes every setting, empty when unset).
+    model_config = SettingsConfigDict(
+        env_prefix="HILO_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     state_dir: Path = Field(Path(".hilo"), description="Where `hilo dev` keeps its files.")
     database_url: str = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -48,13 +49,22 @@ def wait_for_http(
     raise AssertionError(f"{url} did not answer in {timeout}s:\n{log.read_text()}")
 
 
+def three_free_ports() -> tuple[int, int, int]:
+    """Three different free ports (free_port alone may hand out one twice)."""
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    first, second, third = sorted(ports)
+    return first, second, third
+
+
 def stop(process: subprocess.Popen[bytes]) -> int:
     process.send_signal(signal.SIGINT)
     return process.wait(timeout=60)
 
 
 async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
-    temporal_port, ui_port, api_port = free_port(), free_port(), free_port()
+    temporal_port, ui_port, api_port = three_free_ports()
     env = {
         **os.environ,
         "HILO_STATE_DIR": str(tmp_path / "state"),
@@ -147,7 +157,7 @@ PORT_SETTINGS = {
 
 @pytest.mark.parametrize("taken", list(PORT_SETTINGS))
 def test_hilo_dev_refuses_a_port_something_else_holds(tmp_path: Path, taken: str) -> None:
-    ports = {"temporal": free_port(), "ui": free_port(), "api": free_port()}
+    ports = dict(zip(("temporal", "ui", "api"), three_free_ports(), strict=True))
     env = {
         **os.environ,
         "HILO_STATE_DIR": str(tmp_path / "state"),
@@ -176,11 +186,11 @@ def test_hilo_dev_refuses_a_port_something_else_holds(tmp_path: Path, taken: str
 
 
 def test_hilo_dev_refuses_two_of_its_own_services_on_one_port(tmp_path: Path) -> None:
-    port = free_port()
+    port, temporal_port, _ = three_free_ports()
     env = {
         **os.environ,
         "HILO_STATE_DIR": str(tmp_path / "state"),
-        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
         "HILO_TEMPORAL_UI_PORT": str(port),
         "HILO_API_PORT": str(port),
     }
@@ -219,7 +229,7 @@ def test_development_links_follow_the_api_address(monkeypatch: pytest.MonkeyPatc
 def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     """One ``hilo dev`` on ports other than the defaults, for the tests that only look at it."""
     folder = tmp_path_factory.mktemp("dev_stack")
-    temporal_port, ui_port, api_port = free_port(), free_port(), free_port()
+    temporal_port, ui_port, api_port = three_free_ports()
     env = {
         **os.environ,
         "HILO_STATE_DIR": str(folder / "state"),
@@ -236,6 +246,7 @@ def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
         ui=f"http://127.0.0.1:{ui_port}",
         state=folder / "state",
         log=log,
+        env=env,
         process=start_dev(env, log),
     )
     try:
@@ -253,6 +264,7 @@ class DevStack:
     ui: str
     state: Path
     log: Path
+    env: dict[str, str]  # what `hilo dev` ran with, as a .env file would give every command
     process: subprocess.Popen[bytes]
 
 
@@ -282,3 +294,55 @@ def test_links_in_a_dev_stacks_messages_reach_its_api(dev_stack: DevStack) -> No
     assert page.status_code == 200, page.text
     # The page's own form posts back to the same API.
     assert f'action="{unsubscribe}"' in page.text, page.text
+
+
+# ---------------------------------------------------------------- the banner
+
+
+def banner_lines(log: Path) -> list[str]:
+    text = log.read_text()
+    assert "Hilo is running." in text, text
+    return text.split("Hilo is running.", 1)[1].split("Ctrl-C stops everything.", 1)[0].splitlines()
+
+
+def command_after(lines: list[str], program: str) -> list[str]:
+    """The banner's command line that runs ``program``, split as a shell would."""
+    for line in lines:
+        first = line.split(maxsplit=1)[0] if line.strip() else ""
+        if Path(first).name == program:
+            return shlex.split(line)
+    raise AssertionError(f"no {program} command in the banner:\n" + "\n".join(lines))
+
+
+def test_the_banner_gives_commands_that_run_as_printed(dev_stack: DevStack) -> None:
+    lines = banner_lines(dev_stack.log)
+    text = "\n".join(lines)
+    # The admin token itself, and how to send it.
+    assert "a-dev-token-of-this-test" in text
+    assert "Authorization: Bearer a-dev-token-of-this-test" in text
+    assert DEV_WRITE_KEY in text
+    # How to move each port.
+    for setting in ("HILO_API_PORT", "HILO_TEMPORAL_ADDRESS", "HILO_TEMPORAL_UI_PORT", ".env"):
+        assert setting in text, setting
+
+    # Each command runs as printed, from where `hilo dev` was started.
+    hilo = command_after(lines, "hilo")
+    assert Path(hilo[0]).is_file() and os.access(hilo[0], os.X_OK), hilo[0]
+    sent = subprocess.run(hilo, env=dev_stack.env, capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["started"] == ["journey/abandoned_cart/42/c1"]
+
+    curl = command_after(lines, "curl")
+    header = curl[curl.index("-H") + 1]
+    name, value = header.split(": ", 1)
+    answer = httpx.get(curl[-1], headers={name: value}, timeout=10)
+    assert answer.status_code == 200, answer.text
+
+    temporal = command_after(lines, "temporal")
+    assert Path(temporal[0]).is_file(), temporal[0]
+    assert temporal[temporal.index("--address") + 1] == dev_stack.temporal_address
+    listed = subprocess.run(
+        [*temporal, "--output", "json"], capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "journey/abandoned_cart/42/c1" in listed.stdout
