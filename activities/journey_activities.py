@@ -47,6 +47,7 @@ from hilo.journey_runs import (
     UpdateProfileRequest,
     WindowOpening,
     WindowRequest,
+    only_paths,
 )
 from hilo.journeys import WEEKDAYS, TimeWindow
 from hilo.storage import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, Store, utcnow
@@ -113,7 +114,11 @@ class JourneyActivities:
 
     @activity.defn(name=LOAD_PROFILE)
     def load_profile(self, request: ProfileRequest) -> ProfileSnapshot:
-        return _snapshot(self.store.profile_row(request.customer_id), request.customer_id)
+        snapshot = _snapshot(self.store.profile_row(request.customer_id), request.customer_id)
+        if request.paths is None:
+            return snapshot  # an instance started before paths were sent reads all of it
+        kept = only_paths(snapshot.model_dump(mode="json"), request.paths)
+        return ProfileSnapshot.model_validate({**kept, "customer_id": request.customer_id})
 
     @activity.defn(name=UPDATE_PROFILE)
     def update_profile(self, request: UpdateProfileRequest) -> None:

@@ -58,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
         UpdateProfileRequest,
         WindowOpening,
         WindowRequest,
+        profile_paths,
     )
     from hilo.journeys import (
         AnyStep,
@@ -516,7 +517,9 @@ class JourneyWorkflow:
     async def _refresh_profile(self, step_id: str) -> None:
         self.profile = await self._activity(
             LOAD_PROFILE,
-            ProfileRequest(customer_id=self.customer_id),
+            # Only what the conditions read comes back into the history, not the address
+            # book: templates read the profile in the send activity.
+            ProfileRequest(customer_id=self.customer_id, paths=profile_paths(self.definition)),
             summary=self._summary(f"{step_id}: read profile"),
             result_type=ProfileSnapshot,
         )
