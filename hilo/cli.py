@@ -18,6 +18,11 @@ app = typer.Typer(help="Hilo: every channel, one conversation.", no_args_is_help
 journeys_app = typer.Typer(help="Validate, publish and manage journeys.", no_args_is_help=True)
 app.add_typer(journeys_app, name="journeys")
 app.add_typer(policy_app, name="policy")
+events_app = typer.Typer(
+    help="Deliveries that failed for good (dead letters): list, retry, drop.",
+    no_args_is_help=True,
+)
+app.add_typer(events_app, name="events")
 
 
 def _settings() -> Settings:
@@ -252,6 +257,63 @@ def send_event(
         typer.secho(f"could not reach Hilo at {url}: {error}", fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(result, indent=2))
+
+
+@events_app.command("dead-letters")
+def events_dead_letters(
+    dropped: Annotated[
+        bool, typer.Option("--dropped", help="Also those dropped (the record).")
+    ] = False,
+) -> None:
+    """Deliveries parked because they failed for good, oldest first, with why."""
+    letters = _store(_settings()).dead_letters(dropped=dropped)
+    waiting = sum(1 for letter in letters if letter.dropped_at is None)
+    counted = f"{waiting} dead letter(s)"
+    typer.echo(counted + (f", {len(letters) - waiting} dropped" if dropped else ""))
+    for letter in letters:
+        assert letter.parked_at is not None
+        state = "dropped" if letter.dropped_at is not None else "parked"
+        typer.echo(
+            f"{letter.message_id}  {letter.kind:<9} customer {letter.customer_id}  {state} "
+            f"{letter.parked_at:%Y-%m-%d %H:%M:%S} after {letter.attempts} attempt(s)\n"
+            f"    {letter.last_error}"
+        )
+
+
+def _settle(message_id: str, action: str) -> None:
+    store = _store(_settings())
+    letter = (
+        store.retry_dead_letter(message_id)
+        if action == "retry"
+        else store.drop_dead_letter(message_id)
+    )
+    if letter is None:
+        typer.secho(
+            f"no dead letter '{message_id}'; `hilo events dead-letters` lists them",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if action == "retry":
+        typer.echo(f"{message_id}: back in customer {letter.customer_id}'s queue")
+    else:
+        typer.echo(f"{message_id}: dropped; `hilo events dead-letters --dropped` keeps it listed")
+
+
+@events_app.command("retry")
+def events_retry(
+    message_id: Annotated[str, typer.Argument(help="The entry's message id, as listed.")],
+) -> None:
+    """Put a dead letter back in its customer's queue (after fixing what made it fail)."""
+    _settle(message_id, "retry")
+
+
+@events_app.command("drop")
+def events_drop(
+    message_id: Annotated[str, typer.Argument(help="The entry's message id, as listed.")],
+) -> None:
+    """Give up on a dead letter; it is kept, marked dropped, as the record."""
+    _settle(message_id, "drop")
 
 
 def _journey_to_simulate(journey: str) -> JourneyDefinition:

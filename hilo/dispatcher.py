@@ -7,6 +7,18 @@ outage. An entry leaves the outbox only after its delivery succeeded; a crash be
 two delivers it again, which the router and the workflow both recognise (an entry made
 from this event is not made twice; a workflow ignores an event id it has seen).
 
+An entry that cannot be delivered, however often it is tried, is parked as a dead letter
+with its reason (``hilo events dead-letters``, ``retry``, ``drop``) and the customer's queue
+goes on without it. Failures are sorted as an outage or a refusal:
+
+    transient   Temporal unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
+                ABORTED, a failed connect), the network, the database: retried with backoff,
+                never parked, so that order holds through an outage of any length
+    permanent   Temporal refused the request (INVALID_ARGUMENT), or the entry does not make a
+                valid request (a ValueError: our own validation, pydantic's, a definition that
+                no longer parses; a TypeError or KeyError on a malformed entry): parked at once
+    anything    else: parked after ``max_attempts`` tries
+
 One process dispatches at a time, holding a lease in the database; others stand by.
 """
 
@@ -25,6 +37,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import OperationalError
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -45,6 +58,34 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LEASE = "dispatcher"
 LEASE_RENEWAL = 1.0  # seconds; far inside the lease's time to live
+_OUTAGE = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.CANCELLED,
+    }
+)
+
+
+def parking_reason(error: Exception, attempts: int, max_attempts: int) -> str | None:
+    """Why an entry that failed with ``error`` on try number ``attempts`` is parked, or None
+    when it is to be tried again (see the module's docstring)."""
+    if isinstance(error, RPCError):
+        if error.status in _OUTAGE:
+            return None
+        if error.status == RPCStatusCode.INVALID_ARGUMENT:
+            return f"Temporal refused it (INVALID_ARGUMENT): {error.message}"
+    elif isinstance(error, OSError | TimeoutError | OperationalError):
+        return None
+    elif isinstance(error, RuntimeError) and str(error).startswith("Failed client connect"):
+        return None  # the SDK's own words when the server cannot be reached
+    elif isinstance(error, ValueError | TypeError | KeyError):
+        return f"not a valid delivery ({type(error).__name__}): {error}"
+    if attempts >= max_attempts:
+        return f"failed {attempts} times; the last: {error!r}"
+    return None
 
 
 class Dispatcher:
@@ -58,6 +99,7 @@ class Dispatcher:
         idle_poll: float = 1.0,
         lease_ttl: timedelta = timedelta(seconds=15),
         max_backoff: float = 5.0,
+        max_attempts: int = 25,
     ) -> None:
         self.store = store
         self.router = router
@@ -66,6 +108,8 @@ class Dispatcher:
         self.idle_poll = idle_poll
         self.lease_ttl = lease_ttl
         self.max_backoff = max_backoff
+        self.max_attempts = max_attempts
+        self.parked = 0  # dead letters this process made
         self._renewal = min(LEASE_RENEWAL, lease_ttl.total_seconds() / 3)
         self._writer = writer_lock(store)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -189,6 +233,10 @@ class Dispatcher:
                         try:
                             result = await self._deliver(entry)
                         except Exception as error:
+                            reason = parking_reason(error, entry.attempts + 1, self.max_attempts)
+                            if reason is not None:
+                                await self._park(entry, reason)
+                                continue  # never deliverable: the customer's queue goes on
                             failed = True
                             await self._retry(entry, error)
                             return  # the customer's later entries wait behind this one
@@ -266,6 +314,18 @@ class Dispatcher:
         )
         due = utcnow() + timedelta(seconds=backoff)
         await self._write(self.store.outbox_retry, entry, repr(error), due)
+
+    async def _park(self, entry: Row[Any], reason: str) -> None:
+        self.parked += 1
+        log.error(
+            "delivery of %s for customer %s parked as a dead letter after %d attempt(s): %s "
+            "(`hilo events dead-letters` lists them)",
+            entry.message_id,
+            entry.customer_id,
+            entry.attempts + 1,
+            reason,
+        )
+        await self._write(self.store.outbox_park, entry, reason)
 
     # ------------------------------------------------------------ waiting for a delivery
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hilo.ids import customer_id_problem
+
 
 class CustomerEvent(BaseModel):
     """One event of one customer (``Cart Abandoned``, ``Order Completed`` ...)."""
@@ -31,6 +33,14 @@ class CustomerEvent(BaseModel):
     def _not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be blank")
+        return value
+
+    @field_validator("customer_id")
+    @classmethod
+    def _fits_a_workflow_id(cls, value: str) -> str:
+        problem = customer_id_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("timestamp")

@@ -3,8 +3,9 @@
 * :func:`profile_view`: traits, identities, consent with its history, devices. An anonymous
   id merged into a known customer (or only ever linked to one) leads to that customer.
 * :func:`timeline`: events, journey entries and exits, messages, consent changes, the
-  identity changes sources asked for (applied or not, and why) and the contact policy's
-  decisions, newest first, across the ids merged into the customer.
+  identity changes sources asked for (applied or not, and why), the contact policy's
+  decisions and the deliveries parked as dead letters, newest first, across the ids merged
+  into the customer.
 * :func:`record_consent`: one consent statement from any source (a preference centre, a
   support agent, an import), kept with its source and time; a push token or a web-push
   subscription given with it becomes one of the customer's devices.
@@ -35,6 +36,7 @@ from hilo.storage import (
     JourneyInstance,
     JourneyNote,
     Message,
+    OutboxEntry,
     Profile,
     ProfileChange,
     Store,
@@ -77,6 +79,7 @@ TimelineKind = Literal[
     "consent",
     "profile_change",
     "policy_decision",
+    "dead_letter",
 ]
 
 
@@ -300,6 +303,7 @@ def timeline(
             *_consent_changes(session, ids, limit, until),
             *_profile_changes(session, ids, limit, until),
             *_policy_decisions(session, ids, limit, until),
+            *_dead_letters(session, ids, limit, until),
         ]
     entries.sort(key=lambda entry: entry.at, reverse=True)
     return entries[:limit]
@@ -513,6 +517,41 @@ def _profile_changes(
         )
         for row in rows
     ]
+
+
+def _dead_letters(
+    session: Session, ids: Sequence[str], limit: int, before: datetime | None
+) -> list[TimelineEntry]:
+    query = (
+        select(OutboxEntry, StoredEvent.name)
+        .join(StoredEvent, col(StoredEvent.message_id) == col(OutboxEntry.message_id), isouter=True)
+        .where(col(OutboxEntry.customer_id).in_(ids), col(OutboxEntry.parked_at).is_not(None))
+    )
+    if before is not None:
+        query = query.where(col(OutboxEntry.parked_at) < before)
+    rows = session.exec(query.order_by(col(OutboxEntry.parked_at).desc()).limit(limit))
+    entries = []
+    for row, name in rows:
+        assert row.parked_at is not None
+        what = name if row.kind == "event" and name else row.kind
+        summary = f"{what} not delivered: {row.last_error}"
+        if row.dropped_at is not None:
+            summary += " (dropped)"
+        entries.append(
+            TimelineEntry(
+                kind="dead_letter",
+                at=_utc(row.parked_at),
+                summary=summary,
+                data={
+                    "message_id": row.message_id,
+                    "kind": row.kind,
+                    "reason": row.last_error,
+                    "attempts": row.attempts,
+                    "dropped_at": _iso(row.dropped_at),
+                },
+            )
+        )
+    return entries
 
 
 _DECISIONS_SQL = """

@@ -21,7 +21,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from hilo.conditions import key_text, lookup
 from hilo.events import CustomerEvent
-from hilo.ids import journey_workflow_id
+from hilo.ids import bounded_instance_key, journey_workflow_id
 from hilo.journey_runs import SIGNAL_EVENT, JourneyInput, workflow_event
 from hilo.journeys import JourneyDefinition, PublishedJourney
 from hilo.storage import Journey, JourneyVersion, Store
@@ -173,7 +173,8 @@ class EventRouter:
                     f"event has no {definition.trigger.key}, the journey's instance key"
                 )
                 return
-            instance_key = key_text(value)
+            # The key as the workflow id and the instance table hold it (long ones hashed).
+            instance_key = bounded_instance_key(key_text(value))
         workflow_id = journey_workflow_id(journey.key, event.customer_id, instance_key)
         previous = await asyncio.to_thread(self.store.get_instance, workflow_id)
         entry = definition.entry

@@ -38,6 +38,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.alias_generators import to_camel
 
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED
+from hilo.ids import customer_id_problem
 
 __all__ = [
     "CALL_TYPES",
@@ -778,6 +779,8 @@ def _call(
     ):
         errors += _integration_errors(integrations, _key_path(path, "integrations"))
     errors += _required_errors(call_type, data, path, bad_fields)
+    if fields is not None:
+        errors += _id_errors(fields, path)
 
     timestamp: datetime | None = None
     if fields is not None:
@@ -981,6 +984,25 @@ def _required_errors(
         require("event", 'is required for track: what the customer did, e.g. "Order Completed"')
     if call_type == "group":
         require("groupId", "is required for group: the id of the account joined")
+    return errors
+
+
+_CUSTOMER_IDS = (
+    ("user_id", "userId"),
+    ("anonymous_id", "anonymousId"),
+    ("previous_id", "previousId"),
+)
+
+
+def _id_errors(fields: dict[str, Any], path: str) -> list[FieldError]:
+    """Ids a customer is keyed by must fit in a journey's workflow id: refused here, or the
+    call's events could never reach Temporal."""
+    errors = []
+    for name, key in _CUSTOMER_IDS:
+        value = fields.get(name)
+        problem = customer_id_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            errors.append(FieldError(field=_key_path(path, key), message=problem))
     return errors
 
 

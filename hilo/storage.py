@@ -172,6 +172,10 @@ class OutboxEntry(SQLModel, table=True):
     available_at: datetime = Field(default_factory=utcnow)
     attempts: int = 0
     last_error: str | None = Field(default=None, max_length=1000)
+    # A dead letter: delivery failed for good (``last_error`` says why) and the customer's
+    # later entries went on without it, until ``hilo events retry`` or ``drop``.
+    parked_at: datetime | None = None
+    dropped_at: datetime | None = None  # kept as the record of what was never delivered
 
 
 def queue_audience_exit(session: Session, customer_id: str, reason: str, now: datetime) -> None:
@@ -756,6 +760,7 @@ class Store:
                 events.c.timestamp.label("event_timestamp"),
                 events.c.source.label("event_source"),
             )
+            .where(entries.c.parked_at.is_(None))
             .order_by(entries.c.id)
             .limit(limit)
         )
@@ -792,9 +797,61 @@ class Store:
                 )
             )
 
+    def outbox_park(self, entry: Any, reason: str) -> None:
+        """Delivery of ``entry`` failed for good: set it aside with ``reason``; the
+        customer's later entries no longer wait for it."""
+        outbox = OutboxEntry.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(outbox)
+                .where(outbox.c.id == entry.id)
+                .values(
+                    attempts=outbox.c.attempts + 1, last_error=reason[:1000], parked_at=utcnow()
+                )
+            )
+
     def outbox_size(self) -> int:
+        """Entries waiting for delivery (dead letters are not waiting)."""
         with self.session() as session:
-            return int(session.exec(select(func.count()).select_from(OutboxEntry)).one())
+            statement = select(func.count()).where(col(OutboxEntry.parked_at).is_(None))
+            return int(session.exec(statement.select_from(OutboxEntry)).one())
+
+    def dead_letters(self, dropped: bool = False) -> list[OutboxEntry]:
+        """Parked entries, oldest first; with ``dropped``, those discarded too."""
+        statement = select(OutboxEntry).where(col(OutboxEntry.parked_at).is_not(None))
+        if not dropped:
+            statement = statement.where(col(OutboxEntry.dropped_at).is_(None))
+        with self.session() as session:
+            return list(session.exec(statement.order_by(col(OutboxEntry.id))))
+
+    def retry_dead_letter(self, message_id: str) -> OutboxEntry | None:
+        """Put a parked entry back in its customer's queue, due now, attempts counted from
+        zero; None when no entry of ``message_id`` is parked."""
+        return self._settle_dead_letter(
+            message_id, parked_at=None, available_at=utcnow(), attempts=0
+        )
+
+    def drop_dead_letter(self, message_id: str) -> OutboxEntry | None:
+        """Give up on a parked entry: it stays, marked dropped, as the record."""
+        return self._settle_dead_letter(message_id, dropped_at=utcnow())
+
+    def _settle_dead_letter(self, message_id: str, **values: Any) -> OutboxEntry | None:
+        with self.session() as session:
+            entry = session.exec(
+                select(OutboxEntry).where(
+                    col(OutboxEntry.message_id) == message_id,
+                    col(OutboxEntry.parked_at).is_not(None),
+                    col(OutboxEntry.dropped_at).is_(None),
+                )
+            ).first()
+            if entry is None:
+                return None
+            for name, value in values.items():
+                setattr(entry, name, value)
+            session.add(entry)
+            session.commit()
+            session.refresh(entry)
+            return entry
 
     def hold_lease(self, name: str, owner: str, ttl: timedelta) -> bool:
         """Take or renew the lease ``name`` for ``owner``; False while another holds it."""
