@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
@@ -21,7 +22,6 @@ from temporalio.exceptions import ApplicationError
 from activities.providers import CaptureProvider
 from hilo import promotions, templates
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
-from hilo.channels.config import DEV_LINK_SECRET
 from hilo.channels.links import LinkSigner, rewrite_links
 from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS
 from hilo.contact_policy import ContactPolicyService, SendIntent
@@ -71,8 +71,9 @@ class JourneyActivities:
         self.store = store
         self.signed_webhooks_only = signed_webhooks_only
         self.policy = ContactPolicyService(store)
-        # Without settings (simulations, tests) links are signed with the development secret.
-        self.links = links or LinkSigner(DEV_LINK_SECRET, "http://127.0.0.1:8000")
+        # Without settings (simulations, tests) links are signed with a secret of this process
+        # alone: nobody outside it can make or check them.
+        self.links = links or LinkSigner(secrets.token_urlsafe(32), "http://127.0.0.1:8000")
         capture = CaptureProvider(store)
         self.providers: dict[str, ChannelProvider] = providers or {}
         self.fallback: ChannelProvider = capture

@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hilo.channels.config import DEV_LINK_SECRET
+from hilo.channels.links import LinkRejected, LinkSigner
 from hilo.client import HiloClient
 from hilo.devserver import free_port
 from hilo.settings import DEV_WRITE_KEY, Settings
@@ -112,6 +114,7 @@ async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
         handle = client.get_workflow_handle("journey/abandoned_cart/42/c1")
         assert (await handle.describe()).status.name == "RUNNING"
 
+        link_secret = (tmp_path / "state" / "link-secret").read_text()
         assert stop(process) == 0
         assert "Stopped." in log.read_text()
         async with httpx.AsyncClient() as probe:
@@ -121,6 +124,8 @@ async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
         process = start_dev(env, log)
         wait_for_http(f"{api}/health", process, log)
         assert "journey abandoned_cart v1 (unchanged)" in log.read_text()
+        # Links sent before the restart still work after it.
+        assert (tmp_path / "state" / "link-secret").read_text() == link_secret
         client = await connect(Settings(temporal_address=f"127.0.0.1:{temporal_port}"))
         description = await client.get_workflow_handle("journey/abandoned_cart/42/c1").describe()
         assert description.status.name == "RUNNING"  # still waiting for its 45-minute timer
@@ -292,6 +297,9 @@ def test_links_in_a_dev_stacks_messages_reach_its_api(dev_stack: DevStack) -> No
     assert unsubscribe.startswith(f"{api}/l/u/"), unsubscribe
     page = httpx.get(unsubscribe, timeout=10)
     assert page.status_code == 200, page.text
+    # Signed with the state folder's own secret, not a constant anyone can read in the source.
+    with pytest.raises(LinkRejected):
+        LinkSigner(DEV_LINK_SECRET, api).verify(unsubscribe.rsplit("/", 1)[1], "unsubscribe")
     # The page's own form posts back to the same API.
     assert f'action="{unsubscribe}"' in page.text, page.text
 
