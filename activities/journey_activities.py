@@ -23,11 +23,12 @@ from activities.providers import CaptureProvider
 from hilo import promotions, templates
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
 from hilo.channels.links import LinkSigner, rewrite_links
-from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS
-from hilo.contact_policy import ContactPolicyService, SendIntent
+from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS, PREFERENCES_TRAIT
+from hilo.contact_policy import ContactPolicyService, SendIntent, left_topic
 from hilo.journey_runs import (
     BEST_SEND_TIME,
     FINISH,
+    LEAVE_AUDIENCES,
     LOAD_PROFILE,
     NEXT_WINDOW_OPENING,
     NOTE,
@@ -36,6 +37,8 @@ from hilo.journey_runs import (
     BestTimeAnswer,
     BestTimeRequest,
     FinishRequest,
+    LeaveAudiencesRequest,
+    LeaveAudiencesResult,
     NoteRequest,
     ProfileRequest,
     ProfileSnapshot,
@@ -44,6 +47,7 @@ from hilo.journey_runs import (
     UpdateProfileRequest,
     WindowOpening,
     WindowRequest,
+    only_paths,
 )
 from hilo.journeys import WEEKDAYS, TimeWindow
 from hilo.storage import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, Store, utcnow
@@ -88,6 +92,7 @@ class JourneyActivities:
             self.next_window_opening,
             self.best_send_time,
             self.note,
+            self.leave_audiences,
         ]
 
     @activity.defn(name=FINISH)
@@ -110,11 +115,17 @@ class JourneyActivities:
 
     @activity.defn(name=LOAD_PROFILE)
     def load_profile(self, request: ProfileRequest) -> ProfileSnapshot:
-        return _snapshot(self.store.profile_row(request.customer_id), request.customer_id)
+        snapshot = _snapshot(self.store.profile_row(request.customer_id), request.customer_id)
+        if request.paths is None:
+            return snapshot  # an instance started before paths were sent reads all of it
+        kept = only_paths(snapshot.model_dump(mode="json"), request.paths)
+        return ProfileSnapshot.model_validate({**kept, "customer_id": request.customer_id})
 
     @activity.defn(name=UPDATE_PROFILE)
     def update_profile(self, request: UpdateProfileRequest) -> None:
-        self.store.upsert_profile(request.customer_id, traits=request.set, unset=request.unset)
+        self.store.upsert_profile(
+            request.customer_id, traits=request.set, unset=request.unset, paths=True
+        )
 
     @activity.defn(name=NEXT_WINDOW_OPENING)
     def next_window_opening(self, request: WindowRequest) -> WindowOpening:
@@ -138,6 +149,55 @@ class JourneyActivities:
             message_id=request.key,
         )
         return BestTimeAnswer(at=best.at, reason=best.reason, timezone=best.timezone)
+
+    @activity.defn(name=LEAVE_AUDIENCES)
+    def leave_audiences(self, request: LeaveAudiencesRequest) -> LeaveAudiencesResult:
+        """Remove the customer from each audience a journey added them to and nothing removed
+        them from since; with ``workflow_id``, only the audiences that instance added.
+
+        Each removal is a ledger message whose id follows from the add's, sent like any other
+        send: a retry returns the stored result instead of calling the platform again.
+        """
+        customer = self.store.resolve_customer(request.customer_id)
+        last: dict[str, Message] = {}
+        for message in self.store.audience_messages(customer):
+            last[message.content.get("audience", "")] = message
+        result = LeaveAudiencesResult()
+        for audience, added in last.items():
+            if added.content.get("action", "add") != "add":
+                continue
+            if request.workflow_id is not None and (added.workflow_id, added.run_id) != (
+                request.workflow_id,
+                request.run_id,
+            ):
+                continue
+            removal = SendRequest(
+                message_id="msg_"
+                + hashlib.sha256(f"{added.message_id}|leave".encode()).hexdigest()[:40],
+                workflow_id=added.workflow_id,
+                run_id=added.run_id,
+                journey_key=added.journey_key,
+                journey_version=added.journey_version,
+                customer_id=customer,
+                step_id=added.step_id,
+                iteration=added.iteration,
+                channel="audience",
+                template=added.template,
+                category="marketing",
+                content={
+                    "audience": audience,
+                    "action": "remove",
+                    "match": added.content.get("match", ""),
+                },
+                trigger={},
+                scheduled_at=request.scheduled_at,
+            )
+            sent = self.send_message(removal)
+            if sent.status == "sent":
+                result.removed.append(audience)
+            else:
+                result.skipped.append(f"{audience}: {sent.reason}")
+        return result
 
     @activity.defn(name=SEND_MESSAGE)
     def send_message(self, request: SendRequest) -> SendResult:
@@ -168,7 +228,21 @@ class JourneyActivities:
                 f"{request.step_id}: {reason}", type="WebhookNotSigned", non_retryable=True
             )
         recipient = _recipient(request.channel, profile, devices)
-        skip = self._skip_reason(request, profile, recipient)
+        matched: dict[str, Any] = {}
+        skip = None
+        if request.channel == "audience" and request.content.get("action", "add") == "add":
+            # Only the addresses the customer may be marketed on go to an ad platform.
+            matched, unusable = self._audience_identifiers(profile)
+            recipient = str(matched.get("email") or matched.get("phone") or "") or None
+            if not matched and unusable:
+                skip = f"nothing to match the audience with: {unusable}"
+            elif request.topic and left_topic(profile.traits.get(PREFERENCES_TRAIT), request.topic):
+                skip = f"left topic: {request.topic}"  # as the contact policy says it
+        elif request.channel == "audience" and request.content.get("match"):
+            # Leaving: by the identifiers the add used, so the platform finds the same member.
+            names = request.content["match"].split(",")
+            matched = {name: profile.traits[name] for name in names if profile.traits.get(name)}
+        skip = skip or self._skip_reason(request, profile, recipient)
         if skip is None and stored is None and _mentions_promotions(request.content):
             # An offer that expired since publish is not sent, whatever the policy says.
             skip = promotions.send_blockers(
@@ -204,14 +278,20 @@ class JourneyActivities:
             return _result(
                 self.store.record_message(Message(**self._ledger_row(request, provider, skip)))
             )
-        unsubscribe_url = self.links.unsubscribe_url(
-            request.message_id, profile.customer_id, request.channel
+        links = self.links.message_links(
+            request.message_id,
+            profile.customer_id,
+            request.channel,
+            templates=request.content.values(),
         )
+        unsubscribe_url = links["unsubscribe_url"]
         content = (
             stored.content
             if stored is not None
-            else self._render(request, profile, unsubscribe_url, _trigger_context(request, trigger))
+            else self._render(request, profile, links, _trigger_context(request, trigger))
         )
+        if stored is None and request.channel == "audience" and matched:
+            content = {**content, "match": ",".join(sorted(matched))}
         # The ledger keeps the message as rendered; providers get it in their shape.
         outgoing = self.store.queue_message(
             self._ledger_row(request, provider, None, content=content, recipient=recipient)
@@ -235,7 +315,11 @@ class JourneyActivities:
             category=request.category,
             recipient=recipient,
             content=outgoing,
-            profile=profile.traits,
+            profile=(
+                {**_without_addresses(profile.traits), **matched}
+                if request.channel == "audience" and matched
+                else profile.traits
+            ),
             unsubscribe_url=unsubscribe_url if request.category == "marketing" else None,
         )
         try:
@@ -327,11 +411,11 @@ class JourneyActivities:
         self,
         request: SendRequest,
         profile: ProfileSnapshot,
-        unsubscribe_url: str,
+        links: dict[str, str],
         trigger: dict[str, Any],
     ) -> dict[str, str]:
         context = {
-            "unsubscribe_url": unsubscribe_url,
+            **links,
             "profile": profile.as_context(),
             "customer": profile.traits,
             "trigger": trigger,
@@ -397,6 +481,37 @@ class JourneyActivities:
             "clicked_at": None,
             "updated_at": now,
         }
+
+    def _audience_identifiers(self, profile: ProfileSnapshot) -> tuple[dict[str, Any], str]:
+        """The email and phone an audience may match the customer by, and why others may not.
+
+        Email needs email consent (soft opt-in: not withdrawn), a phone SMS or WhatsApp
+        consent; a suppressed address is never uploaded.
+        """
+        usable: dict[str, Any] = {}
+        unusable: list[str] = []
+        for trait, channels in (("email", ("email",)), ("phone", ("sms", "whatsapp"))):
+            value = profile.traits.get(trait)
+            if not value:
+                continue
+            consented = [
+                channel
+                for channel in channels
+                if profile.consent.get(channel, CONSENT_DEFAULTS[channel]) is True
+            ]
+            if not consented:
+                unusable.append(f"no {' or '.join(channels)} consent for its {trait}")
+                continue
+            suppressed = [
+                row
+                for channel in consented
+                for row in self.policy.suppressions(channel, str(value), limit=1)
+            ]
+            if suppressed:
+                unusable.append(f"{trait} suppressed ({suppressed[0].reason})")
+                continue
+            usable[trait] = value
+        return usable, "; ".join(unusable)
 
     def _skip_reason(
         self, request: SendRequest, profile: ProfileSnapshot, recipient: str | None
@@ -485,6 +600,10 @@ def _recipient(channel: str, profile: ProfileSnapshot, devices: list[DeviceRow])
         value = profile.traits.get("email") or profile.traits.get("phone")
         return str(value) if value else None
     return None
+
+
+def _without_addresses(traits: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in traits.items() if name not in ("email", "phone")}
 
 
 def _device_recipient(channel: str, device: DeviceRow) -> str:

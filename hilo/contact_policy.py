@@ -130,6 +130,7 @@ __all__ = [
     "SendIntent",
     "SendTimeChoice",
     "Suppression",
+    "left_topic",
     "parse_policy",
 ]
 
@@ -688,7 +689,7 @@ def _moment_or_none(value: Any) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _left_topic(preferences: Any, topic: str) -> bool:
+def left_topic(preferences: Any, topic: str) -> bool:
     """True when the customer's saved choices leave ``topic`` out.
 
     Never saved (no ``topics`` list): every topic, as the preference page shows it. Saved:
@@ -1826,7 +1827,7 @@ class ContactPolicyService:
                 "skip", f"suppressed: {address} on {channel} ({suppressed})", "suppressions"
             )
         topic = intent.topic
-        if topic is not None and category != TRANSACTIONAL and _left_topic(preferences, topic):
+        if topic is not None and category != TRANSACTIONAL and left_topic(preferences, topic):
             return _Verdict("skip", f"left topic: {topic}", "preferences.topics")
         if channel == PREFERENCE_CHANNEL and category != TRANSACTIONAL:
             chosen = self._customer_choice(cursor, intent, now, zone, preferences)

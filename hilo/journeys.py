@@ -179,7 +179,17 @@ class SendStep(StepBase):
     title: str | None = Field(None, description="Push and web push title (Liquid).")
     body: str | None = Field(None, description="Message body (Liquid).")
     audience: str | None = Field(None, description="Ad audience name (channel audience).")
-    url: str | None = Field(None, description="Webhook URL (channel webhook).")
+    action: Literal["add", "remove"] | None = Field(
+        None,
+        description="Channel audience: add the customer (default; needs their consent and an "
+        "address not suppressed) or remove them. A journey that exits removes the customer from "
+        "the audiences it added them to.",
+    )
+    url: str | None = Field(
+        None,
+        description="Channel webhook: where the step posts, signed. Push and web push: the "
+        "page the notification opens.",
+    )
     on_failure: Literal["continue", "exit"] = "continue"
     on_skip: Literal["continue", "exit"] = Field(
         "continue",
@@ -204,6 +214,18 @@ class SendStep(StepBase):
             "audience": ("audience",),
         }[self.channel]
         missing = [name for name in required if not getattr(self, name)]
+        if self.action is not None and self.channel != "audience":
+            raise PydanticCustomError(
+                "send_field_invalid",
+                "'action' (add or remove) applies to audience sends only; remove it",
+                {"field": "action"},
+            )
+        if self.topic is not None and self.channel == "webhook":
+            raise PydanticCustomError(
+                "send_field_invalid",
+                "a webhook does not reach the customer, so no topic choice applies; remove 'topic'",
+                {"field": "topic"},
+            )
         if self.topic is not None and self.category == "transactional":
             raise PydanticCustomError(
                 "send_field_invalid",
@@ -228,7 +250,13 @@ class SendStep(StepBase):
     def content(self) -> dict[str, str]:
         """The Liquid sources this step renders, by field."""
         fields = ("subject", "title", "body", "audience", "url")
-        return {name: value for name in fields if (value := getattr(self, name))}
+        content = {name: value for name in fields if (value := getattr(self, name))}
+        if self.channel == "audience":
+            content["action"] = self.action or "add"
+        return content
+
+    def adds_to_audience(self) -> bool:
+        return self.channel == "audience" and self.action != "remove"
 
 
 class TimeWindow(_Strict):
@@ -337,8 +365,14 @@ class SplitStep(StepBase):
 
 class UpdateProfileStep(StepBase):
     type: Literal["update_profile"]
-    set: dict[str, Any] = Field(default_factory=dict, description="Traits to set.")
-    unset: list[str] = Field(default_factory=list, description="Traits to remove.")
+    set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Traits to set; a dotted name sets one field of an object trait and keeps "
+        "its others (preferences.frequency: monthly).",
+    )
+    unset: list[str] = Field(
+        default_factory=list, description="Traits to remove (dotted names as in 'set')."
+    )
 
     @model_validator(mode="after")
     def _something(self) -> UpdateProfileStep:

@@ -2,8 +2,9 @@
 
 * :func:`profile_view`: traits, identities, consent with its history, devices. An anonymous
   id merged into a known customer (or only ever linked to one) leads to that customer.
-* :func:`timeline`: events, journey entries and exits, messages, consent changes and the
-  contact policy's decisions, newest first, across the ids merged into the customer.
+* :func:`timeline`: events, journey entries and exits, messages, consent changes, the
+  identity changes sources asked for (applied or not, and why) and the contact policy's
+  decisions, newest first, across the ids merged into the customer.
 * :func:`record_consent`: one consent statement from any source (a preference centre, a
   support agent, an import), kept with its source and time; a push token or a web-push
   subscription given with it becomes one of the customer's devices.
@@ -35,8 +36,10 @@ from hilo.storage import (
     JourneyNote,
     Message,
     Profile,
+    ProfileChange,
     Store,
     StoredEvent,
+    queue_audience_exit,
     utcnow,
 )
 
@@ -72,6 +75,7 @@ TimelineKind = Literal[
     "journey_note",
     "message",
     "consent",
+    "profile_change",
     "policy_decision",
 ]
 
@@ -135,7 +139,9 @@ class TimelineEntry(BaseModel):
     summary: str = Field(examples=["Cart Abandoned"])
     data: dict[str, Any] = Field(default_factory=dict)
     source: str | None = Field(
-        None, description="The source of an event or consent change; None for Hilo's own."
+        None,
+        description="The source of an event, consent change or profile change; None for "
+        "Hilo's own.",
     )
 
 
@@ -292,6 +298,7 @@ def timeline(
             *_journey_notes(session, ids, limit, until),
             *_messages(session, ids, limit, until),
             *_consent_changes(session, ids, limit, until),
+            *_profile_changes(session, ids, limit, until),
             *_policy_decisions(session, ids, limit, until),
         ]
     entries.sort(key=lambda entry: entry.at, reverse=True)
@@ -484,6 +491,30 @@ def _consent_changes(
     return entries
 
 
+def _profile_changes(
+    session: Session, ids: Sequence[str], limit: int, before: datetime | None
+) -> list[TimelineEntry]:
+    query = select(ProfileChange).where(col(ProfileChange.customer_id).in_(ids))
+    if before is not None:
+        query = query.where(col(ProfileChange.changed_at) < before)
+    rows = session.exec(query.order_by(col(ProfileChange.changed_at).desc()).limit(limit))
+    return [
+        TimelineEntry(
+            kind="profile_change",
+            at=_utc(row.changed_at),
+            summary=row.summary,
+            data={
+                **row.data,
+                "change": row.kind,
+                "applied": row.applied,
+                "message_id": row.message_id,
+            },
+            source=row.source,
+        )
+        for row in rows
+    ]
+
+
 _DECISIONS_SQL = """
     SELECT message_id, journey_key, channel, category, decision, reason, rule, defer_until,
            policy_version, decided_at
@@ -586,6 +617,10 @@ def record_consent(
             .execution_options(populate_existing=True)
         ).first() or Profile(customer_id=customer)
         if topic is None:
+            if not granted and profile.consent.get(channel) is not False:
+                queue_audience_exit(
+                    session, profile.customer_id, f"{channel} consent withdrawn", now
+                )
             profile.consent = {**profile.consent, channel: granted}
         profile.updated_at = now
         session.add(profile)

@@ -8,9 +8,9 @@ worker read the same values the same way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from hilo.channels.config import ChannelSettings
@@ -25,6 +25,24 @@ ADMIN_TOKEN_RULE = (
     "different ones, for example from python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 )
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class WriteKeySource(BaseModel):
+    """The source a write key stands for. A client source's key ships in a page or an app,
+    so anyone may send with it; a server source's key is a secret of the brand's backend."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, examples=["web"])
+    kind: Literal["client", "server"] = "client"
+
+
+def _named_source(value: object) -> object:
+    # The first form named the source only: it gets the kind that can do least.
+    return {"name": value} if isinstance(value, str) else value
+
+
+DEV_SOURCE = WriteKeySource(name="development", kind="server")
 
 
 class Settings(ChannelSettings):
@@ -50,10 +68,12 @@ class Settings(ChannelSettings):
         description="Run the journey interpreter in Temporal's workflow sandbox: a guard for "
         "changes to the interpreter itself, at about a quarter of the worker's CPU.",
     )
-    write_keys: dict[str, str] = Field(
+    write_keys: dict[str, Annotated[WriteKeySource, BeforeValidator(_named_source)]] = Field(
         default_factory=dict,
-        description="Segment write key -> source name, as JSON: "
-        '{"k3y": "web", "an0ther": "ios"}. Development adds dev-write-key -> development.',
+        description="Segment write key -> source, as JSON: "
+        '{"k3y": {"name": "web", "kind": "client"}, "s3cret": {"name": "shop", "kind": '
+        '"server"}}; a bare name ({"k3y": "web"}) is a client source. Development adds '
+        "dev-write-key -> development, a server source.",
     )
     dispatcher: bool = Field(
         True, description="Run the outbox dispatcher in the API process (one holds the lease)."
@@ -67,10 +87,10 @@ class Settings(ChannelSettings):
     )
 
     @property
-    def sources(self) -> dict[str, str]:
-        """Write key -> source name."""
+    def sources(self) -> dict[str, WriteKeySource]:
+        """Write key -> source."""
         if self.environment != "production" and not self.write_keys:
-            return {DEV_WRITE_KEY: "development"}
+            return {DEV_WRITE_KEY: DEV_SOURCE}
         return dict(self.write_keys)
 
     @property
@@ -103,7 +123,8 @@ class Settings(ChannelSettings):
             if not self.write_keys:
                 problems.append(
                     "HILO_WRITE_KEYS is not set; every Segment call would be refused: give each "
-                    'source its write key, as JSON: {"<write key>": "web"}'
+                    'source its write key and kind, as JSON: {"<write key>": {"name": "web", '
+                    '"kind": "client"}}'
                 )
         return problems + self.link_problems()
 

@@ -261,7 +261,7 @@ class JourneyLab:
         for message in self.store.messages(customer_id=customer_id):
             line = f"{_offset(message.scheduled_at - since)} {message.channel} {message.template}"
             if message.status != "sent":
-                line += f" {message.status} ({message.reason})"
+                line += f" {message.status}" + (f" ({message.reason})" if message.reason else "")
             lines.append((message.scheduled_at, 0, line))
         for instance in self.store.instances_of_customer(customer_id):
             if instance.ended_at is None:

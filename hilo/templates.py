@@ -2,7 +2,9 @@
 
 Every template is rendered at publish with the journey's sample (strictly: an unknown
 variable is an error) in the context a send has: ``profile``, ``customer`` (the traits),
-``trigger``, ``journey``, ``message``, ``unsubscribe_url`` and ``promotions``. The rendered
+``trigger``, ``journey``, ``message``, ``promotions`` and the customer's signed links:
+``unsubscribe_url``, ``preferences_url`` (the preference page) and ``pause_url`` (the same
+page at its pause choices), so a journey need not carry links in its events. The rendered
 sample must then fit its channel: an SMS in :data:`SMS_MAX_SEGMENTS` segments, a push title
 and body in what a lock screen shows, a WhatsApp template's parameters in its placeholders.
 
@@ -106,6 +108,12 @@ PUSH_TITLE_MAX = 65
 PUSH_BODY_MAX = 240
 # What ``{{ unsubscribe_url }}`` renders to at publish; a send gets the customer's own link.
 SAMPLE_UNSUBSCRIBE_URL = "https://example.com/l/u/sample-unsubscribe-token"
+# The other signed links a send has (LinkSigner.message_links), as publish renders them.
+SAMPLE_LINKS = {
+    "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL,
+    "preferences_url": "https://example.com/l/p/sample-preferences-token",
+    "pause_url": "https://example.com/l/p/sample-preferences-token#pause",
+}
 
 
 @functools.lru_cache(maxsize=2048)
@@ -269,7 +277,7 @@ def sample_context(definition: JourneyDefinition) -> dict[str, Any]:
         "trigger": (sample.trigger if sample else {}) or {"properties": {}},
         "journey": {"key": definition.key, "name": definition.name, "version": 1},
         "message": {"id": "sample-message"},
-        "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL,
+        **SAMPLE_LINKS,
         "promotions": _SamplePromotions(),
     }
 

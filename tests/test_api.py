@@ -31,6 +31,11 @@ from tests.provider_servers import free_port
 TOKEN = "t"
 CART_YAML = (EXAMPLES / "journeys" / "abandoned_cart.yaml").read_text()
 WORKFLOW_ID = "journey/abandoned_cart/42/c1"
+# The shop's own event, which no source has sent to this fresh database yet.
+CART_WARNING = (
+    "trigger.event: no 'Cart Abandoned' event has reached Hilo yet, and neither Hilo nor "
+    "Segment's specs produce one: check the name your sources send"
+)
 
 
 class LabRouter(EventRouter):
@@ -119,7 +124,12 @@ async def test_admin_token_is_required(api: httpx.AsyncClient) -> None:
 async def test_validate_reports_every_problem_by_path(api: httpx.AsyncClient) -> None:
     ok = await api.post("/journeys/validate", **yaml_body(CART_YAML))
     assert ok.status_code == 200, ok.text
-    assert ok.json() == {"valid": True, "key": "abandoned_cart", "steps": 12, "warnings": []}
+    assert ok.json() == {
+        "valid": True,
+        "key": "abandoned_cart",
+        "steps": 12,
+        "warnings": [CART_WARNING],
+    }
 
     as_json = await api.post("/journeys/validate", json=yaml.safe_load(CART_YAML))
     assert as_json.json()["key"] == "abandoned_cart"
@@ -168,7 +178,7 @@ async def test_publish_versions_list_and_get(api: httpx.AsyncClient) -> None:
     first = await api.post("/journeys", **yaml_body(CART_YAML))
     assert (first.status_code, first.json()) == (
         201,
-        {"key": "abandoned_cart", "version": 1, "created": True, "warnings": []},
+        {"key": "abandoned_cart", "version": 1, "created": True, "warnings": [CART_WARNING]},
     )
     same = await api.post("/journeys", **yaml_body(CART_YAML))
     assert (same.status_code, same.json()["version"], same.json()["created"]) == (200, 1, False)

@@ -4,27 +4,44 @@ gone, webhook steps' own URLs and ad audiences."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlmodel import select
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
 
 from activities.journey_activities import JourneyActivities
+from hilo.channels.audiences import (
+    GoogleAdsCustomerMatch,
+    MetaCustomAudiences,
+    oauth_credentials,
+)
 from hilo.channels.base import ChannelProvider
 from hilo.channels.config import ChannelSettings
 from hilo.channels.fcm import FcmPush, ServiceAccount
+from hilo.channels.links import LinkClaims
+from hilo.channels.preferences import PreferenceChange
 from hilo.channels.webpush import WebPush, vapid_public_key
+from hilo.contact_policy import ContactPolicyService
+from hilo.delivery_feedback import apply_preferences, unsubscribe
+from hilo.dispatcher import Dispatcher
+from hilo.journey_runs import LeaveAudiencesResult
 from hilo.journeys import parse_journey
 from hilo.profiles import record_consent
 from hilo.simulation import JourneyLab
 from hilo.storage import Device, Store
 from tests.provider_servers import (
     FakeFirebase,
+    FakeGoogleAds,
+    FakeMetaGraph,
     FakePushService,
     FakeWebhookReceiver,
     ProviderServer,
@@ -33,6 +50,7 @@ from tests.provider_servers import (
     fcm_error,
 )
 from worker.main import configured_activities
+from workflows.journey import JourneyWorkflow
 
 VAPID_KEY = ec.generate_private_key(ec.SECP256R1())
 SECRET = "whsec-journey-secret"
@@ -296,3 +314,173 @@ async def test_without_a_webhook_secret_webhook_steps_are_refused_never_sent_uns
     assert "crm_sync (steps[0] (notify_crm))" in str(refused.value)
     # With the secret it starts.
     configured_activities(store, ChannelSettings(_env_file=None, webhook_secret=SECRET))
+
+
+# ---------------------------------------------------------------- ad audiences
+
+META_AUDIENCE = "23851234567890"
+ANA_EMAIL = ("EMAIL", hashlib.sha256(b"ana@example.com").hexdigest())
+ANA_PHONE = ("PHONE", hashlib.sha256(b"447700900123").hexdigest())
+
+
+@pytest.fixture
+def meta_server() -> Iterator[FakeMetaGraph]:
+    yield from serve(FakeMetaGraph())
+
+
+@pytest.fixture
+def ads_server() -> Iterator[FakeGoogleAds]:
+    yield from serve(FakeGoogleAds())
+
+
+def meta(server: FakeMetaGraph) -> MetaCustomAudiences:
+    return MetaCustomAudiences(server.access_token, base_url=server.url)
+
+
+def google_ads(server: FakeGoogleAds) -> GoogleAdsCustomerMatch:
+    return GoogleAdsCustomerMatch(
+        server.developer_token,
+        server.customer_id,
+        oauth_credentials(
+            server.client_id, server.client_secret, server.refresh_token, server.token_url
+        ),
+        login_customer_id=server.login_customer_id,
+        base_url=server.url,
+    )
+
+
+def audience_step(step_id: str, audience: str, action: str | None = None) -> dict[str, Any]:
+    step = {"id": step_id, "type": "send", "channel": "audience", "template": step_id,
+            "audience": audience}  # fmt: skip
+    if action:
+        step["action"] = action
+    return step
+
+
+def customer(store: Store, customer_id: str, **consent: bool) -> None:
+    store.upsert_profile(
+        customer_id,
+        traits={"email": f"{customer_id.title()}@Example.com ", "phone": "+44 7700 900123"},
+        consent=consent,
+    )
+
+
+async def test_an_audience_gets_only_customers_who_consented_and_are_not_suppressed(
+    time_env: WorkflowEnvironment, store: Store, meta_server: FakeMetaGraph
+) -> None:
+    customer(store, "ana", sms=True)  # email by default (soft opt-in), phone by SMS consent
+    customer(store, "bea", email=False)  # withdrew email, never gave SMS
+    customer(store, "cai", sms=False)
+    ContactPolicyService(store).suppress("email", "cai@example.com", "hard bounce", "sendgrid")
+    customer(store, "dee", sms=True)
+    apply_preferences(  # Dee left the topic the retargeting is about
+        store,
+        "dee",
+        PreferenceChange(frequency="normal", pause_until=None, topics=["news"], opt_out=False),
+    )
+    async with lab_with(time_env, store, {"audience": meta(meta_server)}) as lab:
+        lab.publish(
+            journey(
+                "retarget",
+                {**audience_step("retarget", META_AUDIENCE), "topic": "promotions"},
+                {"id": "later", "type": "wait", "duration": "1d"},
+                audience_step("untarget", META_AUDIENCE, action="remove"),
+            )
+        )
+        route = await lab.send("Poked", "ana")
+        (workflow_id,) = route.started
+        await lab.advance(timedelta(hours=1))
+        assert meta_server.members[META_AUDIENCE] == {(ANA_EMAIL, ANA_PHONE)}
+        assert (await lab.result(workflow_id)).status == "completed"
+        await run_once(lab, "bea")
+        await run_once(lab, "cai")
+        await run_once(lab, "dee")
+    # The remove step took Ana out again; Bea, Cai and Dee were never added (removing them,
+    # which changes nothing, is always allowed).
+    assert meta_server.members[META_AUDIENCE] == set()
+    assert [r.method for r in meta_server.received] == ["POST"] + ["DELETE"] * 4
+    skipped = {
+        m.customer_id: m.reason
+        for m in store.messages()
+        if m.step_id == "retarget" and m.status == "skipped"
+    }
+    assert skipped == {
+        "bea": "nothing to match the audience with: no email consent for its email; "
+        "no sms or whatsapp consent for its phone",
+        "cai": "nothing to match the audience with: email suppressed (hard bounce); "
+        "no sms or whatsapp consent for its phone",
+        "dee": "left topic: promotions",
+    }
+
+
+async def test_a_journey_that_exits_takes_the_customer_out_of_the_audiences_it_added(
+    time_env: WorkflowEnvironment, store: Store, ads_server: FakeGoogleAds
+) -> None:
+    user_list = f"customers/{ads_server.customer_id}/userLists/555000111"
+    customer(store, "ana")
+    retarget = parse_journey(
+        {"key": "cart_retarget", "name": "Cart retarget", "trigger": {"event": "Poked"},
+         "exit": [{"event": "Order Completed", "reason": "purchased"}],
+         "steps": [audience_step("retarget", "555000111"),
+                   {"id": "linger", "type": "wait", "duration": "7d"}]},
+        source="test",
+    )  # fmt: skip
+    async with lab_with(time_env, store, {"audience": google_ads(ads_server)}) as lab:
+        lab.publish(retarget)
+        route = await lab.send("Poked", "ana")
+        (workflow_id,) = route.started
+        await lab.advance(timedelta(days=1))
+        assert ads_server.user_lists[user_list] == {
+            ("hashedEmail", hashlib.sha256(b"ana@example.com").hexdigest())
+        }
+        await lab.send("Order Completed", "ana")
+        result = await lab.result(workflow_id)
+        history = await lab.handles[workflow_id].fetch_history()
+    assert (result.status, result.reason) == ("exited", "purchased")
+    # The patched exit replays on today's code.
+    replayer = Replayer(workflows=[JourneyWorkflow], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)
+    assert ads_server.user_lists[user_list] == set()
+    removal = [m for m in store.messages("ana") if m.content.get("action") == "remove"]
+    assert [(m.status, m.content["audience"]) for m in removal] == [("sent", "555000111")]
+
+
+async def test_an_unsubscribe_takes_the_customer_out_of_every_audience(
+    time_env: WorkflowEnvironment, store: Store, meta_server: FakeMetaGraph
+) -> None:
+    for who in ("ana", "bea", "cai"):
+        customer(store, who)
+    async with lab_with(time_env, store, {"audience": meta(meta_server)}) as lab:
+        lab.publish(journey("retarget", audience_step("retarget", META_AUDIENCE)))
+        await run_once(lab, "ana")
+        await run_once(lab, "cai")
+        cai_email = ("EMAIL", hashlib.sha256(b"cai@example.com").hexdigest())
+        assert meta_server.members[META_AUDIENCE] == {(ANA_EMAIL,), (cai_email,)}
+        # Ana and Bea (never in an audience: nothing to queue) use the unsubscribe link; Cai
+        # withdraws through the consent API.
+        for who in ("bea", "ana"):
+            claims = LinkClaims(
+                kind="unsubscribe", issued_at=datetime.now(UTC), customer_id=who, channel="email"
+            )
+            assert unsubscribe(store, claims, "unsubscribe link")
+        record_consent(store, "cai", "email", False, "support desk")
+        # The links also emit Unsubscribed, as events of their own.
+        entries = store.outbox_batch(10)
+        assert sorted((e.kind, e.customer_id) for e in entries) == [
+            ("audiences", "ana"),
+            ("audiences", "cai"),
+            ("event", "ana"),
+            ("event", "bea"),
+        ]
+        dispatcher = Dispatcher(store, lab.router)
+        assert (await dispatcher.dispatch_once())[0] == 4
+        left = [
+            LeaveAudiencesResult.model_validate(
+                await lab.client.get_workflow_handle(f"audiences/{entry.message_id}").result()
+            )
+            for entry in entries
+            if entry.kind == "audiences"
+        ]
+    assert [result.removed for result in left] == [[META_AUDIENCE], [META_AUDIENCE]]
+    assert meta_server.members[META_AUDIENCE] == set()
+    assert [r.method for r in meta_server.received] == ["POST", "POST", "DELETE", "DELETE"]

@@ -19,7 +19,7 @@ import yaml
 
 from hilo.channels.config import ChannelSettings, build_providers
 from hilo.search_attributes import CLI_TYPES
-from hilo.settings import PROJECT_ROOT, Settings
+from hilo.settings import PROJECT_ROOT, Settings, WriteKeySource
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.temporal.yml"
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
@@ -154,7 +154,8 @@ def test_the_environment_makes_valid_settings(
     assert settings.resolved_database_url == (
         "postgresql+psycopg://hilo:s3cret@postgresql:5432/hilo"
     )
-    assert settings.sources == {"wk-web-0123456789": "web"}
+    # A bare source name is a client source: the kind a public key gets.
+    assert settings.sources == {"wk-web-0123456789": WriteKeySource(name="web", kind="client")}
     # The worker signs unsubscribe and tracked links with these, and refuses to start
     # without them in production.
     channels = ChannelSettings(_env_file=None)  # type: ignore[call-arg]

@@ -160,6 +160,27 @@ CASES = [
         id="topic-on-a-transactional-send",
     ),
     pytest.param(
+        _append(
+            {
+                "id": "crm",
+                "type": "send",
+                "channel": "webhook",
+                "template": "crm",
+                "url": "https://crm.example/hook",
+                "topic": "promotions",
+            }
+        ),
+        "steps[4] (crm).topic",
+        "a webhook does not reach the customer, so no topic choice applies",
+        id="topic-on-a-webhook",
+    ),  # fmt: skip
+    pytest.param(
+        _step(1, action="remove"),
+        "steps[1] (reminder).action",
+        "'action' (add or remove) applies to audience sends only",
+        id="action-on-an-email",
+    ),
+    pytest.param(
         _step(1, topic="Big Promotions!"),
         "steps[1] (reminder).topic",
         "String should match pattern",

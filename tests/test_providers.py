@@ -28,6 +28,7 @@ from hilo.channels.audiences import (
     MetaCustomAudiences,
     normalise_email,
     normalise_phone,
+    oauth_credentials,
     sha256_hex,
 )
 from hilo.channels.base import (
@@ -845,7 +846,9 @@ def google_ads(server: FakeGoogleAds, **overrides: Any) -> GoogleAdsCustomerMatc
     options: dict[str, Any] = {
         "developer_token": server.developer_token,
         "customer_id": "123-456-7890",
-        "access_token": server.access_token,
+        "credentials": oauth_credentials(
+            server.client_id, server.client_secret, server.refresh_token, server.token_url
+        ),
         "login_customer_id": "987-654-3210",
         "base_url": server.url,
     }
@@ -865,7 +868,8 @@ def test_google_ads_customer_match_creates_adds_and_runs_a_job(
         ("hashedEmail", hashlib.sha256(b"ana@example.com").hexdigest()),
         ("hashedPhoneNumber", hashlib.sha256(b"+447700900123").hexdigest()),
     }
-    assert [r.path.rsplit(":", 1)[1] for r in ads_server.received] == [
+    assert [r.path.rsplit(":", 1)[-1] for r in ads_server.received] == [
+        "/token",
         "create",
         "addOperations",
         "run",
@@ -903,6 +907,42 @@ def test_google_ads_bad_list_or_credentials_are_permanent(ads_server: FakeGoogle
         google_ads(ads_server, login_customer_id=None).deliver(
             delivery("audience", None, audience="555000111")
         )
+
+
+def test_google_ads_refreshes_its_access_token_before_it_expires_and_when_refused(
+    ads_server: FakeGoogleAds,
+) -> None:
+    ads = google_ads(ads_server)
+    item = delivery("audience", None, audience="555000111", action="add")
+    ads.deliver(item)
+    ads.deliver(item)
+    assert ads_server.token_requests == 1  # one token for six calls while it is fresh
+    # An hour later the token is dead: the API refuses it, the retry refreshes it.
+    ads_server.expire_tokens()
+    with pytest.raises(RetryableFailure, match="OAUTH_TOKEN_EXPIRED") as refused:
+        ads.deliver(item)
+    assert refused.value.retry_after == 0
+    ads.deliver(item)
+    assert ads_server.token_requests == 2
+    # A token that lives less than google-auth's refresh margin is refreshed before each of
+    # a job's three calls.
+    ads_server.token_lifetime = 60
+    ads.credentials.token = None
+    ads.deliver(item)
+    ads.deliver(item)
+    assert ads_server.token_requests == 2 + 6
+    ads.close()
+
+
+def test_google_ads_revoked_refresh_token_is_permanent(ads_server: FakeGoogleAds) -> None:
+    ads = google_ads(
+        ads_server,
+        credentials=oauth_credentials(
+            ads_server.client_id, ads_server.client_secret, "1//revoked", ads_server.token_url
+        ),
+    )
+    with pytest.raises(PermanentFailure, match="invalid_grant"):
+        ads.deliver(delivery("audience", None, audience="555000111"))
 
 
 # Settings ---------------------------------------------------------------------------------
@@ -955,7 +995,9 @@ def test_build_providers_reads_hilo_environment_variables(
         "HILO_AUDIENCE_PROVIDER": "google_ads",
         "HILO_GOOGLE_ADS_DEVELOPER_TOKEN": "dev",
         "HILO_GOOGLE_ADS_CUSTOMER_ID": "123-456-7890",
-        "HILO_GOOGLE_ADS_ACCESS_TOKEN": "ya29",
+        "HILO_GOOGLE_ADS_CLIENT_ID": "hilo-ads.apps.googleusercontent.com",
+        "HILO_GOOGLE_ADS_CLIENT_SECRET": "GOCSPX-secret",
+        "HILO_GOOGLE_ADS_REFRESH_TOKEN": "1//refresh",
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)

@@ -18,9 +18,10 @@ from hilo.channels.config import ChannelSettings, build_providers
 from hilo.journeys import JourneyDefinition, SendStep, walk_steps
 from hilo.settings import Settings
 from hilo.storage import Store
+from workflows.audiences import LeaveAudiencesWorkflow
 from workflows.journey import JourneyWorkflow
 
-WORKFLOWS: Sequence[type] = (JourneyWorkflow,)
+WORKFLOWS: Sequence[type] = (JourneyWorkflow, LeaveAudiencesWorkflow)
 
 
 async def connect(settings: Settings) -> Client:

@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from hilo.journey_runs import (
         BEST_SEND_TIME,
         FINISH,
+        LEAVE_AUDIENCES,
         LOAD_PROFILE,
         NEXT_WINDOW_OPENING,
         NOTE,
@@ -46,6 +47,8 @@ with workflow.unsafe.imports_passed_through():
         JourneyProgress,
         JourneyResult,
         JourneyState,
+        LeaveAudiencesRequest,
+        LeaveAudiencesResult,
         NoteRequest,
         ProfileRequest,
         ProfileSnapshot,
@@ -55,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
         UpdateProfileRequest,
         WindowOpening,
         WindowRequest,
+        profile_paths,
     )
     from hilo.journeys import (
         AnyStep,
@@ -72,6 +76,7 @@ with workflow.unsafe.imports_passed_through():
         WaitStep,
         compile_steps,
         first_of,
+        walk_steps,
     )
 
 QUICK = timedelta(seconds=30)
@@ -512,7 +517,9 @@ class JourneyWorkflow:
     async def _refresh_profile(self, step_id: str) -> None:
         self.profile = await self._activity(
             LOAD_PROFILE,
-            ProfileRequest(customer_id=self.customer_id),
+            # Only what the conditions read comes back into the history, not the address
+            # book: templates read the profile in the send activity.
+            ProfileRequest(customer_id=self.customer_id, paths=profile_paths(self.definition)),
             summary=self._summary(f"{step_id}: read profile"),
             result_type=ProfileSnapshot,
         )
@@ -575,6 +582,12 @@ class JourneyWorkflow:
             self.unmentioned_skip = None
         return summary[:200]
 
+    def _adds_to_audiences(self) -> bool:
+        return any(
+            isinstance(step, SendStep) and step.adds_to_audience()
+            for step, _path in walk_steps(list(self.definition.steps))
+        )
+
     def _show(self, step: AnyStep, status: str, details: str) -> None:
         """What the operator sees: current details and search attributes."""
         self.status = status
@@ -611,6 +624,26 @@ class JourneyWorkflow:
             ]
             workflow.upsert_search_attributes(updates)
             self.shown = None
+        if (
+            status in ("exited", "archived")
+            and self._adds_to_audiences()
+            and workflow.patched("leave-audiences-on-exit")
+        ):
+            # An exit (a purchase, a stop) ends the retargeting this journey started.
+            await workflow.execute_activity(
+                LEAVE_AUDIENCES,
+                LeaveAudiencesRequest(
+                    customer_id=self.customer_id,
+                    reason=f"journey {status}" + (f": {reason}" if reason else ""),
+                    workflow_id=info.workflow_id,
+                    run_id=self.run_id,
+                    scheduled_at=workflow.now(),
+                ),
+                result_type=LeaveAudiencesResult,
+                start_to_close_timeout=timedelta(seconds=self.input.send_timeout_seconds),
+                retry_policy=SEND_RETRY,
+                summary="leave the ad audiences this journey added",
+            )
         await self._activity(
             FINISH,
             FinishRequest(

@@ -21,7 +21,12 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hilo.channels.audiences import GoogleAdsCustomerMatch, MetaCustomAudiences
+from hilo.channels.audiences import (
+    GOOGLE_TOKEN_URL,
+    GoogleAdsCustomerMatch,
+    MetaCustomAudiences,
+    oauth_credentials,
+)
 from hilo.channels.base import DEFAULT_TIMEOUT_SECONDS, ChannelProvider
 from hilo.channels.fcm import FcmPush, ServiceAccount
 from hilo.channels.links import MIN_SECRET_LENGTH, LinkSigner
@@ -141,7 +146,11 @@ class ChannelSettings(BaseSettings):
     google_ads_developer_token: SecretStr | None = None
     google_ads_customer_id: str = ""
     google_ads_login_customer_id: str = ""
-    google_ads_access_token: SecretStr | None = None
+    # OAuth2 client and refresh token: access tokens last an hour and are refreshed from it.
+    google_ads_client_id: str = ""
+    google_ads_client_secret: SecretStr | None = None
+    google_ads_refresh_token: SecretStr | None = None
+    google_ads_token_url: str = GOOGLE_TOKEN_URL
     google_ads_base_url: str = "https://googleads.googleapis.com"
     google_ads_api_version: str = "v26"
 
@@ -435,12 +444,22 @@ def _meta(settings: ChannelSettings) -> ChannelProvider:
 
 def _google_ads(settings: ChannelSettings) -> ChannelProvider:
     _require(
-        settings, "google_ads_developer_token", "google_ads_customer_id", "google_ads_access_token"
+        settings,
+        "google_ads_developer_token",
+        "google_ads_customer_id",
+        "google_ads_client_id",
+        "google_ads_client_secret",
+        "google_ads_refresh_token",
     )
     return GoogleAdsCustomerMatch(
         _secret(settings.google_ads_developer_token),
         settings.google_ads_customer_id,
-        _secret(settings.google_ads_access_token),
+        oauth_credentials(
+            settings.google_ads_client_id,
+            _secret(settings.google_ads_client_secret),
+            _secret(settings.google_ads_refresh_token),
+            settings.google_ads_token_url,
+        ),
         login_customer_id=settings.google_ads_login_customer_id or None,
         base_url=settings.google_ads_base_url,
         api_version=settings.google_ads_api_version,

@@ -233,9 +233,12 @@ def _send_failure(
 ) -> PermanentFailure | RetryableFailure:
     code, message, fields = _fcm_error(response)
     reason = f"fcm: HTTP {response.status_code} {code or response.reason_phrase}: {message}"
-    if code in ("UNREGISTERED", "SENDER_ID_MISMATCH"):
-        # The app was uninstalled or the token belongs to another project: it never works again.
+    if code == "UNREGISTERED":
+        # The app was uninstalled or the token expired: it never works again.
         return PermanentFailure(reason, provider_status=response.status_code, recipient_gone=True)
+    if code == "SENDER_ID_MISMATCH":
+        # Usually our project setting, not the device: retiring would switch off every token.
+        return PermanentFailure(reason, provider_status=response.status_code)
     if code == "INVALID_ARGUMENT":
         # Also what FCM says about a malformed message of ours: only a violation on the token
         # itself condemns the device.

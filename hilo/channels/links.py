@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from html import escape, unescape
@@ -50,6 +50,8 @@ LINK_PATHS: dict[LinkKind, str] = {
     "open": "/l/o/",
 }
 PREFERENCES_TTL = timedelta(days=60)
+# The id of the preference page's pause choices (render_preference_page writes it).
+PAUSE_FRAGMENT = "#pause"
 MIN_SECRET_LENGTH = 32
 
 
@@ -150,6 +152,36 @@ class LinkSigner:
         self, customer_id: str, *, ttl: timedelta = PREFERENCES_TTL, now: datetime | None = None
     ) -> str:
         return self._url("preferences", now, ttl, customer_id=_required(customer_id, "customer_id"))
+
+    def pause_url(
+        self, customer_id: str, *, ttl: timedelta = PREFERENCES_TTL, now: datetime | None = None
+    ) -> str:
+        """The preference page opened at its "Take a break" choices: a GET changes nothing,
+        the customer picks the pause there and saves."""
+        return self.preferences_url(customer_id, ttl=ttl, now=now) + PAUSE_FRAGMENT
+
+    def message_links(
+        self,
+        message_id: str,
+        customer_id: str,
+        channel: str,
+        *,
+        templates: Iterable[str] | None = None,
+        now: datetime | None = None,
+    ) -> dict[str, str]:
+        """The links every template can show, by the variable that holds each.
+
+        The unsubscribe link always (providers put it in the List-Unsubscribe header); the
+        others only when one of ``templates`` names them, when given: each costs a signature
+        on every send (about 7 us).
+        """
+        sources = None if templates is None else " ".join(templates)
+        links = {"unsubscribe_url": self.unsubscribe_url(message_id, customer_id, channel, now=now)}
+        if sources is None or "preferences_url" in sources:
+            links["preferences_url"] = self.preferences_url(customer_id, now=now)
+        if sources is None or "pause_url" in sources:
+            links["pause_url"] = self.pause_url(customer_id, now=now)
+        return links
 
     def click_url(self, message_id: str, target_url: str, *, now: datetime | None = None) -> str:
         if not _is_web_url(target_url):
