@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
@@ -22,6 +21,7 @@ from temporalio.exceptions import ApplicationError
 from activities.providers import CaptureProvider
 from hilo import promotions, templates
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
+from hilo.channels.config import DEV_LINK_SECRET
 from hilo.channels.links import LinkSigner, rewrite_links
 from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS, PREFERENCES_TRAIT
 from hilo.contact_policy import ContactPolicyService, SendIntent, left_topic
@@ -75,9 +75,9 @@ class JourneyActivities:
         self.store = store
         self.signed_webhooks_only = signed_webhooks_only
         self.policy = ContactPolicyService(store)
-        # Without settings (simulations, tests) links are signed with a secret of this process
-        # alone: nobody outside it can make or check them.
-        self.links = links or LinkSigner(secrets.token_urlsafe(32), "http://127.0.0.1:8000")
+        # Without settings (simulations, tests) links are signed with the published constant;
+        # a running Hilo (hilo dev, hilo worker) always passes its settings' signer.
+        self.links = links or LinkSigner(DEV_LINK_SECRET, "http://127.0.0.1:8000")
         capture = CaptureProvider(store)
         self.providers: dict[str, ChannelProvider] = providers or {}
         self.fallback: ChannelProvider = capture

@@ -40,8 +40,8 @@ from hilo.channels.whatsapp_cloud import WhatsAppCloud
 
 __all__ = ["DEV_LINK_SECRET", "ChannelSettings", "build_providers", "state_link_secret"]
 
-# Earlier versions signed development links with this published constant, so anyone could
-# mint links for such an instance: refused as HILO_LINK_SECRET in every environment.
+# Signs links in simulations and tests, which run without settings. Published, so anyone
+# could mint links with it: refused as HILO_LINK_SECRET in every environment.
 DEV_LINK_SECRET = "dev-only-link-secret-refused-in-production"
 # Outside production, without HILO_LINK_SECRET: a random secret made on first start.
 LINK_SECRET_FILE = "link-secret"
