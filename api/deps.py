@@ -1,7 +1,8 @@
 """What endpoints depend on, read from ``app.state`` so nothing is built at import time."""
 
 import hmac
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -16,6 +17,8 @@ from hilo.playbook import load_playbook
 from hilo.routing import EventRouter
 from hilo.settings import Settings
 from hilo.storage import Store
+
+Source = TypeVar("Source")
 
 # auto_error=False so a missing token gets our message rather than FastAPI's.
 bearer = HTTPBearer(auto_error=False, description="The admin token (HILO_ADMIN_TOKEN).")
@@ -122,13 +125,31 @@ def require_admin(
             "missing admin token: send 'Authorization: Bearer <HILO_ADMIN_TOKEN>'",
             headers=challenge,
         )
-    # Constant-time, so response timing does not reveal how much of a guess was right.
-    if not hmac.compare_digest(credentials.credentials.encode(), settings.admin_token.encode()):
+    if not same_secret(credentials.credentials, settings.admin_token):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "wrong admin token: it must equal HILO_ADMIN_TOKEN",
             headers=challenge,
         )
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time, so response timing does not reveal how much of a guess was right."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def source_for_write_key(sources: Mapping[str, Source], write_key: str) -> Source | None:
+    """The source ``write_key`` stands for, or None.
+
+    Every configured key is compared, in constant time, and the loop never stops early: a
+    dict lookup would hash the guess and compare it with ``==``, which returns at the first
+    differing byte, so timing would tell how much of a guess was right.
+    """
+    found = None
+    for key, source in sources.items():
+        if same_secret(write_key, key):
+            found = source
+    return found
 
 
 AdminDep = Annotated[None, Depends(require_admin)]

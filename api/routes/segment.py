@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.deps import SettingsDep, get_dispatcher, get_ingestor
+from api.deps import SettingsDep, get_dispatcher, get_ingestor, source_for_write_key
 from hilo.ingest import Accepted
 from hilo.segment import (
     KINDS,
@@ -75,7 +75,7 @@ async def receive(kind: str, request: Request, settings: SettingsDep) -> Any:
 
     def accept() -> Accepted:
         parsed = parse_request(kind, body, request.headers, received_at=received_at)
-        source = settings.sources.get(parsed.write_key)
+        source = source_for_write_key(settings.sources, parsed.write_key)
         if source is None:
             raise SegmentRejected(
                 RejectionStatus.UNAUTHORIZED,
