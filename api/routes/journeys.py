@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, Field
 
-from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep
+from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep, unstorable_places
+from api.openapi import UNAUTHORIZED, Responses, ValidationProblems, message
 from hilo.journeys import (
     JourneyDefinition,
     JourneyInvalid,
@@ -45,19 +46,15 @@ class InvalidJourney(BaseModel):
     detail: list[JourneyProblem]
 
 
-class Message(BaseModel):
-    detail: str
-
-
-Responses = dict[int | str, dict[str, Any]]
-
 INVALID: Responses = {
-    422: {"model": InvalidJourney, "description": "Every problem in the definition."}
+    422: {
+        "model": InvalidJourney | ValidationProblems,
+        "description": "Every problem in the definition.",
+    }
 }
-NOT_FOUND: Responses = {404: {"model": Message, "description": "No journey with that key."}}
-CONFLICT: Responses = {
-    409: {"model": Message, "description": "Not allowed in the journey's status."}
-}
+NOT_FOUND = message(404, "No journey with that key.")
+UNSUPPORTED = message(415, "Not YAML or JSON: say which in Content-Type.")
+CONFLICT = message(409, "Not allowed in the journey's status.")
 
 
 class ValidJourney(BaseModel):
@@ -141,16 +138,28 @@ async def definition_body(request: Request) -> JourneyDefinition:
         raise _invalid([JourneyProblem(path="(root)", message="body is not UTF-8 text")]) from None
     try:
         if media in YAML_TYPES:
-            return load_journey_yaml(text)
+            return _storable(load_journey_yaml(text))
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as error:
             where = f"line {error.lineno}, column {error.colno}"
             message = f"not valid JSON: {error.msg}"
             raise _invalid([JourneyProblem(path=where, message=message)]) from None
-        return parse_journey(raw)
+        return _storable(parse_journey(raw))
     except JourneyInvalid as error:
         raise _invalid(error.problems) from None
+
+
+def _storable(definition: JourneyDefinition) -> JourneyDefinition:
+    """YAML's "\\0" makes a NUL too, which the database cannot store."""
+    places = unstorable_places(definition.model_dump(mode="json", exclude_none=True), ())
+    problems = [
+        JourneyProblem(path=".".join(map(str, place)) or "(root)", message=problem)
+        for place, problem in places
+    ]
+    if problems:
+        raise _invalid(problems)
+    return definition
 
 
 DefinitionDep = Annotated[JourneyDefinition, Depends(definition_body)]
@@ -158,7 +167,9 @@ DefinitionDep = Annotated[JourneyDefinition, Depends(definition_body)]
 # Public so editors can fetch the schema; included before `router` so that
 # /journeys/schema is not taken for a journey key.
 public_router = APIRouter(prefix="/journeys", tags=["journeys"])
-router = APIRouter(prefix="/journeys", tags=["journeys"], dependencies=ADMIN_ONLY)
+router = APIRouter(
+    prefix="/journeys", tags=["journeys"], dependencies=ADMIN_ONLY, responses=UNAUTHORIZED
+)
 
 
 @public_router.get("/schema")
@@ -167,7 +178,7 @@ def schema() -> dict[str, Any]:
     return journey_json_schema()
 
 
-@router.post("/validate", responses=INVALID, openapi_extra=DEFINITION_BODY)
+@router.post("/validate", responses={**INVALID, **UNSUPPORTED}, openapi_extra=DEFINITION_BODY)
 def validate(definition: DefinitionDep) -> ValidJourney:
     """Check a definition without publishing it."""
     return ValidJourney(key=definition.key, steps=sum(1 for _ in walk_steps(definition.steps)))
@@ -176,7 +187,7 @@ def validate(definition: DefinitionDep) -> ValidJourney:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={**INVALID, **CONFLICT, 200: {"model": PublishedVersion}},
+    responses={**INVALID, **CONFLICT, **UNSUPPORTED, 200: {"model": PublishedVersion}},
     openapi_extra=DEFINITION_BODY,
 )
 def publish(definition: DefinitionDep, catalog: CatalogDep, response: Response) -> PublishedVersion:
