@@ -38,6 +38,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.alias_generators import to_camel
 
 __all__ = [
+    "CALL_MODELS",
     "CALL_TYPES",
     "KINDS",
     "MAX_BATCH_BYTES",
@@ -257,7 +258,7 @@ class AliasCall(_CommonCall):
     previous_id: str | None = Field(None, max_length=MAX_ID_CHARS)
 
 
-_CALL_MODELS: dict[str, type[_CommonCall]] = {
+CALL_MODELS: dict[str, type[_CommonCall]] = {
     "track": TrackCall,
     "identify": IdentifyCall,
     "page": PageCall,
@@ -766,7 +767,7 @@ def _call(
     if fields is None:
         # Something is wrong, or not plainly right: the model names each problem.
         try:
-            fields = _model_fields(_CALL_MODELS[call_type].model_validate(merged))
+            fields = _model_fields(CALL_MODELS[call_type].model_validate(merged))
         except ValidationError as exc:
             errors += _translate(exc, path)
     bad_fields = {error.field for error in errors[before:]}
@@ -821,7 +822,7 @@ def _field_checks(model_class: type[_SpecModel]) -> dict[str, _FieldCheck] | Non
 _CONTEXT_CHECKS = _field_checks(SegmentContext)
 _CALL_CHECKS = {
     call_type: _field_checks(model_class) if _CONTEXT_CHECKS else None
-    for call_type, model_class in _CALL_MODELS.items()
+    for call_type, model_class in CALL_MODELS.items()
 }
 
 

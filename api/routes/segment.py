@@ -19,21 +19,16 @@ from api.deps import SettingsDep, get_dispatcher, get_ingestor
 from api.openapi import NOT_BLANK
 from hilo.ingest import Accepted
 from hilo.segment import (
+    CALL_MODELS,
     CALL_TYPES,
     KINDS,
     MAX_BATCH_BYTES,
     MAX_BATCH_CALLS,
     MAX_ID_CHARS,
-    AliasCall,
     FieldError,
-    GroupCall,
-    IdentifyCall,
-    PageCall,
     RejectionStatus,
-    ScreenCall,
     SegmentContext,
     SegmentRejected,
-    TrackCall,
     parse_request,
     segment_error_body,
     segment_success_body,
@@ -67,14 +62,6 @@ class SegmentRefused(BaseModel):
 # schema is built from the same spec models parse_request validates with, plus the rules
 # it checks across fields.
 
-CALL_MODELS: dict[str, type[BaseModel]] = {
-    "track": TrackCall,
-    "identify": IdentifyCall,
-    "page": PageCall,
-    "screen": ScreenCall,
-    "group": GroupCall,
-    "alias": AliasCall,
-}
 NOT_BLANK_ID = {"type": "string", "pattern": NOT_BLANK, "maxLength": MAX_ID_CHARS}
 # Clock-skew correction moves a call's time by sentAt - timestamp: within these years it
 # stays on the calendar.
