@@ -6,12 +6,15 @@ Each is idempotent: Temporal may run an activity again after a crash, and the da
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from liquid.exceptions import ResourceLimitError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -20,18 +23,23 @@ from hilo import promotions, templates
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
 from hilo.channels.config import DEV_LINK_SECRET
 from hilo.channels.links import LinkSigner, rewrite_links
-from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS
-from hilo.contact_policy import ContactPolicyService, SendIntent
+from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS, PREFERENCES_TRAIT
+from hilo.contact_policy import ContactPolicyService, SendIntent, left_topic
 from hilo.journey_runs import (
     BEST_SEND_TIME,
     FINISH,
+    LEAVE_AUDIENCES,
     LOAD_PROFILE,
     NEXT_WINDOW_OPENING,
+    NOTE,
     SEND_MESSAGE,
     UPDATE_PROFILE,
     BestTimeAnswer,
     BestTimeRequest,
     FinishRequest,
+    LeaveAudiencesRequest,
+    LeaveAudiencesResult,
+    NoteRequest,
     ProfileRequest,
     ProfileSnapshot,
     SendRequest,
@@ -39,6 +47,7 @@ from hilo.journey_runs import (
     UpdateProfileRequest,
     WindowOpening,
     WindowRequest,
+    only_paths,
 )
 from hilo.journeys import WEEKDAYS, TimeWindow
 from hilo.storage import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, Store, utcnow
@@ -46,6 +55,10 @@ from hilo.storage import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, St
 # Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
 # audience syncs are not messages to the customer.
 POLICY_CHANNELS = frozenset({"email", "sms", "whatsapp", "push", "webpush"})
+UNSIGNED_WEBHOOK = (
+    "HILO_WEBHOOK_SECRET is not set: Hilo signs every webhook it sends (X-Hilo-Signature) and "
+    "sends none unsigned; set it to the secret the receiver checks"
+)
 
 
 class JourneyActivities:
@@ -55,8 +68,12 @@ class JourneyActivities:
         providers: dict[str, ChannelProvider] | None = None,
         default_timezone: str = "UTC",
         links: LinkSigner | None = None,
+        signed_webhooks_only: bool = False,
     ) -> None:
+        """``signed_webhooks_only``: a webhook step without the signed webhook provider
+        (HILO_WEBHOOK_SECRET) fails instead of going to capture, as the worker runs it."""
         self.store = store
+        self.signed_webhooks_only = signed_webhooks_only
         self.policy = ContactPolicyService(store)
         # Without settings (simulations, tests) links are signed with the development secret.
         self.links = links or LinkSigner(DEV_LINK_SECRET, "http://127.0.0.1:8000")
@@ -73,6 +90,8 @@ class JourneyActivities:
             self.update_profile,
             self.next_window_opening,
             self.best_send_time,
+            self.note,
+            self.leave_audiences,
         ]
 
     @activity.defn(name=FINISH)
@@ -88,13 +107,24 @@ class JourneyActivities:
             holdout=request.holdout,
         )
 
+    @activity.defn(name=NOTE)
+    def note(self, request: NoteRequest) -> None:
+        # Summaries are written for people and may quote long property values.
+        self.store.add_journey_note({**request.model_dump(), "summary": request.summary[:500]})
+
     @activity.defn(name=LOAD_PROFILE)
     def load_profile(self, request: ProfileRequest) -> ProfileSnapshot:
-        return _snapshot(self.store.profile_row(request.customer_id), request.customer_id)
+        snapshot = _snapshot(self.store.profile_row(request.customer_id), request.customer_id)
+        if request.paths is None:
+            return snapshot  # an instance started before paths were sent reads all of it
+        kept = only_paths(snapshot.model_dump(mode="json"), request.paths)
+        return ProfileSnapshot.model_validate({**kept, "customer_id": request.customer_id})
 
     @activity.defn(name=UPDATE_PROFILE)
     def update_profile(self, request: UpdateProfileRequest) -> None:
-        self.store.upsert_profile(request.customer_id, traits=request.set, unset=request.unset)
+        self.store.upsert_profile(
+            request.customer_id, traits=request.set, unset=request.unset, paths=True
+        )
 
     @activity.defn(name=NEXT_WINDOW_OPENING)
     def next_window_opening(self, request: WindowRequest) -> WindowOpening:
@@ -119,6 +149,55 @@ class JourneyActivities:
         )
         return BestTimeAnswer(at=best.at, reason=best.reason, timezone=best.timezone)
 
+    @activity.defn(name=LEAVE_AUDIENCES)
+    def leave_audiences(self, request: LeaveAudiencesRequest) -> LeaveAudiencesResult:
+        """Remove the customer from each audience a journey added them to and nothing removed
+        them from since; with ``workflow_id``, only the audiences that instance added.
+
+        Each removal is a ledger message whose id follows from the add's, sent like any other
+        send: a retry returns the stored result instead of calling the platform again.
+        """
+        customer = self.store.resolve_customer(request.customer_id)
+        last: dict[str, Message] = {}
+        for message in self.store.audience_messages(customer):
+            last[message.content.get("audience", "")] = message
+        result = LeaveAudiencesResult()
+        for audience, added in last.items():
+            if added.content.get("action", "add") != "add":
+                continue
+            if request.workflow_id is not None and (added.workflow_id, added.run_id) != (
+                request.workflow_id,
+                request.run_id,
+            ):
+                continue
+            removal = SendRequest(
+                message_id="msg_"
+                + hashlib.sha256(f"{added.message_id}|leave".encode()).hexdigest()[:40],
+                workflow_id=added.workflow_id,
+                run_id=added.run_id,
+                journey_key=added.journey_key,
+                journey_version=added.journey_version,
+                customer_id=customer,
+                step_id=added.step_id,
+                iteration=added.iteration,
+                channel="audience",
+                template=added.template,
+                category="marketing",
+                content={
+                    "audience": audience,
+                    "action": "remove",
+                    "match": added.content.get("match", ""),
+                },
+                trigger={},
+                scheduled_at=request.scheduled_at,
+            )
+            sent = self.send_message(removal)
+            if sent.status == "sent":
+                result.removed.append(audience)
+            else:
+                result.skipped.append(f"{audience}: {sent.reason}")
+        return result
+
     @activity.defn(name=SEND_MESSAGE)
     def send_message(self, request: SendRequest) -> SendResult:
         """Send one message exactly once, as far as the provider allows.
@@ -139,8 +218,30 @@ class JourneyActivities:
             return _result(stored)
         profile = _snapshot(found, request.customer_id)
         provider = self._provider(request.channel)
+        if request.channel == "webhook" and provider is self.fallback and self.signed_webhooks_only:
+            reason = UNSIGNED_WEBHOOK
+            refused = Message(**self._ledger_row(request, provider, reason))
+            refused.status = "failed"
+            self.store.record_message(refused)
+            raise ApplicationError(
+                f"{request.step_id}: {reason}", type="WebhookNotSigned", non_retryable=True
+            )
         recipient = _recipient(request.channel, profile, devices)
-        skip = self._skip_reason(request, profile, recipient)
+        matched: dict[str, Any] = {}
+        skip = None
+        if request.channel == "audience" and request.content.get("action", "add") == "add":
+            # Only the addresses the customer may be marketed on go to an ad platform.
+            matched, unusable = self._audience_identifiers(profile)
+            recipient = str(matched.get("email") or matched.get("phone") or "") or None
+            if not matched and unusable:
+                skip = f"nothing to match the audience with: {unusable}"
+            elif request.topic and left_topic(profile.traits.get(PREFERENCES_TRAIT), request.topic):
+                skip = f"left topic: {request.topic}"  # as the contact policy says it
+        elif request.channel == "audience" and request.content.get("match"):
+            # Leaving: by the identifiers the add used, so the platform finds the same member.
+            names = request.content["match"].split(",")
+            matched = {name: profile.traits[name] for name in names if profile.traits.get(name)}
+        skip = skip or self._skip_reason(request, profile, recipient)
         if skip is None and stored is None and _mentions_promotions(request.content):
             # An offer that expired since publish is not sent, whatever the policy says.
             skip = promotions.send_blockers(
@@ -158,6 +259,7 @@ class JourneyActivities:
                     category=request.category,
                     ignore_policy=request.ignore_policy,
                     address=recipient if request.channel in ADDRESS_TRAITS else None,
+                    topic=request.topic,
                 ),
                 now=request.scheduled_at,
             )
@@ -175,22 +277,33 @@ class JourneyActivities:
             return _result(
                 self.store.record_message(Message(**self._ledger_row(request, provider, skip)))
             )
-        unsubscribe_url = self.links.unsubscribe_url(
-            request.message_id, profile.customer_id, request.channel
+        links = self.links.message_links(
+            request.message_id,
+            profile.customer_id,
+            request.channel,
+            templates=request.content.values(),
         )
+        unsubscribe_url = links["unsubscribe_url"]
         content = (
             stored.content
             if stored is not None
-            else self._render(request, profile, unsubscribe_url, _trigger_context(request, trigger))
+            else self._render(request, profile, links, _trigger_context(request, trigger))
         )
+        if stored is None and request.channel == "audience" and matched:
+            content = {**content, "match": ",".join(sorted(matched))}
         # The ledger keeps the message as rendered; providers get it in their shape.
         outgoing = self.store.queue_message(
             self._ledger_row(request, provider, None, content=content, recipient=recipient)
         )
         if request.channel == "email":
-            outgoing = templates.email_parts(outgoing)
+            outgoing = templates.email_parts(outgoing, request.content)
             if "html" in outgoing and request.category == "marketing":
-                outgoing["html"] = rewrite_links(outgoing["html"], request.message_id, self.links)
+                outgoing["html"] = rewrite_links(
+                    outgoing["html"],
+                    request.message_id,
+                    self.links,
+                    template=request.content.get("body", ""),
+                )
         delivery = Delivery(
             message_id=request.message_id,
             channel=request.channel,
@@ -201,11 +314,18 @@ class JourneyActivities:
             category=request.category,
             recipient=recipient,
             content=outgoing,
-            profile=profile.traits,
+            profile=(
+                {**_without_addresses(profile.traits), **matched}
+                if request.channel == "audience" and matched
+                else profile.traits
+            ),
             unsubscribe_url=unsubscribe_url if request.category == "marketing" else None,
         )
         try:
-            provider_message_id = provider.deliver(delivery)
+            if request.channel in DEVICE_CHANNELS:
+                provider_message_id = self._deliver_to_devices(provider, delivery, devices)
+            else:
+                provider_message_id = provider.deliver(delivery)
         except PermanentFailure as failure:
             self.store.message_outcome(request.message_id, "failed", reason=failure.reason)
             self.policy.release(request.message_id, f"failed: {failure.reason}")
@@ -244,21 +364,57 @@ class JourneyActivities:
             message_id=request.message_id, status="sent", provider_message_id=provider_message_id
         )
 
+    def _deliver_to_devices(
+        self, provider: ChannelProvider, delivery: Delivery, devices: list[DeviceRow]
+    ) -> str:
+        """One provider call per active device of the customer; the first provider id.
+
+        Each acceptance is recorded before the next call, so a retry after a retryable
+        failure (or a crash) skips the devices that already have the message. A device whose
+        token or subscription the provider says is gone is switched off and never used again;
+        the message fails only when no device took it.
+        """
+        reached = self.store.devices_reached(delivery.message_id) if len(devices) > 1 else {}
+        accepted: list[str] = []
+        refused: list[str] = []
+        for device in devices:
+            key = hashlib.sha256(device.address.encode()).hexdigest()[:32]
+            if key in reached:
+                accepted.append(reached[key])
+                continue
+            recipient = _device_recipient(delivery.channel, device)
+            try:
+                provider_message_id = provider.deliver(replace(delivery, recipient=recipient))
+            except PermanentFailure as failure:
+                if failure.recipient_gone:
+                    self.store.retire_device(delivery.channel, device.address)
+                refused.append(failure.reason)
+                continue
+            if len(devices) > 1:
+                self.store.device_reached(
+                    delivery.message_id, provider.name, key, provider_message_id
+                )
+            accepted.append(provider_message_id)
+        if not accepted:
+            raise PermanentFailure("; ".join(refused) or f"no {delivery.channel} device")
+        return accepted[0]
+
     def _provider(self, channel: str) -> ChannelProvider:
         provider = self.providers.get(channel)
-        if provider is None and channel == "handoff":
-            provider = self.providers.get("webhook")  # a helpdesk hears hand-offs by webhook
+        webhook = self.providers.get("webhook")
+        if provider is None and channel == "handoff" and getattr(webhook, "url", None):
+            provider = webhook  # a helpdesk hears hand-offs at HILO_WEBHOOK_URL
         return provider or self.fallback
 
     def _render(
         self,
         request: SendRequest,
         profile: ProfileSnapshot,
-        unsubscribe_url: str,
+        links: dict[str, str],
         trigger: dict[str, Any],
     ) -> dict[str, str]:
         context = {
-            "unsubscribe_url": unsubscribe_url,
+            **links,
             "profile": profile.as_context(),
             "customer": profile.traits,
             "trigger": trigger,
@@ -276,8 +432,13 @@ class JourneyActivities:
                 request.channel, request.template, request.content, context
             )
         except Exception as error:  # a template that rendered at publish but not now
+            reason = (
+                templates.limit_reached(error)
+                if isinstance(error, ResourceLimitError)
+                else str(error)
+            )
             raise ApplicationError(
-                f"{request.step_id}: template did not render: {error}",
+                f"{request.step_id}: template did not render: {reason}",
                 type="TemplateError",
                 non_retryable=True,
             ) from error
@@ -319,6 +480,37 @@ class JourneyActivities:
             "clicked_at": None,
             "updated_at": now,
         }
+
+    def _audience_identifiers(self, profile: ProfileSnapshot) -> tuple[dict[str, Any], str]:
+        """The email and phone an audience may match the customer by, and why others may not.
+
+        Email needs email consent (soft opt-in: not withdrawn), a phone SMS or WhatsApp
+        consent; a suppressed address is never uploaded.
+        """
+        usable: dict[str, Any] = {}
+        unusable: list[str] = []
+        for trait, channels in (("email", ("email",)), ("phone", ("sms", "whatsapp"))):
+            value = profile.traits.get(trait)
+            if not value:
+                continue
+            consented = [
+                channel
+                for channel in channels
+                if profile.consent.get(channel, CONSENT_DEFAULTS[channel]) is True
+            ]
+            if not consented:
+                unusable.append(f"no {' or '.join(channels)} consent for its {trait}")
+                continue
+            suppressed = [
+                row
+                for channel in consented
+                for row in self.policy.suppressions(channel, str(value), limit=1)
+            ]
+            if suppressed:
+                unusable.append(f"{trait} suppressed ({suppressed[0].reason})")
+                continue
+            usable[trait] = value
+        return usable, "; ".join(unusable)
 
     def _skip_reason(
         self, request: SendRequest, profile: ProfileSnapshot, recipient: str | None
@@ -401,17 +593,23 @@ def _recipient(channel: str, profile: ProfileSnapshot, devices: list[DeviceRow])
         value = profile.traits.get(trait)
         return str(value) if value else None
     if channel in DEVICE_CHANNELS:
-        if not devices:
-            return None
-        if channel == "webpush":
-            return json.dumps(
-                {"endpoint": devices[0].address, "keys": devices[0].data.get("keys", {})}
-            )
-        return devices[0].address
+        # The ledger names the newest device; the send goes to every one of them.
+        return _device_recipient(channel, devices[0]) if devices else None
     if channel == "audience":
         value = profile.traits.get("email") or profile.traits.get("phone")
         return str(value) if value else None
     return None
+
+
+def _without_addresses(traits: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in traits.items() if name not in ("email", "phone")}
+
+
+def _device_recipient(channel: str, device: DeviceRow) -> str:
+    """An FCM token as it is; a web-push subscription as PushSubscription.toJSON() gives it."""
+    if channel == "webpush":
+        return json.dumps({"endpoint": device.address, "keys": device.data.get("keys", {})})
+    return device.address
 
 
 def _result(message: Message | LedgerRow) -> SendResult:

@@ -28,7 +28,11 @@ def create_app(
     client: Client | None = None,
     task_queue: str | None = None,
 ) -> FastAPI:
-    """The API over ``store`` and ``client``; whichever is missing is made at startup."""
+    """The API over ``store`` and ``client``; whichever is missing is made at startup.
+
+    In production, exits at once (no traceback) naming each setting the API cannot run without.
+    """
+    settings.refuse_to_start_without("api")
     queue = task_queue or settings.task_queue
 
     @asynccontextmanager
@@ -69,6 +73,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    # The links and webhooks read the same settings object (tests may put their own after).
+    app.state.channel_settings = settings
     # Set here, not in the lifespan, so the app also works where no lifespan runs
     # (httpx.ASGITransport in tests).
     app.state.store = store

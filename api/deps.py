@@ -12,9 +12,11 @@ from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 from temporalio.client import Client
 
 from hilo.catalog import JourneyCatalog
+from hilo.channels.config import ChannelSettings
 from hilo.dispatcher import Dispatcher
 from hilo.ingest import Ingestor
 from hilo.playbook import load_playbook
@@ -80,11 +82,38 @@ ClientDep = Annotated[Client, Depends(get_client)]
 RouterDep = Annotated[EventRouter, Depends(get_router)]
 
 
-def get_catalog(request: Request, store: StoreDep, settings: SettingsDep) -> JourneyCatalog:
+def get_channel_settings(request: Request) -> ChannelSettings:
+    """``HILO_*`` channel settings, read once per app (tests put their own on app.state)."""
+    settings = getattr(request.app.state, "channel_settings", None)
+    if settings is None:
+        try:
+            settings = ChannelSettings()
+        except ValidationError as error:
+            # Names the variables only: the input values may be secrets.
+            problems = "; ".join(
+                f"HILO_{'_'.join(str(part) for part in problem['loc']).upper() or 'SETTINGS'}: "
+                f"{problem['msg']}"
+                for problem in error.errors()
+            )
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE, f"channel settings are invalid: {problems}"
+            ) from None
+        request.app.state.channel_settings = settings
+    assert isinstance(settings, ChannelSettings)
+    return settings
+
+
+ChannelSettingsDep = Annotated[ChannelSettings, Depends(get_channel_settings)]
+
+
+def get_catalog(
+    request: Request, store: StoreDep, settings: SettingsDep, channels: ChannelSettingsDep
+) -> JourneyCatalog:
     # The playbook file is read once per app.
     if not hasattr(request.app.state, "playbook"):
         request.app.state.playbook = load_playbook(settings.playbook_file)
-    return JourneyCatalog(store, request.app.state.playbook)
+    topics = [topic.key for topic in channels.preference_topics]
+    return JourneyCatalog(store, request.app.state.playbook, topics=topics)
 
 
 CatalogDep = Annotated[JourneyCatalog, Depends(get_catalog)]

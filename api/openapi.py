@@ -21,6 +21,7 @@ __all__ = [
     "UNAUTHORIZED",
     "Message",
     "NOT_JSON",
+    "SETTINGS_INVALID",
     "TIME_ZONES",
     "DateTimeText",
     "Responses",
@@ -72,6 +73,12 @@ NOT_BLANK = f"[^{SPACE}]"
 
 # The names ZoneInfo knows, so that a client can tell a time zone Hilo would refuse.
 TIME_ZONES: dict[str, Any] = {"enum": [*sorted(available_timezones()), None]}
+
+# Routes that read the channel settings (the journey catalog, webhooks, links) cannot work
+# while HILO_* channel variables are invalid.
+SETTINGS_INVALID = message(
+    503, "Hilo's channel settings are invalid or missing; the body names them."
+)
 
 # A JSON body that is not UTF-8 text: FastAPI refuses it before validation.
 NOT_JSON = message(400, "The body is not UTF-8 JSON.")

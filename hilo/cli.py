@@ -28,6 +28,17 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+def _preference_topics() -> list[str]:
+    """The preference page's topic keys (HILO_PREFERENCE_TOPICS): what a send's topic may be."""
+    from hilo.channels.config import ChannelSettings
+
+    try:
+        return [topic.key for topic in ChannelSettings().preference_topics]
+    except Exception as error:
+        typer.secho(f"settings: {error}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
 def _load(path: Path) -> JourneyDefinition:
     if not path.is_file():
         typer.secho(f"{path}: no such file", fg="red", err=True)
@@ -85,32 +96,52 @@ def api() -> None:
 # ---------------------------------------------------------------- journeys
 
 
+def _catalog() -> Any:
+    from hilo.catalog import JourneyCatalog
+    from hilo.playbook import load_playbook
+
+    settings = _settings()
+    return JourneyCatalog(
+        _store(settings), load_playbook(settings.playbook_file), topics=_preference_topics()
+    )
+
+
+def _warn(warnings: list[Any]) -> None:
+    for warning in warnings:
+        typer.secho(f"  warning: {warning}", fg="yellow")
+
+
 @journeys_app.command("validate")
 def journeys_validate(files: list[Path]) -> None:
     """Check definitions as publishing would; exit 1 on the first invalid file."""
+    catalog = _catalog()
     for path in files:
         definition = _load(path)
+        # The publish checks themselves: a file that validates is a file that publishes.
+        checked = catalog.check(definition)
+        if checked.problems:
+            typer.secho(str(JourneyInvalid(checked.problems, str(path))), fg="red", err=True)
+            raise typer.Exit(1)
         typer.echo(f"{path}: ok ({definition.key}, {len(definition.steps)} top-level steps)")
+        _warn(checked.warnings)
 
 
 @journeys_app.command("publish")
 def journeys_publish(files: list[Path]) -> None:
-    """Publish each definition as a new immutable version."""
-    from hilo.catalog import JourneyCatalog
-    from hilo.playbook import load_playbook
-
+    """Publish each definition; a definition equal to the latest version stays that version."""
     definitions = [_load(path) for path in files]  # all valid, or none published
-    settings = _settings()
-    catalog = JourneyCatalog(_store(settings), load_playbook(settings.playbook_file))
+    catalog = _catalog()
     for definition in definitions:
         try:
-            version = catalog.publish(definition)
+            published = catalog.publish_if_changed(definition)
         except ValueError as error:  # JourneyInvalid included: it names each step
             typer.secho(str(error), fg="red", err=True)
             raise typer.Exit(1) from None
-        typer.echo(f"published {definition.key} v{version}")
-        for warning in version.warnings:
-            typer.secho(f"  warning: {warning}", fg="yellow")
+        if published.created:
+            typer.echo(f"published {definition.key} v{published.version}")
+        else:
+            typer.echo(f"unchanged {definition.key} v{published.version}: nothing published")
+        _warn(published.warnings)
 
 
 @journeys_app.command("list")
@@ -223,20 +254,60 @@ def send_event(
     typer.echo(json.dumps(result, indent=2))
 
 
+def _journey_to_simulate(journey: str) -> JourneyDefinition:
+    """A file, else the latest published version of that key, else the example of that key."""
+    path = Path(journey)
+    if path.is_file():
+        return _load(path)
+    settings = _settings()
+    published = _published(settings, journey)
+    if published is not None:
+        return published
+    example = settings.examples_dir / f"{journey}.yaml"
+    if example.is_file():
+        return _load(example)
+    typer.secho(
+        f"{journey}: no such file, no published journey with that key "
+        f"(`hilo journeys list` shows them) and no example {example.name}",
+        fg="red",
+        err=True,
+    )
+    raise typer.Exit(2)
+
+
+def _published(settings: Settings, key: str) -> JourneyDefinition | None:
+    from sqlalchemy.engine import make_url
+
+    from hilo.journeys import parse_journey
+
+    url = make_url(settings.resolved_database_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        return None  # nothing published here yet; do not create a database to find that out
+    latest = _store(settings).latest_version(key)
+    if latest is None:
+        return None
+    typer.echo(f"{key}: published version {latest.version}")
+    try:
+        return parse_journey(latest.definition, source=f"{key} v{latest.version}")
+    except JourneyInvalid as error:
+        typer.secho(str(error), fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def simulate(
     journey: Annotated[
-        str, typer.Argument(help="A journey file, or the key of an example journey.")
+        str,
+        typer.Argument(
+            help="A journey file, or a key: the latest published version, else the example."
+        ),
     ],
     scenario: Annotated[Path, typer.Option("--scenario", "-s", help="Scenario YAML file.")],
 ) -> None:
     """Run a journey against a scripted customer on Temporal's time-skipping server."""
     from hilo.simulation import Scenario, simulate_sync
 
-    path = Path(journey)
-    if not path.is_file():
-        path = _settings().examples_dir / f"{journey}.yaml"
-    definition = _load(path)
+    definition = _journey_to_simulate(journey)
     if not scenario.is_file():
         typer.secho(f"{scenario}: no such file", fg="red", err=True)
         raise typer.Exit(2)

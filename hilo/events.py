@@ -60,3 +60,114 @@ class CustomerEvent(BaseModel):
             "timestamp": self.timestamp.isoformat(),
             "message_id": self.message_id,
         }
+
+
+# ---------------------------------------------------------------- the events Hilo emits
+
+# Segment's spec names wherever the spec has one (its Email spec here), so a journey written
+# for a Segment source reads the same. docs/events.md is this table (a test holds it so).
+PAGE_VIEWED = "Page Viewed"
+SCREEN_VIEWED = "Screen Viewed"
+EMAIL_DELIVERED = "Email Delivered"
+EMAIL_OPENED = "Email Opened"
+EMAIL_LINK_CLICKED = "Email Link Clicked"
+EMAIL_BOUNCED = "Email Bounced"
+EMAIL_MARKED_AS_SPAM = "Email Marked as Spam"
+UNSUBSCRIBED = "Unsubscribed"
+PREFERENCES_UPDATED = "Preferences Updated"
+SMS_READ = "SMS Read"
+SMS_LINK_CLICKED = "SMS Link Clicked"
+WHATSAPP_MESSAGE_READ = "WhatsApp Message Read"
+WHATSAPP_LINK_CLICKED = "WhatsApp Link Clicked"
+MESSAGE_OPENED = "Message Opened"
+MESSAGE_LINK_CLICKED = "Message Link Clicked"
+
+EMITTED_EVENTS: dict[str, str] = {
+    PAGE_VIEWED: "A Segment `page` call (`/v1/page`), with its properties.",
+    SCREEN_VIEWED: "A Segment `screen` call (`/v1/screen`), with its properties.",
+    EMAIL_DELIVERED: "The email provider delivered an email (SendGrid's `delivered`).",
+    EMAIL_OPENED: "An email was opened: Hilo's open pixel loaded, or the provider said so.",
+    EMAIL_LINK_CLICKED: "A link in an email was followed: Hilo's click tracking, or the "
+    "provider's; `url` is the target.",
+    EMAIL_BOUNCED: "An email bounced (hard or soft); a hard bounce also suppresses the address.",
+    EMAIL_MARKED_AS_SPAM: "The customer reported an email as spam; the address is suppressed.",
+    UNSUBSCRIBED: "The customer left marketing on a channel (`channel`) or one topic "
+    "(`topic`): Hilo's unsubscribe link, the preference page, or the provider.",
+    PREFERENCES_UPDATED: "The customer saved the preference page: `frequency`, "
+    "`pause_until`, `topics`.",
+    SMS_READ: "An SMS was read (where the provider reports it).",
+    SMS_LINK_CLICKED: "A tracked link in an SMS was followed.",
+    WHATSAPP_MESSAGE_READ: "A WhatsApp message was read (blue ticks).",
+    WHATSAPP_LINK_CLICKED: "A tracked link in a WhatsApp message was followed.",
+    MESSAGE_OPENED: "Any other channel's message was opened.",
+    MESSAGE_LINK_CLICKED: "A tracked link in any other channel's message was followed.",
+}
+
+# Names Segment's specs give common events (mobile lifecycle, e-commerce, email, B2B SaaS):
+# what sources send, used to suggest a name when a journey names an event nobody sends.
+SEGMENT_SPEC_EVENTS = frozenset(
+    {
+        "Application Installed",
+        "Application Opened",
+        "Application Backgrounded",
+        "Application Updated",
+        "Application Uninstalled",
+        "Application Crashed",
+        "Push Notification Received",
+        "Push Notification Tapped",
+        "Push Notification Bounced",
+        "Products Searched",
+        "Product List Viewed",
+        "Product List Filtered",
+        "Promotion Viewed",
+        "Promotion Clicked",
+        "Product Clicked",
+        "Product Viewed",
+        "Product Added",
+        "Product Removed",
+        "Cart Viewed",
+        "Checkout Started",
+        "Checkout Step Viewed",
+        "Checkout Step Completed",
+        "Payment Info Entered",
+        "Order Updated",
+        "Order Completed",
+        "Order Refunded",
+        "Order Cancelled",
+        "Coupon Entered",
+        "Coupon Applied",
+        "Coupon Denied",
+        "Coupon Removed",
+        "Product Added to Wishlist",
+        "Product Removed from Wishlist",
+        "Wishlist Product Added to Cart",
+        "Product Shared",
+        "Cart Shared",
+        "Product Reviewed",
+        "Signed Up",
+        "Signed In",
+        "Signed Out",
+        "Account Created",
+        "Account Deleted",
+        "Trial Started",
+        "Trial Ended",
+        *EMITTED_EVENTS,
+    }
+)
+# Other tools' names for events Segment's specs name otherwise, to suggest the spec's name.
+SPEC_NAME_FOR: dict[str, str] = {
+    "App Opened": "Application Opened",
+    "App Launched": "Application Opened",
+    "App Installed": "Application Installed",
+    "App Backgrounded": "Application Backgrounded",
+    "Email Clicked": "Email Link Clicked",
+    "Email Spam Reported": "Email Marked as Spam",
+    "Email Unsubscribed": "Unsubscribed",
+    "Order Placed": "Order Completed",
+    "Purchase": "Order Completed",
+    "Purchased": "Order Completed",
+    "Added to Cart": "Product Added",
+    "Add to Cart": "Product Added",
+    "Viewed Product": "Product Viewed",
+    "Started Checkout": "Checkout Started",
+}

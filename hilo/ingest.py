@@ -10,6 +10,16 @@ keyed by that id; when an ``identify`` (or ``alias``) ties it to a ``userId``, t
 anonymous profile is merged into the known one: events, journey entries, messages,
 consent and devices move, traits merge (the known profile's win), and the running journey
 instances are told who their customer is now.
+
+Trust: a client source's write key is public (it ships in a page or an app), so its calls
+may create and enrich anonymous profiles and the profile a call names, but not merge two
+known customers, change an identified customer's email or phone, take a device from
+another known customer, or grant consent. A server source may; consent the customer
+withdrew anywhere but in a Segment trait (an unsubscribe link, the preference page, a
+complaint, a STOP reply, the consent API) comes back only with the proof the source states
+in ``context.consent.source``. Each such change, applied or not, is a
+:class:`ProfileChange` on the customer's timeline; the call itself is stored either way,
+so one refused change never costs a batch its page views.
 """
 
 from __future__ import annotations
@@ -31,7 +41,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from hilo.events import CustomerEvent
+from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
+from hilo.settings import WriteKeySource
 from hilo.storage import (
     ConsentChange,
     Device,
@@ -40,13 +51,14 @@ from hilo.storage import (
     Message,
     OutboxEntry,
     Profile,
+    ProfileChange,
     Store,
     StoredEvent,
     utcnow,
 )
 
 # Segment's page and screen calls reach journeys under the names its destinations use.
-EVENT_NAMES = {"page": "Page Viewed", "screen": "Screen Viewed"}
+EVENT_NAMES = {"page": PAGE_VIEWED, "screen": SCREEN_VIEWED}
 # Calls that journeys can trigger on or listen to; identify, group and alias change the
 # profile and are kept on its timeline, but start nothing.
 ROUTED_TYPES = frozenset({"track", "page", "screen"})
@@ -58,12 +70,18 @@ ADDRESS_IDENTITIES = {"email": "email", "phone": "phone"}
 MAX_ADDRESS_CHARS = 320
 MAX_DEVICE_TOKEN_CHARS = 2000
 CONFLICT_ATTEMPTS = 5  # each lost race means another request stored what it raced for
+# The detail of a consent change a Segment trait stated without proof: a withdrawal with
+# this detail is the only one a plain trait may undo.
+PLAIN_TRAIT = "identify traits"
+MAX_PROOF_CHARS = 500  # ConsentChange.detail
+NEEDS_SERVER = "needs a server source"
 
 # Built once, the ids bound on each run (building them per request cost more than the
 # queries themselves), over the tables rather than the models: plain statements, which the
 # ORM need not compile.
 _identity_table = Identity.__table__  # type: ignore[attr-defined]
 _profile_table = Profile.__table__  # type: ignore[attr-defined]
+_device_table = Device.__table__  # type: ignore[attr-defined]
 _IDENTITIES = select(_identity_table.c.value, _identity_table.c.customer_id).where(
     _identity_table.c.kind == bindparam("kind"),
     _identity_table.c.value.in_(bindparam("values", expanding=True)),
@@ -161,7 +179,7 @@ class _Batch:
     """The request's view of the database, loaded once and written back once."""
 
     session: Session
-    source: str
+    source: WriteKeySource
     identities: dict[tuple[str, str], str] = field(default_factory=dict)
     new_identities: dict[tuple[str, str], str] = field(default_factory=dict)
     stored: dict[str, _StoredProfile] = field(default_factory=dict)
@@ -170,6 +188,8 @@ class _Batch:
     changed: set[str] = field(default_factory=set)
     consent: list[ConsentChange] = field(default_factory=list)
     devices: dict[tuple[str, str], Device] = field(default_factory=dict)
+    device_owners: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    audit: list[ProfileChange] = field(default_factory=list)
 
 
 class _WriterTurn:
@@ -230,9 +250,11 @@ class Ingestor:
         self._writer = writer_lock(store)
 
     def accept_events(self, events: Sequence[CustomerEvent], source: str = "api") -> Accepted:
-        return self.accept([OwnEvent.of(event) for event in events], source)
+        # The caller holds the admin token: a server source (its name checked with the event).
+        server = WriteKeySource.model_construct(name=source, kind="server")
+        return self.accept([OwnEvent.of(event) for event in events], server)
 
-    def accept(self, calls: Sequence[IncomingCall], source: str) -> Accepted:
+    def accept(self, calls: Sequence[IncomingCall], source: WriteKeySource) -> Accepted:
         """Store ``calls`` in one transaction; nothing is stored if anything fails."""
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             try:
@@ -245,7 +267,7 @@ class Ingestor:
                     raise
         raise AssertionError("unreachable")
 
-    def _accept_once(self, calls: Sequence[IncomingCall], source: str) -> Accepted:
+    def _accept_once(self, calls: Sequence[IncomingCall], source: WriteKeySource) -> Accepted:
         result = Accepted()
         unique: dict[str, IncomingCall] = {}
         for call in calls:
@@ -263,7 +285,7 @@ class Ingestor:
                 customer = self._customer_of(batch, call, result)
                 self._apply_profile(batch, call, customer)
                 result.customers[call.message_id] = customer
-                rows.append(self._event_row(call, customer, source))
+                rows.append(self._event_row(call, customer, source.name))
             self._write_profiles(batch)
             stored = self._insert_events(session, rows)
             routable = []
@@ -350,7 +372,8 @@ class Ingestor:
             )
             self._identify(batch, call.user_id)
             if earlier and earlier != call.user_id:
-                self._merge(batch, earlier, call.user_id, result)
+                if self._may_merge(batch, call, earlier, call.user_id):
+                    self._merge(batch, earlier, call.user_id, result)
             elif not earlier:
                 self._link(batch, "anonymous_id", call.previous_id, call.user_id)
             return call.user_id
@@ -372,6 +395,47 @@ class Ingestor:
         self._link(batch, "anonymous_id", anonymous, anonymous)
         self._profile(batch, anonymous, anonymous=True)
         return anonymous
+
+    def _may_merge(self, batch: _Batch, call: IncomingCall, earlier: str, known: str) -> bool:
+        """Whether ``earlier`` may be folded into ``known``: always when it is an anonymous
+        visitor; a known customer only by a server source, and either way on the record."""
+        if self._is_anonymous(batch, earlier):
+            return True
+        what = f"merge of known customer '{earlier}' into '{known}'"
+        return self._record(batch, call, earlier, "merge", what, {"from": earlier, "to": known})
+
+    def _record(
+        self,
+        batch: _Batch,
+        call: IncomingCall,
+        customer: str,
+        kind: str,
+        what: str,
+        data: dict[str, Any],
+        refusal: str | None = None,
+    ) -> bool:
+        """Put a trust-bound change on ``customer``'s timeline: applied (True) when the source
+        is a server source and no ``refusal`` is given, else not, with the reason."""
+        source = batch.source
+        if refusal is None and source.kind != "server":
+            refusal = NEEDS_SERVER
+        if refusal is None:
+            summary = f"{what} by {source.kind} source '{source.name}'"
+        else:
+            summary = f"{what} from {source.kind} source '{source.name}' not applied: {refusal}"
+        batch.audit.append(
+            ProfileChange(
+                customer_id=customer,
+                kind=kind,
+                applied=refusal is None,
+                summary=summary[:500],
+                source=source.name,
+                message_id=call.message_id,
+                data=data,
+                changed_at=utcnow(),
+            )
+        )
+        return refusal is None
 
     def _known(self, batch: _Batch, kind: str, value: str) -> str | None:
         return batch.new_identities.get((kind, value)) or batch.identities.get((kind, value))
@@ -434,6 +498,7 @@ class Ingestor:
             JourneyInstance,
             Message,
             ConsentChange,
+            ProfileChange,
             Device,
             Identity,
             OutboxEntry,
@@ -454,6 +519,12 @@ class Ingestor:
         for change in batch.consent:
             if change.customer_id == anonymous:
                 change.customer_id = known
+        for audited in batch.audit:
+            if audited.customer_id == anonymous:
+                audited.customer_id = known
+        for key, owner in batch.device_owners.items():
+            if owner == anonymous:
+                batch.device_owners[key] = known
         batch.new_identities[("anonymous_id", anonymous)] = known
         if moved:
             session.add(
@@ -490,39 +561,62 @@ class Ingestor:
         if traits:
             # Consent is kept apart from the traits, each change with its source and time.
             plain = {name: value for name, value in traits.items() if name != "consent"}
+            for trait in ADDRESS_IDENTITIES.values():
+                if trait in plain and not self._may_readdress(batch, call, profile, trait):
+                    del plain[trait]
             if plain:
                 profile.traits = {**profile.traits, **plain}
             for kind, trait in ADDRESS_IDENTITIES.items():
                 value = plain.get(trait)
                 if isinstance(value, str) and value.strip():
-                    address = value.strip().lower() if kind == "email" else value.strip()
+                    address = _address(trait, value)
                     if len(address) > MAX_ADDRESS_CHARS:
                         continue
                     if self._known(batch, kind, address) is None:
                         self._link(batch, kind, address, customer)
             consent = traits.get("consent")
             if isinstance(consent, dict):
-                self._consent(batch, profile, consent, call.timestamp)
+                self._consent(batch, call, profile, consent)
         if zone and profile.timezone != zone:
             profile.timezone = zone
         if isinstance(locale, str) and locale and profile.locale != locale[:35]:
             profile.locale = locale[:35]
         if isinstance(token, str) and token and len(token) <= MAX_DEVICE_TOKEN_CHARS:
-            self._device(batch, customer, "push", token, device, call.timestamp)
+            self._device(batch, call, customer, "push", token, device)
         # A call that repeats what the profile holds (the locale of every page view) writes
         # nothing.
         if (profile.traits, profile.consent, profile.timezone, profile.locale) != before:
             profile.updated_at = utcnow()
             batch.changed.add(customer)
 
+    def _may_readdress(
+        self, batch: _Batch, call: IncomingCall, profile: Profile, trait: str
+    ) -> bool:
+        """Whether ``trait`` (email, phone) may take the call's value: always on an anonymous
+        profile, the first time, or when it repeats the address; a change of an identified
+        customer's address only from a server source, and either way on the record."""
+        current, value = profile.traits.get(trait), call.traits.get(trait)
+        if profile.anonymous or not isinstance(current, str) or not current.strip():
+            return True
+        if isinstance(value, str) and _address(trait, value) == _address(trait, current):
+            return True
+        what = f"{trait} change"
+        data = {"from": current, "to": value}
+        return self._record(batch, call, profile.customer_id, trait, what, data)
+
     def _consent(
-        self, batch: _Batch, profile: Profile, consent: dict[str, Any], at: datetime
+        self, batch: _Batch, call: IncomingCall, profile: Profile, consent: dict[str, Any]
     ) -> None:
+        """The one consent writer of ingestion. Anyone may withdraw; a grant needs a server
+        source, and consent the customer withdrew also the proof the source states."""
         current = dict(profile.consent)
+        proof = _proof(call) if batch.source.kind == "server" else None
         for channel, granted in consent.items():
             if channel not in CONSENT_CHANNELS or not isinstance(granted, bool):
                 continue  # the parser already refused these; identify traits are free-form
             if current.get(channel) is granted:
+                continue
+            if granted and not self._may_grant(batch, call, profile, channel, current, proof):
                 continue
             current[channel] = granted
             batch.consent.append(
@@ -530,22 +624,76 @@ class Ingestor:
                     customer_id=profile.customer_id,
                     channel=channel,
                     granted=granted,
-                    source=batch.source,
-                    detail="identify traits",
-                    changed_at=at,
+                    source=batch.source.name,
+                    detail=proof or PLAIN_TRAIT,
+                    changed_at=call.timestamp,
                 )
             )
         profile.consent = current
 
+    def _may_grant(
+        self,
+        batch: _Batch,
+        call: IncomingCall,
+        profile: Profile,
+        channel: str,
+        current: dict[str, Any],
+        proof: str | None,
+    ) -> bool:
+        what = f"{channel} consent grant"
+        data = {"channel": channel}
+        if batch.source.kind != "server":
+            return self._record(batch, call, profile.customer_id, "consent", what, data)
+        if proof is not None or current.get(channel) is not False:
+            return True
+        withdrawal = self._withdrawal(batch, profile.customer_id, channel)
+        if withdrawal is None or withdrawal.detail == PLAIN_TRAIT:
+            return True  # a trait said no, a trait may say yes
+        by = withdrawal.source + (f": {withdrawal.detail}" if withdrawal.detail else "")
+        refusal = (
+            f"the customer withdrew it ({by[:200]}); state the proof in context.consent.source "
+            f"(1 to {MAX_PROOF_CHARS} characters)"
+        )
+        self._record(batch, call, profile.customer_id, "consent", what, data, refusal)
+        return False
+
+    def _withdrawal(self, batch: _Batch, customer: str, channel: str) -> ConsentChange | None:
+        """The change that withdrew the channel's consent: of this request, or stored.
+        None only when consent was set without a record (``PUT /profiles``)."""
+        for change in reversed(batch.consent):
+            if change.customer_id == customer and change.channel == channel:
+                return change
+        with batch.session.no_autoflush:
+            # The latest written, as that is what the profile's consent says now.
+            return batch.session.scalars(
+                select(ConsentChange)
+                .where(
+                    col(ConsentChange.customer_id) == customer,
+                    col(ConsentChange.channel) == channel,
+                    col(ConsentChange.topic).is_(None),
+                    col(ConsentChange.granted).is_(False),
+                )
+                .order_by(col(ConsentChange.id).desc())
+                .limit(1)
+            ).first()
+
     def _device(
         self,
         batch: _Batch,
+        call: IncomingCall,
         customer: str,
         kind: str,
         address: str,
         device: dict[str, Any],
-        at: datetime,
     ) -> None:
+        owner = self._device_owner(batch, kind, address)
+        if owner is not None and owner != customer and not self._is_anonymous(batch, owner):
+            what = f"{kind} device move from '{owner}' to '{customer}'"
+            data = {"kind": kind, "from": owner, "to": customer}
+            if not self._record(batch, call, owner, "device", what, data):
+                return
+        at = call.timestamp
+        batch.device_owners[(kind, address)] = customer
         batch.devices[(kind, address)] = Device(
             customer_id=customer,
             kind=kind,
@@ -555,6 +703,20 @@ class Ingestor:
             created_at=at,
             updated_at=at,
         )
+
+    def _device_owner(self, batch: _Batch, kind: str, address: str) -> str | None:
+        key = (kind, address)
+        if key not in batch.device_owners:
+            found = batch.session.connection().execute(
+                select(_device_table.c.customer_id).where(
+                    _device_table.c.kind == kind, _device_table.c.address == address
+                )
+            )
+            batch.device_owners[key] = found.scalar()
+        owner = batch.device_owners[key]
+        if owner is not None:
+            self._view(batch, owner)  # loaded, so _is_anonymous can tell
+        return owner
 
     # ------------------------------------------------------------ writing
 
@@ -569,7 +731,7 @@ class Ingestor:
                 "kind": kind,
                 "value": value,
                 "customer_id": customer,
-                "source": batch.source,
+                "source": batch.source.name,
                 "created_at": utcnow(),
             }
             for (kind, value), customer in batch.new_identities.items()
@@ -586,6 +748,7 @@ class Ingestor:
                     .values(customer_id=customer)
                 )
         session.add_all(batch.consent)
+        session.add_all(batch.audit)
         for (kind, address), device in batch.devices.items():
             existing = session.scalars(
                 select(Device).where(col(Device.kind) == kind, col(Device.address) == address)
@@ -629,6 +792,20 @@ class Ingestor:
             .returning(table.c.message_id)
         )
         return set(session.connection().execute(statement, rows).scalars())
+
+
+def _address(trait: str, value: str) -> str:
+    """The address as its identity keeps it: emails are compared without case."""
+    return value.strip().lower() if trait == "email" else value.strip()
+
+
+def _proof(call: IncomingCall) -> str | None:
+    """What a server source states as the customer's consent, ``context.consent.source``."""
+    consent = (call.context or {}).get("consent")
+    proof = consent.get("source") if isinstance(consent, dict) else None
+    if isinstance(proof, str) and proof.strip() and len(proof) <= MAX_PROOF_CHARS:
+        return proof.strip()
+    return None
 
 
 def _zone(value: Any) -> str | None:

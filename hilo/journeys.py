@@ -28,14 +28,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from hilo.conditions import Condition
+from hilo.conditions import Condition, SameValue, same_value
 from hilo.durations import Duration
 
 STEP_ID = r"^[a-z][a-z0-9_]{0,62}$"
 JOURNEY_KEY = r"^[a-z][a-z0-9_]{0,62}$"
 RESERVED_KEYS = frozenset({"schema", "validate"})
 STEP_TYPES = ("send", "wait", "wait_for", "branch", "split", "update_profile", "handoff", "exit")
-CHANNELS = ("email", "sms", "whatsapp", "push", "webhook", "audience")
+CHANNELS = ("email", "sms", "whatsapp", "push", "webpush", "webhook", "audience")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
@@ -96,15 +96,37 @@ class EventMatch(_Strict):
         description="Event properties that must equal the trigger's (e.g. [cart_id]).",
     )
 
-    def matches(self, event: dict[str, Any], context: dict[str, Any]) -> bool:
+    def matches(
+        self, event: dict[str, Any], context: dict[str, Any], same: SameValue = same_value
+    ) -> bool:
         if event.get("name") != self.event:
             return False
+        if self.trigger_mismatch(event, context, same) is not None:
+            return False
+        return self.where is None or self.where.evaluate({**context, "event": event}, same)
+
+    def trigger_mismatch(
+        self, event: dict[str, Any], context: dict[str, Any], same: SameValue = same_value
+    ) -> str | None:
+        """Why ``event`` is not about the trigger's ``match_trigger`` properties (``cart_id
+        c2 ≠ trigger's c1``); None when it is."""
         trigger_props = context.get("trigger", {}).get("properties", {})
         event_props = event.get("properties", {})
         for prop in self.match_trigger:
-            if prop not in event_props or event_props.get(prop) != trigger_props.get(prop):
-                return False
-        return self.where is None or self.where.evaluate({**context, "event": event})
+            theirs = _shown(trigger_props[prop]) if prop in trigger_props else "none"
+            if prop not in event_props:
+                return f"the event has no {prop} (trigger's {theirs})"
+            if not same(event_props[prop], trigger_props.get(prop)):
+                return f"{prop} {_shown(event_props[prop])} ≠ trigger's {theirs}"
+        return None
+
+
+def _shown(value: Any) -> str:
+    """A property value as an operator reads it: text as it is, anything else (and text
+    that spaces or emptiness would hide) as JSON."""
+    if isinstance(value, str) and value and value.strip() == value:
+        return value
+    return json.dumps(value, default=str)
 
 
 class ExitRule(EventMatch):
@@ -143,14 +165,31 @@ class StepBase(_Strict):
 
 class SendStep(StepBase):
     type: Literal["send"]
-    channel: Literal["email", "sms", "whatsapp", "push", "webhook", "audience"]
+    channel: Literal["email", "sms", "whatsapp", "push", "webpush", "webhook", "audience"]
     template: str = Field(min_length=1, description="Template name, e.g. cart_reminder_1.")
     category: Literal["marketing", "transactional"] = "marketing"
+    topic: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        description="A preference-page topic (HILO_PREFERENCE_TOPICS) this message is about: "
+        "a customer who left the topic is skipped. Marketing sends only.",
+        examples=["promotions"],
+    )
     subject: str | None = Field(None, description="Email subject (Liquid).")
-    title: str | None = Field(None, description="Push title (Liquid).")
+    title: str | None = Field(None, description="Push and web push title (Liquid).")
     body: str | None = Field(None, description="Message body (Liquid).")
     audience: str | None = Field(None, description="Ad audience name (channel audience).")
-    url: str | None = Field(None, description="Webhook URL (channel webhook).")
+    action: Literal["add", "remove"] | None = Field(
+        None,
+        description="Channel audience: add the customer (default; needs their consent and an "
+        "address not suppressed) or remove them. A journey that exits removes the customer from "
+        "the audiences it added them to.",
+    )
+    url: str | None = Field(
+        None,
+        description="Channel webhook: where the step posts, signed. Push and web push: the "
+        "page the notification opens.",
+    )
     on_failure: Literal["continue", "exit"] = "continue"
     on_skip: Literal["continue", "exit"] = Field(
         "continue",
@@ -170,10 +209,30 @@ class SendStep(StepBase):
             "sms": ("body",),
             "whatsapp": ("body",),
             "push": ("title", "body"),
+            "webpush": ("title", "body"),
             "webhook": ("url",),
             "audience": ("audience",),
         }[self.channel]
         missing = [name for name in required if not getattr(self, name)]
+        if self.action is not None and self.channel != "audience":
+            raise PydanticCustomError(
+                "send_field_invalid",
+                "'action' (add or remove) applies to audience sends only; remove it",
+                {"field": "action"},
+            )
+        if self.topic is not None and self.channel == "webhook":
+            raise PydanticCustomError(
+                "send_field_invalid",
+                "a webhook does not reach the customer, so no topic choice applies; remove 'topic'",
+                {"field": "topic"},
+            )
+        if self.topic is not None and self.category == "transactional":
+            raise PydanticCustomError(
+                "send_field_invalid",
+                "a transactional send reaches the customer whatever topics they chose; "
+                "remove 'topic' or make the send category marketing",
+                {"field": "topic"},
+            )
         if missing:
             # A custom error carries the field, so the problem's path points at it.
             raise PydanticCustomError(
@@ -191,7 +250,13 @@ class SendStep(StepBase):
     def content(self) -> dict[str, str]:
         """The Liquid sources this step renders, by field."""
         fields = ("subject", "title", "body", "audience", "url")
-        return {name: value for name in fields if (value := getattr(self, name))}
+        content = {name: value for name in fields if (value := getattr(self, name))}
+        if self.channel == "audience":
+            content["action"] = self.action or "add"
+        return content
+
+    def adds_to_audience(self) -> bool:
+        return self.channel == "audience" and self.action != "remove"
 
 
 class TimeWindow(_Strict):
@@ -300,8 +365,14 @@ class SplitStep(StepBase):
 
 class UpdateProfileStep(StepBase):
     type: Literal["update_profile"]
-    set: dict[str, Any] = Field(default_factory=dict, description="Traits to set.")
-    unset: list[str] = Field(default_factory=list, description="Traits to remove.")
+    set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Traits to set; a dotted name sets one field of an object trait and keeps "
+        "its others (preferences.frequency: monthly).",
+    )
+    unset: list[str] = Field(
+        default_factory=list, description="Traits to remove (dotted names as in 'set')."
+    )
 
     @model_validator(mode="after")
     def _something(self) -> UpdateProfileStep:
@@ -398,7 +469,9 @@ class JourneyDefinition(_Strict):
         return names
 
     def checksum(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        # Defaults left out: a field added to the grammar later does not make every
+        # unchanged journey look changed (and republish as a new version).
+        canonical = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -546,7 +619,7 @@ def _problems_from(error: ValidationError, raw: Any) -> list[JourneyProblem]:
                 if isinstance(item["input"], dict) and "type" in item["input"]
                 else "step has no 'type'"
             ) + f"; 'type' must be one of {', '.join(STEP_TYPES)}"
-        elif item["type"] == "send_field_missing":
+        elif item["type"] in ("send_field_missing", "send_field_invalid"):
             path += f".{item['ctx']['field']}"
         elif item["type"] == "literal_error":
             message = f"{item['msg']} (got {item['input']!r})"

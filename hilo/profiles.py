@@ -2,8 +2,9 @@
 
 * :func:`profile_view`: traits, identities, consent with its history, devices. An anonymous
   id merged into a known customer (or only ever linked to one) leads to that customer.
-* :func:`timeline`: events, journey entries and exits, messages, consent changes and the
-  contact policy's decisions, newest first, across the ids merged into the customer.
+* :func:`timeline`: events, journey entries and exits, messages, consent changes, the
+  identity changes sources asked for (applied or not, and why) and the contact policy's
+  decisions, newest first, across the ids merged into the customer.
 * :func:`record_consent`: one consent statement from any source (a preference centre, a
   support agent, an import), kept with its source and time; a push token or a web-push
   subscription given with it becomes one of the customer's devices.
@@ -32,10 +33,13 @@ from hilo.storage import (
     Device,
     Identity,
     JourneyInstance,
+    JourneyNote,
     Message,
     Profile,
+    ProfileChange,
     Store,
     StoredEvent,
+    queue_audience_exit,
     utcnow,
 )
 
@@ -64,7 +68,15 @@ _P256DH_BYTES = 65
 _AUTH_BYTES = 16
 
 TimelineKind = Literal[
-    "event", "identify", "journey_entry", "journey_exit", "message", "consent", "policy_decision"
+    "event",
+    "identify",
+    "journey_entry",
+    "journey_exit",
+    "journey_note",
+    "message",
+    "consent",
+    "profile_change",
+    "policy_decision",
 ]
 
 
@@ -127,7 +139,9 @@ class TimelineEntry(BaseModel):
     summary: str = Field(examples=["Cart Abandoned"])
     data: dict[str, Any] = Field(default_factory=dict)
     source: str | None = Field(
-        None, description="The source of an event or consent change; None for Hilo's own."
+        None,
+        description="The source of an event, consent change or profile change; None for "
+        "Hilo's own.",
     )
 
 
@@ -281,8 +295,10 @@ def timeline(
             *_events(session, ids, limit, until),
             *_journey_entries(session, ids, limit, until),
             *_journey_exits(session, ids, limit, until),
+            *_journey_notes(session, ids, limit, until),
             *_messages(session, ids, limit, until),
             *_consent_changes(session, ids, limit, until),
+            *_profile_changes(session, ids, limit, until),
             *_policy_decisions(session, ids, limit, until),
         ]
     entries.sort(key=lambda entry: entry.at, reverse=True)
@@ -390,6 +406,29 @@ def _journey_exits(
     return entries
 
 
+def _journey_notes(
+    session: Session, ids: Sequence[str], limit: int, before: datetime | None
+) -> list[TimelineEntry]:
+    query = select(JourneyNote).where(col(JourneyNote.customer_id).in_(ids))
+    if before is not None:
+        query = query.where(col(JourneyNote.noted_at) < before)
+    rows = session.exec(query.order_by(col(JourneyNote.noted_at).desc()).limit(limit))
+    return [
+        TimelineEntry(
+            kind="journey_note",
+            at=_utc(row.noted_at),
+            summary=row.summary,
+            data={
+                "journey_key": row.journey_key,
+                "workflow_id": row.workflow_id,
+                "step_id": row.step_id,
+                "event_message_id": row.event_message_id,
+            },
+        )
+        for row in rows
+    ]
+
+
 def _messages(
     session: Session, ids: Sequence[str], limit: int, before: datetime | None
 ) -> list[TimelineEntry]:
@@ -450,6 +489,30 @@ def _consent_changes(
             )
         )
     return entries
+
+
+def _profile_changes(
+    session: Session, ids: Sequence[str], limit: int, before: datetime | None
+) -> list[TimelineEntry]:
+    query = select(ProfileChange).where(col(ProfileChange.customer_id).in_(ids))
+    if before is not None:
+        query = query.where(col(ProfileChange.changed_at) < before)
+    rows = session.exec(query.order_by(col(ProfileChange.changed_at).desc()).limit(limit))
+    return [
+        TimelineEntry(
+            kind="profile_change",
+            at=_utc(row.changed_at),
+            summary=row.summary,
+            data={
+                **row.data,
+                "change": row.kind,
+                "applied": row.applied,
+                "message_id": row.message_id,
+            },
+            source=row.source,
+        )
+        for row in rows
+    ]
 
 
 _DECISIONS_SQL = """
@@ -554,6 +617,10 @@ def record_consent(
             .execution_options(populate_existing=True)
         ).first() or Profile(customer_id=customer)
         if topic is None:
+            if not granted and profile.consent.get(channel) is not False:
+                queue_audience_exit(
+                    session, profile.customer_id, f"{channel} consent withdrawn", now
+                )
             profile.consent = {**profile.consent, channel: granted}
         profile.updated_at = now
         session.add(profile)

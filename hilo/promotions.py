@@ -56,7 +56,7 @@ __all__ = [
 # A Liquid identifier, so that ``promotions.<key>`` works without brackets.
 PROMOTION_KEY = r"^[a-z][a-z0-9_]{0,62}$"
 # The channels of hilo.journeys.CHANNELS.
-ChannelName = Literal["email", "sms", "whatsapp", "push", "webhook", "audience"]
+ChannelName = Literal["email", "sms", "whatsapp", "push", "webpush", "webhook", "audience"]
 
 
 class Promotion(SQLModel, table=True):

@@ -19,10 +19,10 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from hilo.conditions import lookup
+from hilo.conditions import key_text, lookup
 from hilo.events import CustomerEvent
 from hilo.ids import journey_workflow_id
-from hilo.journey_runs import SIGNAL_EVENT, JourneyInput
+from hilo.journey_runs import SIGNAL_EVENT, JourneyInput, workflow_event
 from hilo.journeys import JourneyDefinition, PublishedJourney
 from hilo.storage import Journey, JourneyVersion, Store
 
@@ -140,9 +140,22 @@ class EventRouter:
         for instance in active:
             if instance.workflow_id in result.started:
                 continue
-            if await self._signal(self.client.get_workflow_handle(instance.workflow_id), event):
+            # The instance hears the properties its rules read, not the whole event.
+            running = await self._version(instance.journey_key, instance.version)
+            heard = event if running is None else workflow_event(running, event, "event")
+            if await self._signal(self.client.get_workflow_handle(instance.workflow_id), heard):
                 result.signalled.append(instance.workflow_id)
         return result
+
+    async def _version(self, key: str, version: int) -> JourneyDefinition | None:
+        """The definition an instance runs: published versions never change, so each is
+        read once (the latest ones come with the catalog)."""
+        if (key, version) not in self._definitions:
+            found = await asyncio.to_thread(self.store.get_version, key, version)
+            if found is None:
+                return None
+            self._definitions[(key, version)] = JourneyDefinition.model_validate(found.definition)
+        return self._definitions[(key, version)]
 
     async def _enter(
         self,
@@ -160,7 +173,7 @@ class EventRouter:
                     f"event has no {definition.trigger.key}, the journey's instance key"
                 )
                 return
-            instance_key = str(value)
+            instance_key = key_text(value)
         workflow_id = journey_workflow_id(journey.key, event.customer_id, instance_key)
         previous = await asyncio.to_thread(self.store.get_instance, workflow_id)
         entry = definition.entry
@@ -190,7 +203,8 @@ class EventRouter:
                     ),
                     customer_id=event.customer_id,
                     instance_key=instance_key,
-                    trigger=event,
+                    # What conditions and match_trigger read: templates read the stored event.
+                    trigger=workflow_event(definition, event, "trigger"),
                     max_steps_per_run=self.max_steps_per_run,
                     search_attributes=self.search_attributes,
                     send_timeout_seconds=self.send_timeout.total_seconds(),

@@ -37,6 +37,8 @@ from annotated_types import MaxLen
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from hilo.events import PAGE_VIEWED, SCREEN_VIEWED
+
 __all__ = [
     "CALL_MODELS",
     "CALL_TYPES",
@@ -89,7 +91,7 @@ _FLOAT_GROWTH = 21
 
 _ISO_HINT = "must be an ISO-8601 date-time string such as 2024-05-01T12:00:00.000Z"
 _TYPE_HINT = "one of " + ", ".join(CALL_TYPES)
-_PAGE_EVENTS = {"page": "Page Viewed", "screen": "Screen Viewed"}
+_PAGE_EVENTS = {"page": PAGE_VIEWED, "screen": SCREEN_VIEWED}
 
 
 class RejectionStatus(IntEnum):

@@ -1,22 +1,49 @@
-"""Settings, read once from ``HILO_*`` environment variables and passed down."""
+"""Settings, read once from ``HILO_*`` environment variables and passed down.
+
+One object for every process: :class:`Settings` extends the channel settings (providers,
+credentials, links; :mod:`hilo.channels.config`) with where Hilo runs, so the API and the
+worker read the same values the same way.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from hilo.channels.config import ChannelSettings
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_WRITE_KEY = "dev-write-key"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HILO_", env_file=".env", extra="ignore")
+class WriteKeySource(BaseModel):
+    """The source a write key stands for. A client source's key ships in a page or an app,
+    so anyone may send with it; a server source's key is a secret of the brand's backend."""
 
-    environment: Literal["development", "test", "production"] = "development"
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, examples=["web"])
+    kind: Literal["client", "server"] = "client"
+
+
+def _named_source(value: object) -> object:
+    # The first form named the source only: it gets the kind that can do least.
+    return {"name": value} if isinstance(value, str) else value
+
+
+DEV_SOURCE = WriteKeySource(name="development", kind="server")
+
+
+class Settings(ChannelSettings):
+    # An empty variable is no value (compose passes every setting, empty when unset).
+    model_config = SettingsConfigDict(
+        env_prefix="HILO_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
+
     state_dir: Path = Field(Path(".hilo"), description="Where `hilo dev` keeps its files.")
     database_url: str = Field(
         "", description="SQLAlchemy URL; empty means a SQLite file in state_dir."
@@ -35,10 +62,12 @@ class Settings(BaseSettings):
         description="Run the journey interpreter in Temporal's workflow sandbox: a guard for "
         "changes to the interpreter itself, at about a quarter of the worker's CPU.",
     )
-    write_keys: dict[str, str] = Field(
+    write_keys: dict[str, Annotated[WriteKeySource, BeforeValidator(_named_source)]] = Field(
         default_factory=dict,
-        description="Segment write key -> source name, as JSON: "
-        '{"k3y": "web", "an0ther": "ios"}. Development adds dev-write-key -> development.',
+        description="Segment write key -> source, as JSON: "
+        '{"k3y": {"name": "web", "kind": "client"}, "s3cret": {"name": "shop", "kind": '
+        '"server"}}; a bare name ({"k3y": "web"}) is a client source. Development adds '
+        "dev-write-key -> development, a server source.",
     )
     dispatcher: bool = Field(
         True, description="Run the outbox dispatcher in the API process (one holds the lease)."
@@ -52,18 +81,62 @@ class Settings(BaseSettings):
     )
 
     @property
-    def sources(self) -> dict[str, str]:
-        """Write key -> source name."""
+    def sources(self) -> dict[str, WriteKeySource]:
+        """Write key -> source."""
         if self.environment != "production" and not self.write_keys:
-            return {DEV_WRITE_KEY: "development"}
+            return {DEV_WRITE_KEY: DEV_SOURCE}
         return dict(self.write_keys)
 
+    @property
+    def api_url(self) -> str:
+        """Where the API answers on this machine (a wildcard host means the loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+            self.api_host, self.api_host
+        )
+        if ":" in host:  # an IPv6 address goes in brackets in a URL
+            host = f"[{host}]"
+        return f"http://{host}:{self.api_port}"
+
+    def production_problems(self, role: Literal["api", "worker"]) -> list[str]:
+        """One line per setting ``role`` cannot run without in production; empty elsewhere.
+
+        The API needs its admin token and Segment write keys; both make links, so both need
+        the public URL and the link secret.
+        """
+        if self.environment != "production":
+            return []
+        problems = []
+        if role == "api":
+            if self.admin_token == DEV_ADMIN_TOKEN:
+                problems.append(
+                    "HILO_ADMIN_TOKEN is not set (or is the development placeholder); the admin "
+                    "routes need a secret bearer token of your own"
+                )
+            if not self.write_keys:
+                problems.append(
+                    "HILO_WRITE_KEYS is not set; every Segment call would be refused: give each "
+                    'source its write key and kind, as JSON: {"<write key>": {"name": "web", '
+                    '"kind": "client"}}'
+                )
+        return problems + self.link_problems()
+
+    def refuse_to_start_without(self, role: Literal["api", "worker"]) -> None:
+        """Exit with :meth:`production_problems`, a line each and no traceback, if any.
+
+        For a process's start, before it serves or polls anything: an API that says ok on
+        /health and then refuses every call is worse than one that does not start.
+        """
+        problems = self.production_problems(role)
+        if problems:
+            raise SystemExit("\n".join(problems))
+
     @model_validator(mode="after")
-    def _no_placeholder_secrets(self) -> Settings:
-        if self.environment == "production" and self.admin_token == DEV_ADMIN_TOKEN:
-            raise ValueError(
-                "HILO_ADMIN_TOKEN is the development placeholder; set a secret token for production"
-            )
+    def _links_follow_the_api(self) -> Settings:
+        # Outside production, links point at this machine's API unless HILO_PUBLIC_URL says
+        # otherwise: a fixed :8000 would make every link dead on another HILO_API_PORT.
+        if self.environment != "production" and "public_url" not in self.model_fields_set:
+            self.public_url = self.api_url
+            self.model_fields_set.discard("public_url")  # still derived, not given
         return self
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -116,6 +117,25 @@ class ConsentChange(SQLModel, table=True):
     changed_at: datetime = Field(default_factory=utcnow)
 
 
+class ProfileChange(SQLModel, table=True):
+    """A change to who a customer is that a source asked for — a merge of two known
+    customers, a new email or phone, a device taken from another customer, a consent grant —
+    with that source, and whether it was applied (``reason`` says why not): the audit behind
+    the trust each source kind has. Applied consent changes are in ``consent_changes``."""
+
+    __tablename__ = "profile_changes"
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(index=True, max_length=200)
+    kind: str = Field(max_length=20)  # merge | email | phone | device | consent
+    applied: bool
+    summary: str = Field(max_length=500)
+    source: str = Field(max_length=100)
+    message_id: str | None = Field(default=None, max_length=200)  # the call that asked
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    changed_at: datetime = Field(default_factory=utcnow)
+
+
 class Device(SQLModel, table=True):
     """A push token or web-push subscription of a customer."""
 
@@ -137,7 +157,8 @@ class OutboxEntry(SQLModel, table=True):
     """Work the dispatcher owes Temporal, committed with what caused it.
 
     ``event``: route a stored event (start and signal); ``merge``: tell the running
-    instances of a merged anonymous profile who their customer is now.
+    instances of a merged anonymous profile who their customer is now; ``audiences``: take a
+    customer who withdrew consent out of every ad audience.
     """
 
     __tablename__ = "outbox"
@@ -151,6 +172,33 @@ class OutboxEntry(SQLModel, table=True):
     available_at: datetime = Field(default_factory=utcnow)
     attempts: int = 0
     last_error: str | None = Field(default=None, max_length=1000)
+
+
+def queue_audience_exit(session: Session, customer_id: str, reason: str, now: datetime) -> None:
+    """On a consent withdrawal, in its transaction: an ``audiences`` outbox entry that takes
+    the customer out of the ad audiences journeys added them to, when any audience message
+    ever went out for them (most customers were never in one)."""
+    in_audiences = session.exec(
+        select(Message.message_id)
+        .where(
+            col(Message.customer_id) == customer_id,
+            col(Message.channel) == "audience",
+            col(Message.status) == "sent",
+        )
+        .limit(1)
+    ).first()
+    if in_audiences is None:
+        return
+    session.add(
+        OutboxEntry(
+            kind="audiences",
+            message_id=f"leave-{uuid.uuid4().hex}",
+            customer_id=customer_id,
+            payload={"reason": reason[:300]},
+            created_at=now,
+            available_at=now,
+        )
+    )
 
 
 class DispatcherLease(SQLModel, table=True):
@@ -205,6 +253,25 @@ class JourneyInstance(SQLModel, table=True):
     exit_reason: str | None = Field(default=None, max_length=200)
     converted_at: datetime | None = None
     revenue: float | None = None
+
+
+class JourneyNote(SQLModel, table=True):
+    """What a running instance noticed that left no other trace, for the customer's
+    timeline: an event that almost ended it or answered its wait ("Order Completed did not
+    end the journey: cart_id c2 ≠ trigger's c1"). One per instance run and event."""
+
+    __tablename__ = "journey_notes"
+    __table_args__ = (UniqueConstraint("run_id", "event_message_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    workflow_id: str = Field(max_length=1000)
+    run_id: str = Field(max_length=64)
+    journey_key: str = Field(max_length=63)
+    customer_id: str = Field(index=True, max_length=200)
+    step_id: str | None = Field(default=None, max_length=63)
+    event_message_id: str = Field(max_length=200)
+    summary: str = Field(max_length=500)
+    noted_at: datetime
 
 
 class Message(SQLModel, table=True):
@@ -471,6 +538,30 @@ class DeviceRow(NamedTuple):
     data: dict[str, Any]
 
 
+def traits_with_paths(
+    traits: dict[str, Any], values: dict[str, Any], unset: Sequence[str]
+) -> dict[str, Any]:
+    """``traits`` with ``values`` set and ``unset`` removed, a dotted name reaching into an
+    object trait (a new dict at each level: JSON columns see the change)."""
+    merged = dict(traits)
+    for name, value in values.items():
+        head, dot, rest = name.partition(".")
+        if not dot:
+            merged[name] = value
+            continue
+        inner = merged.get(head)
+        merged[head] = traits_with_paths(
+            inner if isinstance(inner, dict) else {}, {rest: value}, []
+        )
+    for name in unset:
+        head, dot, rest = name.partition(".")
+        if not dot:
+            merged.pop(name, None)
+        elif isinstance(merged.get(head), dict):
+            merged[head] = traits_with_paths(merged[head], {}, [rest])
+    return merged
+
+
 class Store:
     """Database access shared by the API, the router and the activities."""
 
@@ -547,14 +638,22 @@ class Store:
         timezone: str | None = None,
         locale: str | None = None,
         unset: list[str] | None = None,
+        paths: bool = False,
     ) -> Profile:
-        """Merge traits and consent into the profile, creating it when new."""
+        """Merge traits and consent into the profile, creating it when new.
+
+        With ``paths`` (a journey's update_profile), a dotted name sets or unsets one field
+        of an object trait and keeps its others: ``preferences.frequency``.
+        """
         for _attempt in range(3):
             with self.session() as session:
                 profile = session.get(Profile, customer_id) or Profile(customer_id=customer_id)
-                merged = {**profile.traits, **(traits or {})}
-                for name in unset or []:
-                    merged.pop(name, None)
+                if paths:
+                    merged = traits_with_paths(profile.traits, traits or {}, unset or [])
+                else:
+                    merged = {**profile.traits, **(traits or {})}
+                    for name in unset or []:
+                        merged.pop(name, None)
                 profile.traits = merged
                 profile.consent = {**profile.consent, **(consent or {})}
                 profile.timezone = timezone or profile.timezone
@@ -610,6 +709,17 @@ class Store:
                 return True
             stored = connection.execute(sql.stored_event, {"message_id": message_id}).first()
         return stored is not None and stored.routed_at is None
+
+    def received_event_names(self, names: Sequence[str]) -> set[str]:
+        """Which of ``names`` Hilo has ever stored an event of (one look-up a name, at
+        publish; each stops at the first event found)."""
+        found = set()
+        with self.session() as session:
+            for name in sorted(set(names)):
+                statement = select(StoredEvent.message_id).where(StoredEvent.name == name)
+                if session.exec(statement.limit(1)).first() is not None:
+                    found.add(name)
+        return found
 
     def event_routed(self, message_id: str) -> None:
         with self.engine.begin() as connection:
@@ -897,6 +1007,16 @@ class Store:
                 )
             )
 
+    def add_journey_note(self, note: dict[str, Any]) -> None:
+        """Record a note (every column of JourneyNote but its id) once: a retried activity
+        writes nothing more."""
+        notes = JourneyNote.__table__  # type: ignore[attr-defined]
+        statement = self._insert(notes).values(**note)
+        with self.engine.begin() as connection:
+            connection.execute(
+                statement.on_conflict_do_nothing(index_elements=["run_id", "event_message_id"])
+            )
+
     # ------------------------------------------------------------ messages
 
     def message_and_profile(
@@ -946,6 +1066,66 @@ class Store:
             },
             also,
         )
+
+    def audience_messages(self, customer_id: str) -> list[Message]:
+        """The customer's audience adds and removals that went out, oldest first."""
+        with self.session() as session:
+            return list(
+                session.exec(
+                    select(Message)
+                    .where(
+                        col(Message.customer_id) == customer_id,
+                        col(Message.channel) == "audience",
+                        col(Message.status) == "sent",
+                    )
+                    .order_by(col(Message.sent_at), col(Message.created_at))
+                )
+            )
+
+    def devices_reached(self, message_id: str) -> dict[str, str]:
+        """The devices a message's provider already accepted, by device key: provider id."""
+        prefix = f"device:{message_id}:"
+        with self.session() as session:
+            rows = session.exec(
+                select(DeliveryEventRow).where(
+                    col(DeliveryEventRow.message_id) == message_id,
+                    col(DeliveryEventRow.raw_id).startswith(prefix),
+                )
+            )
+            return {row.raw_id[len(prefix) :]: row.reason or "" for row in rows}
+
+    def device_reached(
+        self, message_id: str, provider: str, device_key: str, provider_message_id: str
+    ) -> None:
+        """Record that the provider accepted a message for one of the customer's devices, so a
+        retry of the send skips that device (kept with the provider's other answers)."""
+        with self.session() as session:
+            session.add(
+                DeliveryEventRow(
+                    raw_id=f"device:{message_id}:{device_key}",
+                    message_id=message_id,
+                    provider=provider[:40],
+                    status="sent",
+                    reason=provider_message_id[:500],
+                    occurred_at=utcnow(),
+                )
+            )
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()  # a retry that got this far already recorded it
+
+    def retire_device(self, kind: str, address: str) -> bool:
+        """Switch off a push token or web-push subscription the provider says is gone for
+        good, so no send uses it again; False when it was off already."""
+        with self.session() as session:
+            result = session.exec(
+                update(Device)
+                .where(col(Device.kind) == kind, col(Device.address) == address, col(Device.active))
+                .values(active=False, updated_at=utcnow())
+            )
+            session.commit()
+            return bool(result.rowcount)
 
     def register_device(
         self, customer_id: str, kind: str, address: str, data: dict[str, Any] | None = None

@@ -2,7 +2,9 @@
 
 Every template is rendered at publish with the journey's sample (strictly: an unknown
 variable is an error) in the context a send has: ``profile``, ``customer`` (the traits),
-``trigger``, ``journey``, ``message``, ``unsubscribe_url`` and ``promotions``. The rendered
+``trigger``, ``journey``, ``message``, ``promotions`` and the customer's signed links:
+``unsubscribe_url``, ``preferences_url`` (the preference page) and ``pause_url`` (the same
+page at its pause choices), so a journey need not carry links in its events. The rendered
 sample must then fit its channel: an SMS in :data:`SMS_MAX_SEGMENTS` segments, a push title
 and body in what a lock screen shows, a WhatsApp template's parameters in its placeholders.
 
@@ -19,6 +21,12 @@ numbered placeholders, and each of ``params`` the Liquid that fills one placehol
       params: ["{{ profile.traits.first_name }}", "{{ trigger.properties.product_name }}"]
 
 Any other body is a text message, for replies inside the window.
+
+HTML. An email body whose template has markup is HTML, and every value it outputs is
+escaped: a customer's name holding ``<a href=...>`` reads as that text, and never becomes a
+link (click tracking signs only the template's own links, see
+:func:`hilo.channels.links.rewrite_links`). A trusted fragment is marked with ``| safe``.
+Everything else (subjects, plain-text bodies, SMS, WhatsApp, push) is text and is not escaped.
 """
 
 from __future__ import annotations
@@ -32,15 +40,62 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from liquid import BoundTemplate, Environment, StrictUndefined
-from liquid.exceptions import LiquidError
+from liquid import BoundTemplate, Environment, RenderContext, StrictUndefined
+from liquid.exceptions import (
+    BlockNestingError,
+    ContextDepthError,
+    LiquidError,
+    LocalNamespaceLimitError,
+    LoopIterationLimitError,
+    OutputStreamLimitError,
+    ResourceLimitError,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from hilo.journeys import JourneyDefinition, JourneyProblem, SendStep
 
-_lenient = Environment()
-_strict = Environment(undefined=StrictUndefined)
+# A message needs far less than these; they stop a template (or a customer's data) from
+# holding a worker or the API: a 5,000,000-step loop took 3.6 s to validate without them.
+MAX_LOOP_ITERATIONS = 10_000  # all loops of one render together
+MAX_OUTPUT_BYTES = 1_000_000
+MAX_ASSIGNED_BYTES = 1_000_000  # what assign and capture hold
+
+
+class _CountingContext(RenderContext):
+    """Counts the iterations of every loop in one render: python-liquid's own limit bounds
+    nested loops only, and a thousand loops side by side are as slow as nested ones."""
+
+    __slots__ = ("iterations",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.iterations = 0
+
+    def raise_for_loop_limit(self, length: int = 1) -> None:
+        super().raise_for_loop_limit(length)
+        self.iterations += length
+        if self.iterations > MAX_LOOP_ITERATIONS:
+            raise LoopIterationLimitError("loop iteration limit reached", token=None)
+
+
+class _BoundedTemplate(BoundTemplate):
+    context_class = _CountingContext
+
+
+class _BoundedEnvironment(Environment):
+    template_class = _BoundedTemplate
+    loop_iteration_limit = MAX_LOOP_ITERATIONS
+    output_stream_limit = MAX_OUTPUT_BYTES
+    local_namespace_limit = MAX_ASSIGNED_BYTES
+
+
+_lenient = _BoundedEnvironment()
+_strict = _BoundedEnvironment(undefined=StrictUndefined)
+# An email's HTML body escapes what the context puts in it: a customer's name is text, never
+# markup or a link. Authors mark trusted fragments with the `safe` filter.
+_lenient_html = _BoundedEnvironment(autoescape=True)
+_strict_html = _BoundedEnvironment(autoescape=True, undefined=StrictUndefined)
 
 # GSM 03.38 basic set; anything else makes an SMS UCS-2 (70/67 characters a segment).
 _GSM7 = set(
@@ -53,16 +108,54 @@ PUSH_TITLE_MAX = 65
 PUSH_BODY_MAX = 240
 # What ``{{ unsubscribe_url }}`` renders to at publish; a send gets the customer's own link.
 SAMPLE_UNSUBSCRIBE_URL = "https://example.com/l/u/sample-unsubscribe-token"
+# The other signed links a send has (LinkSigner.message_links), as publish renders them.
+SAMPLE_LINKS = {
+    "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL,
+    "preferences_url": "https://example.com/l/p/sample-preferences-token",
+    "pause_url": "https://example.com/l/p/sample-preferences-token#pause",
+}
 
 
 @functools.lru_cache(maxsize=2048)
-def parsed(source: str) -> BoundTemplate:
+def parsed(source: str, *, html: bool = False) -> BoundTemplate:
     # A journey's few templates are rendered for every customer: parse each once.
-    return _lenient.from_string(source)
+    return (_lenient_html if html else _lenient).from_string(source)
 
 
-def render(source: str, context: dict[str, Any]) -> str:
-    return parsed(source).render(**context)
+def render(source: str, context: dict[str, Any], *, html: bool = False) -> str:
+    """``source`` rendered with ``context``; ``html`` escapes every value it outputs."""
+    return parsed(source, html=html).render(**context)
+
+
+_TAG = re.compile(r"<[a-zA-Z!/][^>]*>")
+
+
+def is_html(channel: str, field: str, source: str) -> bool:
+    """Whether a step's field is HTML: an email body whose template itself has markup.
+
+    The template decides, never the rendered text: a plain-text body stays text even when
+    a customer's name holds a tag. Everything else (subjects, SMS, WhatsApp, push) is text.
+    """
+    return channel == "email" and field == "body" and _TAG.search(source) is not None
+
+
+def limit_reached(error: ResourceLimitError) -> str:
+    """What a template did past its limits, and what would be right, in a person's words."""
+    if isinstance(error, LoopIterationLimitError):
+        return (
+            f"its loops would run more than {MAX_LOOP_ITERATIONS:,} times in all; loop over "
+            "fewer items, e.g. {% for item in items limit: 50 %}"
+        )
+    if isinstance(error, OutputStreamLimitError):
+        return f"it renders more than {MAX_OUTPUT_BYTES:,} bytes; a message needs far less"
+    if isinstance(error, LocalNamespaceLimitError):
+        return (
+            f"its assign and capture variables hold more than {MAX_ASSIGNED_BYTES:,} bytes; "
+            "keep what a template builds small"
+        )
+    if isinstance(error, ContextDepthError | BlockNestingError):
+        return f"its tags nest too deeply ({str(error).splitlines()[0]}); flatten them"
+    return str(error).splitlines()[0]
 
 
 def sms_segments(text: str) -> int:
@@ -149,7 +242,10 @@ def render_content(
                 "params": json.dumps(params, ensure_ascii=False),
                 "body": approved.preview(params),
             }
-    return {field: render(source, context) for field, source in content.items()}
+    return {
+        field: render(source, context, html=is_html(channel, field, source))
+        for field, source in content.items()
+    }
 
 
 # ---------------------------------------------------------------- the sample
@@ -181,7 +277,7 @@ def sample_context(definition: JourneyDefinition) -> dict[str, Any]:
         "trigger": (sample.trigger if sample else {}) or {"properties": {}},
         "journey": {"key": definition.key, "name": definition.name, "version": 1},
         "message": {"id": "sample-message"},
-        "unsubscribe_url": SAMPLE_UNSUBSCRIBE_URL,
+        **SAMPLE_LINKS,
         "promotions": _SamplePromotions(),
     }
 
@@ -213,7 +309,9 @@ def sample_messages(definition: JourneyDefinition) -> Iterator[SampleMessage]:
                         "whatsapp", step.template, {"body": source}, context
                     )["body"]
                 else:
-                    rendered[field] = render(source, context)
+                    rendered[field] = render(
+                        source, context, html=is_html(step.channel, field, source)
+                    )
             except (LiquidError, ValidationError):
                 rendered[field] = source
         yield SampleMessage(step, f"{path} ({step.id})", sources, rendered)
@@ -227,11 +325,18 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
 
     problems: list[JourneyProblem] = []
     context = sample_context(definition)
-    environment = _strict if definition.sample else _lenient
+    strict = bool(definition.sample)
 
-    def rendered_or_problem(source: str, where: str) -> str | None:
+    def rendered_or_problem(source: str, where: str, html: bool = False) -> str | None:
         try:
-            return environment.from_string(source).render(**context)
+            if strict:
+                return (_strict_html if html else _strict).from_string(source).render(**context)
+            return render(source, context, html=html)
+        except ResourceLimitError as error:
+            problems.append(
+                JourneyProblem(path=where, message=f"template is too heavy: {limit_reached(error)}")
+            )
+            return None
         except LiquidError as error:
             hint = (
                 "; add it to the journey's sample or fix the variable name"
@@ -259,7 +364,8 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
             if isinstance(step, SendStep) and step.channel == "whatsapp" and field == "body":
                 text = _check_whatsapp(step, f"{label}.body", rendered_or_problem, problems)
             else:
-                text = rendered_or_problem(source, f"{label}.{field}")
+                markup = isinstance(step, SendStep) and is_html(step.channel, field, source)
+                text = rendered_or_problem(source, f"{label}.{field}", markup)
             if text is not None:
                 rendered[field] = text
         if isinstance(step, SendStep) and step.channel == "sms" and "body" in rendered:
@@ -274,7 +380,7 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
                         "Unicode characters)",
                     )
                 )
-        if isinstance(step, SendStep) and step.channel == "push":
+        if isinstance(step, SendStep) and step.channel in ("push", "webpush"):
             for field, limit in (("title", PUSH_TITLE_MAX), ("body", PUSH_BODY_MAX)):
                 if field in rendered and len(rendered[field]) > limit:
                     problems.append(
@@ -379,6 +485,94 @@ def _check_whatsapp(
     return approved.preview(params)
 
 
+# What a customer's data and their event fill in; the rest of a send's context (links,
+# journey, message, promotions) is Hilo's own and always there.
+SAMPLED_ROOTS = ("trigger", "profile", "customer")
+
+
+def sample_gaps(definition: JourneyDefinition) -> list[JourneyProblem]:
+    """Warnings: template variables the journey's sample does not have.
+
+    Rendering strictly finds a variable the sample lacks only where the sample's own path
+    goes; this reads every variable of every template (inside an ``if`` not taken, a loop
+    over an empty list, a ``default``), so a field that would render blank for a real event
+    shaped otherwise (``product_name`` where Segment sends ``products[].name``) is named.
+    """
+    from hilo.journeys import HandoffStep, JourneyProblem, SendStep, walk_steps
+
+    context = sample_context(definition)
+    hint = (
+        "add them to the journey's sample as your events and profiles carry them"
+        if definition.sample
+        else "the journey has no sample: add one shaped as your events and profiles"
+    )
+    warnings: list[JourneyProblem] = []
+    for step, path in walk_steps(definition.steps):
+        if isinstance(step, SendStep):
+            sources = step.content()
+        elif isinstance(step, HandoffStep):
+            sources = {"note": step.note}
+        else:
+            continue
+        for field, source in sources.items():
+            missing = [
+                name
+                for name in _variables(source)
+                if name.split(".", 1)[0] in SAMPLED_ROOTS and not _in_sample(context, name)
+            ]
+            if missing:
+                warnings.append(
+                    JourneyProblem(
+                        path=f"{path} ({step.id}).{field}",
+                        message=f"reads {', '.join(missing)}, which the sample does not have "
+                        f"(it renders blank for an event or profile without it); {hint}",
+                    )
+                )
+    return warnings
+
+
+def _variables(source: str) -> list[str]:
+    """The global variables a template reads, as dotted paths, in order, once each."""
+    try:
+        found = parsed(source).analyze().globals
+    except LiquidError:
+        return []  # does not parse: check_templates says why
+    names: dict[str, None] = {}
+    for variables in found.values():
+        for variable in variables:
+            parts = []
+            for segment in variable.segments:
+                if not isinstance(segment, str | int):
+                    break  # a lookup by another variable (a[b]): known only when sent
+                parts.append(str(segment))
+            names[".".join(parts)] = None
+    return list(names)
+
+
+def _in_sample(context: Mapping[str, Any], name: str) -> bool:
+    """Whether Liquid would find ``name`` in ``context`` (``first``, ``last``, ``size`` and
+    indexes on lists as Liquid reads them)."""
+    current: Any = context
+    for segment in name.split("."):
+        if isinstance(current, Mapping):
+            if segment in current:
+                current = current[segment]
+                continue
+            return segment == "size"
+        if isinstance(current, list | tuple | str):
+            if segment == "size":
+                return True
+            index = {"first": 0, "last": -1}.get(segment)
+            if index is None and segment.lstrip("-").isdigit():
+                index = int(segment)
+            if index is None or not -len(current) <= index < len(current):
+                return False
+            current = current[index]
+            continue
+        return False
+    return True
+
+
 def check_unsubscribe_links(definition: JourneyDefinition) -> list[JourneyProblem]:
     """Every marketing email must show the customer's unsubscribe link in its body."""
     from hilo.journeys import JourneyProblem
@@ -411,21 +605,21 @@ def _names_unsubscribe_url(source: str) -> bool:
         return "unsubscribe_url" in source
 
 
-_TAG = re.compile(r"<[a-zA-Z!/][^>]*>")
-
-
-def email_parts(rendered: dict[str, str]) -> dict[str, str]:
+def email_parts(rendered: dict[str, str], sources: Mapping[str, str]) -> dict[str, str]:
     """A journey's email ``body`` as the text and HTML parts providers send.
 
-    A body with markup is the HTML part, and its text part is the same words without tags
-    (mail clients that show text only, and spam filters, expect both); a plain body is text.
+    A body whose template has markup (``sources``, see :func:`is_html`) is the HTML part,
+    and its text part is the same words without the template's tags (mail clients that show
+    text only, and spam filters, expect both): values the HTML escaped read as typed there.
+    A plain body is text, whatever its values hold.
     """
     if "body" not in rendered or "text" in rendered or "html" in rendered:
         return rendered
     parts = {name: value for name, value in rendered.items() if name != "body"}
     body = rendered["body"]
-    if _TAG.search(body):
+    if is_html("email", "body", sources.get("body", "")):
         parts["html"] = body
+        # Escaped values are no tags: they survive the strip and unescape to their text.
         parts["text"] = html.unescape(_TAG.sub("", body)).strip()
     else:
         parts["text"] = body

@@ -137,7 +137,7 @@ class ProviderServer:
     def __init__(self) -> None:
         self.received: list[Received] = []
         self.problems: list[str] = []
-        self._failures: deque[Reply] = deque()
+        self._failures: deque[Reply | None] = deque()
         self._delays: deque[float] = deque()
         self._lock = threading.RLock()  # handle() may take failures under it
         self._server = _Server(("127.0.0.1", 0), _Handler)
@@ -173,6 +173,12 @@ class ProviderServer:
         """Answer the next ``times`` well-formed requests with this failure."""
         for _ in range(times):
             self._failures.append(Reply(status, body, headers or {}))
+
+    def pass_next(self, times: int = 1) -> None:
+        """Handle the next ``times`` well-formed requests normally, before any failure queued
+        after this call."""
+        for _ in range(times):
+            self._failures.append(None)
 
     def delay_next(self, seconds: float) -> None:
         """Hold the next request this long before handling it (it is still handled)."""
@@ -736,15 +742,22 @@ class FakeFirebase(ProviderServer):
                 404, fcm_error(404, "NOT_FOUND", "Requested entity was not found.", "UNREGISTERED")
             )
         if not DEVICE_TOKEN.match(device):
-            return Reply(
+            # As FCM answers it: the FcmError and a BadRequest naming the field at fault.
+            invalid = fcm_error(
                 400,
-                fcm_error(
-                    400,
-                    "INVALID_ARGUMENT",
-                    "The registration token is not a valid FCM registration token",
-                    "INVALID_ARGUMENT",
-                ),
+                "INVALID_ARGUMENT",
+                "The registration token is not a valid FCM registration token",
+                "INVALID_ARGUMENT",
             )
+            invalid["error"]["details"].append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.BadRequest",
+                    "fieldViolations": [
+                        {"field": "message.token", "description": "Invalid registration token"}
+                    ],
+                }
+            )
+            return Reply(400, invalid)
         if (failure := self.take_failure()) is not None:
             return failure
         self.pushes.append(message)
@@ -788,19 +801,28 @@ def google_ads_error(
 
 
 class FakeGoogleAds(ProviderServer):
-    """OfflineUserDataJobService over REST: ``:create``, ``:addOperations``, ``:run``."""
+    """OfflineUserDataJobService over REST (``:create``, ``:addOperations``, ``:run``), and
+    Google's OAuth2 token endpoint (``/token``, refresh-token grant) whose access tokens the
+    API accepts until they expire."""
 
     def __init__(
         self,
         developer_token: str = "ads-developer-token",
-        access_token: str = "ya29.ads-access-token",
         customer_id: str = "1234567890",
         login_customer_id: str | None = "9876543210",
         api_version: str = "v26",
+        client_id: str = "hilo-ads.apps.googleusercontent.com",
+        client_secret: str = "GOCSPX-ads-client-secret",
+        refresh_token: str = "1//ads-refresh-token",
     ) -> None:
         super().__init__()
         self.developer_token = developer_token
-        self.access_token = access_token
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.refresh_token = refresh_token
+        self.token_lifetime = 3599
+        self.token_requests = 0
+        self._issued: dict[str, float] = {}
         self.customer_id = customer_id
         self.login_customer_id = login_customer_id
         self.api_version = api_version
@@ -810,19 +832,63 @@ class FakeGoogleAds(ProviderServer):
         self.jobs: dict[str, dict[str, Any]] = {}
         self._ids = itertools.count(880_000_001)
 
+    @property
+    def token_url(self) -> str:
+        return f"{self.url}/token"
+
+    def expire_tokens(self) -> None:
+        """Every access token issued so far dies now, as they do an hour after issue."""
+        with self._lock:
+            self._issued = dict.fromkeys(self._issued, 0.0)
+
     def error(self, code: int, status: str, error_code: dict[str, str], message: str) -> Reply:
         return Reply(
             code, google_ads_error(code, status, error_code, message, api_version=self.api_version)
         )
 
+    def _token(self, request: Received) -> Reply:
+        form = request.form()
+        if request.method != "POST" or form.get("grant_type") != "refresh_token":
+            raise Rejected(
+                Reply(400, {"error": "unsupported_grant_type"}), f"grant {form.get('grant_type')}"
+            )
+        if (form.get("client_id"), form.get("client_secret")) != (
+            self.client_id,
+            self.client_secret,
+        ):
+            return Reply(401, {"error": "invalid_client", "error_description": "Unauthorized"})
+        if form.get("refresh_token") != self.refresh_token:
+            return Reply(
+                400, {"error": "invalid_grant", "error_description": "Token has been revoked."}
+            )
+        self.token_requests += 1
+        token = "ya29.ads-" + secrets.token_urlsafe(24)
+        self._issued[token] = time.time() + self.token_lifetime
+        return Reply(
+            200,
+            {
+                "access_token": token,
+                "expires_in": self.token_lifetime,
+                "scope": form.get("scope", ""),
+                "token_type": "Bearer",
+            },
+        )
+
     def handle(self, request: Received) -> Reply:
-        if self.bearer(request) != self.access_token:
+        if request.path == "/token":
+            return self._token(request)
+        expires = self._issued.get(self.bearer(request) or "")
+        if expires is None or expires < time.time():
             raise Rejected(
                 self.error(
                     401,
                     "UNAUTHENTICATED",
-                    {"authenticationError": "OAUTH_TOKEN_INVALID"},
-                    "Oauth token is invalid.",
+                    {
+                        "authenticationError": "OAUTH_TOKEN_INVALID"
+                        if expires is None
+                        else "OAUTH_TOKEN_EXPIRED"
+                    },
+                    "Oauth token is invalid." if expires is None else "Oauth token is expired.",
                 )
             )
         if request.headers.get("developer-token") != self.developer_token:

@@ -30,16 +30,18 @@ async def record() -> None:
                     "42", traits={"email": "a@example.com"}, consent={"push": True}
                 )
                 lab.publish(example("abandoned_cart"))
-                cases = {
-                    "abandoned_cart_completed": ("c1", None),
-                    "abandoned_cart_back_on_site": ("c2", "Page Viewed"),
-                    "abandoned_cart_purchased": ("c3", "Order Completed"),
+                cases: dict[str, tuple[str | int, str | None, str | int | None]] = {
+                    "abandoned_cart_completed": ("c1", None, None),
+                    "abandoned_cart_back_on_site": ("c2", "Page Viewed", "c2"),
+                    "abandoned_cart_purchased": ("c3", "Order Completed", "c3"),
+                    # Recorded on the code before the same-value rule (==, so it completed).
+                    "abandoned_cart_number_id_text_purchase": (555, "Order Completed", "555"),
                 }
-                for name, (cart, follow_up) in cases.items():
+                for name, (cart, follow_up, follow_up_cart) in cases.items():
                     route = await lab.send("Cart Abandoned", "42", cart_id=cart, cart_value=80)
                     if follow_up:
                         await lab.advance(timedelta(hours=2))
-                        await lab.send(follow_up, "42", cart_id=cart, total=80)
+                        await lab.send(follow_up, "42", cart_id=follow_up_cart, total=80)
                     workflow_id = route.started[0]
                     await lab.result(workflow_id)
                     history = await lab.handles[workflow_id].fetch_history()

@@ -31,6 +31,11 @@ from tests.provider_servers import free_port
 TOKEN = "t"
 CART_YAML = (EXAMPLES / "journeys" / "abandoned_cart.yaml").read_text()
 WORKFLOW_ID = "journey/abandoned_cart/42/c1"
+# The shop's own event, which no source has sent to this fresh database yet.
+CART_WARNING = (
+    "trigger.event: no 'Cart Abandoned' event has reached Hilo yet, and neither Hilo nor "
+    "Segment's specs produce one: check the name your sources send"
+)
 
 
 class LabRouter(EventRouter):
@@ -119,7 +124,12 @@ async def test_admin_token_is_required(api: httpx.AsyncClient) -> None:
 async def test_validate_reports_every_problem_by_path(api: httpx.AsyncClient) -> None:
     ok = await api.post("/journeys/validate", **yaml_body(CART_YAML))
     assert ok.status_code == 200, ok.text
-    assert ok.json() == {"valid": True, "key": "abandoned_cart", "steps": 12}
+    assert ok.json() == {
+        "valid": True,
+        "key": "abandoned_cart",
+        "steps": 12,
+        "warnings": [CART_WARNING],
+    }
 
     as_json = await api.post("/journeys/validate", json=yaml.safe_load(CART_YAML))
     assert as_json.json()["key"] == "abandoned_cart"
@@ -154,11 +164,21 @@ async def test_validate_reports_every_problem_by_path(api: httpx.AsyncClient) ->
     assert (await api.get("/journeys")).json() == []
 
 
+async def test_validate_refuses_what_publish_refuses(api: httpx.AsyncClient) -> None:
+    no_link = CART_YAML.replace("Unsubscribe: {{ unsubscribe_url }}", "Bye")
+    validated = await api.post("/journeys/validate", **yaml_body(no_link))
+    published = await api.post("/journeys", **yaml_body(no_link))
+    assert (validated.status_code, published.status_code) == (422, 422)
+    assert validated.json() == published.json()
+    assert "steps[5] (second_reminder).body" in [p["path"] for p in validated.json()["detail"]]
+    assert (await api.get("/journeys")).json() == []
+
+
 async def test_publish_versions_list_and_get(api: httpx.AsyncClient) -> None:
     first = await api.post("/journeys", **yaml_body(CART_YAML))
     assert (first.status_code, first.json()) == (
         201,
-        {"key": "abandoned_cart", "version": 1, "created": True, "warnings": []},
+        {"key": "abandoned_cart", "version": 1, "created": True, "warnings": [CART_WARNING]},
     )
     same = await api.post("/journeys", **yaml_body(CART_YAML))
     assert (same.status_code, same.json()["version"], same.json()["created"]) == (200, 1, False)
@@ -472,6 +492,35 @@ def test_swagger_ui_renders_the_operations_in_a_browser_without_internet(
     rendered = set(re.findall(r'data-path="([^"]+)"', dom))
     assert {"/health", "/journeys/{key}/versions/{version}", "/v1/track"} <= rendered, dom[:2000]
     assert screenshot.read_bytes().startswith(b"\x89PNG") and screenshot.stat().st_size > 20_000
+
+
+async def test_publish_knows_the_preference_pages_topics(lab: JourneyLab) -> None:
+    from hilo.channels.config import ChannelSettings
+
+    app = create_app(
+        Settings(admin_token=TOKEN),
+        store=lab.store,
+        client=lab.client,
+        task_queue=lab.router.task_queue,
+    )
+    app.state.channel_settings = ChannelSettings(
+        _env_file=None, preference_topics=[{"key": "news", "name": "News"}]
+    )
+    cart = yaml.safe_load(CART_YAML)
+    cart["steps"][5]["topic"] = "promotions"
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://hilo",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as api:
+        refused = await api.post("/journeys", json=cart)
+        assert refused.status_code == 422, refused.text
+        [problem] = refused.json()["detail"]
+        assert problem["path"] == "steps[5] (second_reminder).topic"
+        known = "'promotions' is not a topic of the preference page (known: news)"
+        assert known in problem["message"]
+        cart["steps"][5]["topic"] = "news"
+        assert (await api.post("/journeys", json=cart)).status_code == 201
 
 
 # ---------------------------------------------------------------- the contract in /openapi.json

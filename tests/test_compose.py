@@ -17,9 +17,9 @@ import pytest
 import typer.main
 import yaml
 
-from hilo.channels.config import ChannelSettings
+from hilo.channels.config import ChannelSettings, build_providers
 from hilo.search_attributes import CLI_TYPES
-from hilo.settings import PROJECT_ROOT, Settings
+from hilo.settings import PROJECT_ROOT, Settings, WriteKeySource
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.temporal.yml"
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
@@ -154,7 +154,8 @@ def test_the_environment_makes_valid_settings(
     assert settings.resolved_database_url == (
         "postgresql+psycopg://hilo:s3cret@postgresql:5432/hilo"
     )
-    assert settings.sources == {"wk-web-0123456789": "web"}
+    # A bare source name is a client source: the kind a public key gets.
+    assert settings.sources == {"wk-web-0123456789": WriteKeySource(name="web", kind="client")}
     # The worker signs unsubscribe and tracked links with these, and refuses to start
     # without them in production.
     channels = ChannelSettings(_env_file=None)  # type: ignore[call-arg]
@@ -237,3 +238,77 @@ def test_healthchecks_and_startup_order(services: dict[str, Any]) -> None:
     for program in (worker_check, api_check, migrate):
         assert program[-2] == "-c"
         compile(program[-1], "<compose>", "exec")
+
+
+def settings_read() -> list[str]:
+    """Every HILO_* variable the API and the worker read: Settings includes the channels'."""
+    assert set(ChannelSettings.model_fields) <= set(Settings.model_fields)
+    return [env_name(field) for field in Settings.model_fields]
+
+
+@pytest.mark.parametrize("service", HILO_SERVICES)
+def test_every_setting_can_be_set_through_the_compose_file(
+    services: dict[str, Any], service: str
+) -> None:
+    env = environment(services[service])
+    missing = [name for name in settings_read() if name not in env]
+    assert not missing, f"{service} passes no {missing}: the operator cannot set them"
+    for name in settings_read():
+        # A value taken from the operator's environment comes from the variable of its name.
+        taken_from = {variable for variable, *_ in INTERPOLATION.findall(env[name])}
+        hilo_variables = {variable for variable in taken_from if variable.startswith("HILO_")}
+        assert hilo_variables <= {name}, f"{service}: {name} is read from {hilo_variables}"
+
+
+def operator_environment(
+    service: dict[str, Any], given: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The container's environment, from the operator's ``given`` through the compose file."""
+    required = {
+        "POSTGRES_PASSWORD": "s3cret",
+        "HILO_ADMIN_TOKEN": "a-long-random-production-token",
+        "HILO_WRITE_KEYS": '{"wk-web-0123456789": "web"}',
+        "HILO_PUBLIC_URL": "https://hilo.shop.example",
+        "HILO_LINK_SECRET": "a-random-link-secret-of-at-least-32-chars",
+    }
+    for name in settings_read():
+        monkeypatch.delenv(name, raising=False)
+    for key, value in environment(service).items():
+        monkeypatch.setenv(key, interpolate(value, required | given))
+
+
+@pytest.mark.parametrize("service", HILO_SERVICES)
+def test_the_compose_files_sendgrid_comment_gives_a_worker_that_sends(
+    services: dict[str, Any], service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the file's own comment says to set.
+    given = {
+        "HILO_EMAIL_PROVIDER": "sendgrid",
+        "HILO_SENDGRID_API_KEY": "SG.a-key",
+        "HILO_SENDGRID_FROM": "news@shop.example",
+    }
+    operator_environment(services[service], given, monkeypatch)
+    settings = Settings(_env_file=None)
+    assert settings.production_problems("worker") == []
+    providers = build_providers(settings)
+    assert set(providers) == {"email"}
+    assert type(providers["email"]).__name__ == "SendGridEmail"
+
+
+@pytest.mark.parametrize("service", HILO_SERVICES)
+def test_unset_optional_settings_keep_their_defaults(
+    services: dict[str, Any], service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    operator_environment(services[service], {}, monkeypatch)
+    settings = Settings(_env_file=None)
+    env = environment(services[service])
+    passed_through = 0
+    for field, info in Settings.model_fields.items():
+        match = INTERPOLATION.fullmatch(env[env_name(field)])
+        if match is None or match.group(2) != ":-" or match.group(3):
+            continue  # fixed by the file, required from the operator, or a default of its own
+        passed_through += 1
+        # An empty variable is no value: the setting keeps its own default.
+        default = info.get_default(call_default_factory=True)
+        assert getattr(settings, field) == default, env_name(field)
+    assert passed_through > 40

@@ -833,6 +833,39 @@ def test_weekly_email_chosen_on_the_preference_page_spaces_marketing_email_a_wee
     assert policy.decide(ask("w6"), now + timedelta(days=7, minutes=3)).outcome == "allow"
 
 
+def test_a_send_about_a_topic_the_customer_left_is_skipped_with_the_topic_named(
+    policy: ContactPolicyService, any_store: Store
+) -> None:
+    now = local(2026, 5, 4, 12, 0)
+    # Never chose anything: the customer hears about every topic.
+    assert policy.decide(ask("t0", topic="promotions"), now).outcome == "allow"
+    # Left promotions on the preference page, kept the news.
+    apply_preferences(
+        any_store,
+        "ana",
+        PreferenceChange(frequency="normal", pause_until=None, topics=["news"], opt_out=False),
+        known_topics=["news", "promotions"],
+    )
+    left = policy.decide(ask("t1", topic="promotions"), now)
+    assert (left.outcome, left.reason, left.rule) == (
+        "skip",
+        "left topic: promotions",
+        "preferences.topics",
+    )
+    # On every channel, and whatever the step says about the brand's own policy.
+    push = policy.decide(ask("t2", channel="push", topic="promotions"), now)
+    assert (push.outcome, push.reason) == ("skip", "left topic: promotions")
+    forced = policy.decide(ask("t3", topic="promotions", ignore_policy=True), now)
+    assert (forced.outcome, forced.rule) == ("skip", "preferences.topics")
+    # A topic still chosen, a send about no topic, and a receipt all go.
+    assert policy.decide(ask("t4", topic="news"), now).outcome == "allow"
+    assert policy.decide(ask("t5"), now).outcome == "allow"
+    receipt = policy.decide(ask("t6", topic="promotions", category="transactional"), now)
+    assert receipt.outcome == "allow"
+    # The decision is recorded with its reason.
+    assert policy.decide(ask("t1", topic="promotions"), now).replayed
+
+
 # ---------------------------------------------------------------- PostgreSQL: optimistic first
 
 

@@ -219,9 +219,11 @@ async def test_sendgrid_events_move_the_ledger_forward_only(
     assert (await post_sendgrid(api, sendgrid, late)).json()["recorded"] == 1
     assert ledger(any_store, "msg_1").status == "clicked"
 
-    # Opens and clicks are the customer's engagement, queued for their journeys.
+    # Opens and clicks are the customer's engagement, queued for their journeys; the
+    # delivery too, once (the late one moved nothing), under Segment's Email spec names.
     engagement = {event.name: event for event in events_of(any_store, "cus_ana")}
-    assert set(engagement) == {"Email Opened", "Email Link Clicked"}
+    assert len(events_of(any_store, "cus_ana")) == 3
+    assert set(engagement) == {"Email Delivered", "Email Opened", "Email Link Clicked"}
     clicked = engagement["Email Link Clicked"]
     assert clicked.message_id == "fb:ev_click"
     assert clicked.source == "sendgrid" and clicked.type == "track"
@@ -229,7 +231,7 @@ async def test_sendgrid_events_move_the_ledger_forward_only(
     assert clicked.properties["message_id"] == "msg_1"
     with any_store.session() as session:
         queued = {entry.message_id for entry in session.exec(select(OutboxEntry))}
-    assert queued == {"fb:ev_open", "fb:ev_click"}
+    assert queued == {"fb:ev_delivered", "fb:ev_open", "fb:ev_click"}
 
     # Without our id in the event, the provider's message id finds the row.
     seed(any_store, "msg_2")
@@ -702,3 +704,46 @@ def test_link_secret_settings() -> None:
         link_secret=SecretStr(LINK_SECRET),
     )
     assert production.link_signer().unsubscribe_url("m", "c", "email").startswith(PUBLIC + "/l/u/")
+
+
+async def test_the_preference_page_and_unsubscribes_emit_their_events(
+    api: httpx.AsyncClient, any_store: Store, signer: LinkSigner
+) -> None:
+    any_store.upsert_profile("cus_ana", traits={"first_name": "Ana"})
+    # The pause link is the preference page at its pause choices: a GET changes nothing.
+    pause = signer.pause_url("cus_ana")
+    assert pause == signer.preferences_url("cus_ana") + "#pause"
+    page = await api.get(pause.removeprefix(PUBLIC).split("#")[0])
+    assert page.status_code == 200 and '<fieldset id="pause">' in page.text
+    assert events_of(any_store, "cus_ana") == []
+
+    token = token_of(signer.preferences_url("cus_ana"))
+    form = {"frequency": "monthly", "pause": "30d", "topic:sales": "yes"}
+    assert (await api.post(f"/l/p/{token}", data=form)).status_code == 200
+    [updated] = events_of(any_store, "cus_ana")
+    assert updated.name == "Preferences Updated" and updated.type == "track"
+    assert updated.properties["frequency"] == "monthly"
+    assert updated.properties["topics"] == ["sales"]
+    assert updated.properties["pause_until"] is not None
+    with any_store.session() as session:
+        queued = {entry.message_id for entry in session.exec(select(OutboxEntry))}
+    assert updated.message_id in queued  # on its way to the customer's journeys
+
+    # Leaving on the page, then by an unsubscribe link: Segment's "Unsubscribed", each once.
+    assert (
+        await api.post(f"/l/p/{token}", data={"frequency": "monthly", "opt_out": "yes"})
+    ).is_success
+    seed(any_store, "msg_9", customer_id="cus_ben")
+    link = token_of(signer.unsubscribe_url("msg_9", "cus_ben", "email"))
+    for _ in range(2):
+        assert (await api.post(f"/l/u/{link}", data={"List-Unsubscribe": "One-Click"})).is_success
+    names = [event.name for event in events_of(any_store, "cus_ana")]
+    assert sorted(names) == ["Preferences Updated", "Unsubscribed"]
+    [left] = events_of(any_store, "cus_ben")
+    assert left.name == "Unsubscribed"
+    assert left.properties | {"source": None} == {
+        "channel": "email",
+        "source": None,
+        "message_id": "msg_9",
+        "journey_key": "welcome",
+    }

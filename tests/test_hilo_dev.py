@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -15,7 +20,8 @@ import pytest
 
 from hilo.client import HiloClient
 from hilo.devserver import free_port
-from hilo.settings import Settings
+from hilo.settings import DEV_WRITE_KEY, Settings
+from hilo.storage import Store
 from worker.main import connect
 
 
@@ -43,13 +49,22 @@ def wait_for_http(
     raise AssertionError(f"{url} did not answer in {timeout}s:\n{log.read_text()}")
 
 
+def three_free_ports() -> tuple[int, int, int]:
+    """Three different free ports (free_port alone may hand out one twice)."""
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    first, second, third = sorted(ports)
+    return first, second, third
+
+
 def stop(process: subprocess.Popen[bytes]) -> int:
     process.send_signal(signal.SIGINT)
     return process.wait(timeout=60)
 
 
 async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
-    temporal_port, ui_port, api_port = free_port(), free_port(), free_port()
+    temporal_port, ui_port, api_port = three_free_ports()
     env = {
         **os.environ,
         "HILO_STATE_DIR": str(tmp_path / "state"),
@@ -112,3 +127,222 @@ async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             stop(process)
+
+
+def run_dev_until_it_exits(env: dict[str, str], within: float) -> tuple[int, list[str]]:
+    """``hilo dev``'s exit code and output lines; Ctrl-C and fail when it is still running."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hilo.cli", "dev"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)  # stops the Temporal server it may have started
+        output, _ = process.communicate(timeout=60)
+        raise AssertionError(f"hilo dev did not exit within {within:.0f}s:\n{output}") from None
+    return process.returncode, output.strip().splitlines()
+
+
+PORT_SETTINGS = {
+    # which port is taken: (the line's name for it, the setting that moves it)
+    "temporal": ("Temporal frontend", "HILO_TEMPORAL_ADDRESS"),
+    "ui": ("Temporal UI", "HILO_TEMPORAL_UI_PORT"),
+    "api": ("Hilo API", "HILO_API_PORT"),
+}
+
+
+@pytest.mark.parametrize("taken", list(PORT_SETTINGS))
+def test_hilo_dev_refuses_a_port_something_else_holds(tmp_path: Path, taken: str) -> None:
+    ports = dict(zip(("temporal", "ui", "api"), three_free_ports(), strict=True))
+    env = {
+        **os.environ,
+        "HILO_STATE_DIR": str(tmp_path / "state"),
+        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{ports['temporal']}",
+        "HILO_TEMPORAL_UI_PORT": str(ports["ui"]),
+        "HILO_API_PORT": str(ports["api"]),
+    }
+    with socket.socket() as holder:  # any listener, as another server would be
+        holder.bind(("127.0.0.1", ports[taken]))
+        holder.listen()
+        started = time.monotonic()
+        returncode, output = run_dev_until_it_exits(env, within=30)
+        elapsed = time.monotonic() - started
+    port = ports[taken]
+    name, setting = PORT_SETTINGS[taken]
+    assert returncode != 0, output
+    assert len(output) == 1, output
+    line = output[0]
+    assert line.startswith(f"port {port} ({name}) is in use; set {setting}="), line
+    assert line.endswith(" or stop what holds it"), line
+    # The suggested port is one `hilo dev` could use.
+    suggested = line.split(f"{setting}=", 1)[1].split(" ", 1)[0]
+    assert int(suggested.rsplit(":", 1)[-1]) not in ports.values(), line
+    assert elapsed < 10, f"took {elapsed:.1f}s to refuse"
+    assert not (tmp_path / "state" / "temporal.db").exists(), "a Temporal server was started"
+
+
+def test_hilo_dev_refuses_two_of_its_own_services_on_one_port(tmp_path: Path) -> None:
+    port, temporal_port, _ = three_free_ports()
+    env = {
+        **os.environ,
+        "HILO_STATE_DIR": str(tmp_path / "state"),
+        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
+        "HILO_TEMPORAL_UI_PORT": str(port),
+        "HILO_API_PORT": str(port),
+    }
+    returncode, output = run_dev_until_it_exits(env, within=30)
+    assert returncode != 0
+    assert output == [
+        f"HILO_TEMPORAL_UI_PORT and HILO_API_PORT are both {port}; give each its own port"
+    ]
+
+
+# ---------------------------------------------------------------- links follow the API's port
+
+
+def test_development_links_follow_the_api_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HILO_PUBLIC_URL", raising=False)
+    monkeypatch.setenv("HILO_API_PORT", "8123")
+    settings = Settings(_env_file=None)
+    assert settings.public_url == "http://127.0.0.1:8123"
+    assert (
+        settings.link_signer()
+        .unsubscribe_url("m1", "42", "email")
+        .startswith("http://127.0.0.1:8123/l/u/")
+    )
+    # An API listening on every interface is reached on this machine at the loopback address.
+    assert Settings(_env_file=None, api_host="0.0.0.0").public_url == "http://127.0.0.1:8123"
+    assert Settings(_env_file=None, api_host="::", api_port=9000).public_url == (
+        "http://[::1]:9000"
+    )
+    assert Settings(_env_file=None, api_host="localhost").public_url == "http://localhost:8123"
+    # Said outright, the public URL is kept.
+    monkeypatch.setenv("HILO_PUBLIC_URL", "https://hilo.shop.example/")
+    assert Settings(_env_file=None).public_url == "https://hilo.shop.example"
+
+
+@pytest.fixture(scope="module")
+def dev_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    """One ``hilo dev`` on ports other than the defaults, for the tests that only look at it."""
+    folder = tmp_path_factory.mktemp("dev_stack")
+    temporal_port, ui_port, api_port = three_free_ports()
+    env = {
+        **os.environ,
+        "HILO_STATE_DIR": str(folder / "state"),
+        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
+        "HILO_TEMPORAL_UI_PORT": str(ui_port),
+        "HILO_API_PORT": str(api_port),
+        "HILO_ADMIN_TOKEN": "a-dev-token-of-this-test",
+    }
+    env.pop("HILO_PUBLIC_URL", None)
+    log = folder / "dev.log"
+    stack = DevStack(
+        api=f"http://127.0.0.1:{api_port}",
+        temporal_address=f"127.0.0.1:{temporal_port}",
+        ui=f"http://127.0.0.1:{ui_port}",
+        state=folder / "state",
+        log=log,
+        env=env,
+        process=start_dev(env, log),
+    )
+    try:
+        wait_for_http(f"{stack.api}/health", stack.process, log)
+        yield stack
+    finally:
+        if stack.process.poll() is None:
+            stop(stack.process)
+
+
+@dataclass
+class DevStack:
+    api: str
+    temporal_address: str
+    ui: str
+    state: Path
+    log: Path
+    env: dict[str, str]  # what `hilo dev` ran with, as a .env file would give every command
+    process: subprocess.Popen[bytes]
+
+
+def test_links_in_a_dev_stacks_messages_reach_its_api(dev_stack: DevStack) -> None:
+    api = dev_stack.api
+    assert not api.endswith(":8000")
+    segment = httpx.Client(base_url=api, auth=(DEV_WRITE_KEY, ""), timeout=10)
+    with segment:
+        traits = {"email": "ana@example.com", "consent": {"email": True}}
+        segment.post("/v1/identify", json={"userId": "ana", "traits": traits}).raise_for_status()
+        segment.post("/v1/track", json={"userId": "ana", "event": "Signed Up"}).raise_for_status()
+
+    store = Store(f"sqlite:///{dev_stack.state / 'hilo.db'}")
+    try:
+        deadline = time.monotonic() + 60
+        while not (captured := store.captured("ana")):
+            assert time.monotonic() < deadline, f"no welcome email:\n{dev_stack.log.read_text()}"
+            time.sleep(0.3)
+    finally:
+        store.dispose()
+    text = json.dumps(captured[0].content)
+    links = re.findall(r"https?://[^\s\"'<>\\]+/l/u/[\w.~-]+", text)
+    assert links, f"no unsubscribe link in {text}"
+    unsubscribe = links[0]
+    assert unsubscribe.startswith(f"{api}/l/u/"), unsubscribe
+    page = httpx.get(unsubscribe, timeout=10)
+    assert page.status_code == 200, page.text
+    # The page's own form posts back to the same API.
+    assert f'action="{unsubscribe}"' in page.text, page.text
+
+
+# ---------------------------------------------------------------- the banner
+
+
+def banner_lines(log: Path) -> list[str]:
+    text = log.read_text()
+    assert "Hilo is running." in text, text
+    return text.split("Hilo is running.", 1)[1].split("Ctrl-C stops everything.", 1)[0].splitlines()
+
+
+def command_after(lines: list[str], program: str) -> list[str]:
+    """The banner's command line that runs ``program``, split as a shell would."""
+    for line in lines:
+        first = line.split(maxsplit=1)[0] if line.strip() else ""
+        if Path(first).name == program:
+            return shlex.split(line)
+    raise AssertionError(f"no {program} command in the banner:\n" + "\n".join(lines))
+
+
+def test_the_banner_gives_commands_that_run_as_printed(dev_stack: DevStack) -> None:
+    lines = banner_lines(dev_stack.log)
+    text = "\n".join(lines)
+    # The admin token itself, and how to send it.
+    assert "a-dev-token-of-this-test" in text
+    assert "Authorization: Bearer a-dev-token-of-this-test" in text
+    assert DEV_WRITE_KEY in text
+    # How to move each port.
+    for setting in ("HILO_API_PORT", "HILO_TEMPORAL_ADDRESS", "HILO_TEMPORAL_UI_PORT", ".env"):
+        assert setting in text, setting
+
+    # Each command runs as printed, from where `hilo dev` was started.
+    hilo = command_after(lines, "hilo")
+    assert Path(hilo[0]).is_file() and os.access(hilo[0], os.X_OK), hilo[0]
+    sent = subprocess.run(hilo, env=dev_stack.env, capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["started"] == ["journey/abandoned_cart/42/c1"]
+
+    curl = command_after(lines, "curl")
+    header = curl[curl.index("-H") + 1]
+    name, value = header.split(": ", 1)
+    answer = httpx.get(curl[-1], headers={name: value}, timeout=10)
+    assert answer.status_code == 200, answer.text
+
+    temporal = command_after(lines, "temporal")
+    assert Path(temporal[0]).is_file(), temporal[0]
+    assert temporal[temporal.index("--address") + 1] == dev_stack.temporal_address
+    listed = subprocess.run(
+        [*temporal, "--output", "json"], capture_output=True, text=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "journey/abandoned_cart/42/c1" in listed.stdout

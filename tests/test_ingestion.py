@@ -49,7 +49,8 @@ from tests.conftest import example
 from tests.test_api import LabRouter
 
 TOKEN = "t"
-SOURCES = {"web-key": "web", "ios-key": "ios"}
+# The shop's backend holds a secret key; a page and an app ship theirs (client sources).
+SOURCES = {"web-key": "web", "ios-key": "ios", "shop-key": {"name": "shop", "kind": "server"}}
 CART = {"cart_id": "c1", "cart_value": 80, "product_name": "Mug"}
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -128,7 +129,7 @@ def send_with_segment(url: str, now: datetime) -> None:
     """Segment's library: plain JSON bodies."""
     from segment import analytics
 
-    client = analytics.Client("web-key", host=url, sync_mode=True, max_retries=0)
+    client = analytics.Client("shop-key", host=url, sync_mode=True, max_retries=0)
     send_with(client, now)
 
 
@@ -136,7 +137,7 @@ def send_with_rudderstack(url: str, now: datetime) -> None:
     """RudderStack's library: gzip bodies."""
     from rudderstack import analytics
 
-    client = analytics.Client("web-key", host=url, sync_mode=True, max_retries=0)
+    client = analytics.Client("shop-key", host=url, sync_mode=True, max_retries=0)
     send_with(client, now)
 
 
@@ -172,8 +173,8 @@ async def test_client_libraries_start_a_journey(
     with lab.store.session() as session:
         events = session.exec(select(StoredEvent).where(StoredEvent.customer_id == "lib-1"))
         assert sorted((e.type, e.source) for e in events) == [
-            ("identify", "web"),
-            ("track", "web"),
+            ("identify", "shop"),
+            ("track", "shop"),
         ]
         device = session.exec(select(Device)).one()
         assert (device.customer_id, device.address, device.platform) == (
@@ -436,7 +437,8 @@ async def test_addresses_too_long_for_an_identity_stay_traits(any_store: Store) 
         | {"context": {"device": {"token": "t" * 3000}}},
     ]
     async with asgi(hilo_app(any_store)) as api:
-        response = await api.post("/v1/batch", json={"batch": calls}, headers=basic("web-key"))
+        # A server source: the second call changes the customer's email.
+        response = await api.post("/v1/batch", json={"batch": calls}, headers=basic("shop-key"))
         assert response.json() == {"success": True}
         view = (await api.get("/profiles/long-1")).json()
     assert view["traits"] == {"email": "   ", "phone": "1" * 400}
@@ -591,7 +593,8 @@ async def test_consent_from_traits_and_the_endpoint_keeps_source_and_time(
             "timestamp": "2024-05-01T09:00:00Z",
             "context": {"device": {"token": "fcm-c-1", "type": "ios"}},
         }
-        assert (await api.post("/v1/identify", json=identify, headers=basic("ios-key"))).is_success
+        # Granting consent takes a server source.
+        assert (await api.post("/v1/identify", json=identify, headers=basic("shop-key"))).is_success
         sms = {"channel": "sms", "granted": True, "source": "support", "detail": "call 12"}
         answer = await api.post("/profiles/c-1/consent", json=sms)
         assert answer.status_code == 200, answer.text
@@ -620,8 +623,8 @@ async def test_consent_from_traits_and_the_endpoint_keeps_source_and_time(
         for c in view["consent_history"]
     ]
     assert history[:2] == [
-        ("email", True, None, "ios", "identify traits"),
-        ("sms", False, None, "ios", "identify traits"),
+        ("email", True, None, "shop", "identify traits"),
+        ("sms", False, None, "shop", "identify traits"),
     ]
     assert history[2:] == [
         ("sms", True, None, "support", "call 12"),

@@ -193,7 +193,8 @@ def parsed(html: str) -> Anchors:
 
 def test_rewrite_tracks_web_links_and_keeps_the_rest(signer: LinkSigner) -> None:
     unsubscribe = signer.unsubscribe_url("msg_1", "cust_42", "email")
-    html = rewrite_links(EMAIL.replace("{unsubscribe}", unsubscribe), "msg_1", signer)
+    email = EMAIL.replace("{unsubscribe}", unsubscribe)
+    html = rewrite_links(email, "msg_1", signer, template=email)
     hrefs = parsed(html).hrefs
     tracked = [href for href in hrefs if href.startswith(f"{BASE}/l/c/")]
     assert [signer.click_target(token_of(href)) for href in tracked] == [
@@ -214,16 +215,17 @@ def test_rewrite_tracks_web_links_and_keeps_the_rest(signer: LinkSigner) -> None
 
 
 def test_rewrite_adds_one_open_pixel_before_body_end(signer: LinkSigner) -> None:
-    html = rewrite_links(EMAIL, "msg_1", signer)
+    html = rewrite_links(EMAIL, "msg_1", signer, template=EMAIL)
     [pixel] = parsed(html).images
     assert signer.verify(token_of(pixel), "open").message_id == "msg_1"
     assert html.index(pixel) < html.index("</BODY>")
     # Rewriting again neither wraps a tracked link twice nor adds a second pixel.
-    assert rewrite_links(html, "msg_1", signer) == html
+    assert rewrite_links(html, "msg_1", signer, template=EMAIL) == html
 
 
 def test_rewrite_without_body_appends_the_pixel(signer: LinkSigner) -> None:
-    html = rewrite_links('<p><a href="https://shop.example/">Shop</a></p>', "msg_1", signer)
+    email = '<p><a href="https://shop.example/">Shop</a></p>'
+    html = rewrite_links(email, "msg_1", signer, template=email)
     assert html.endswith('border:0" />')
     assert html.startswith('<p><a href="https://hilo.shop.example/l/c/v1.')
 

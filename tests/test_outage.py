@@ -35,7 +35,7 @@ from hilo.ids import journey_workflow_id
 from hilo.ingest import Ingestor, OwnEvent
 from hilo.journey_runs import SIGNAL_EVENT
 from hilo.journeys import JourneyDefinition
-from hilo.settings import DEV_WRITE_KEY, Settings
+from hilo.settings import DEV_WRITE_KEY, Settings, WriteKeySource
 from hilo.storage import Profile, Store, StoredEvent
 from worker.main import build_worker, connect
 
@@ -390,7 +390,7 @@ def test_api_processes_flushing_at_once_for_the_same_new_customers_store_everyth
 
     def flush(ingestor: Ingestor, batch: list[OwnEvent]) -> None:
         try:
-            ingestor.accept(batch, "web")
+            ingestor.accept(batch, WriteKeySource(name="web"))
         except BaseException as error:  # noqa: BLE001 - reported below, by the test thread
             failures.append(error)
 

@@ -186,3 +186,39 @@ async def test_best_time_waits_for_the_hour_the_customer_engages(lab: JourneyLab
     sent = lab.store.messages(customer_id="leo")[0]
     assert sent.status == "sent"
     assert _minute(sent.scheduled_at.astimezone(NEW_YORK)).hour == 19
+
+
+async def test_a_send_about_a_topic_the_customer_left_is_skipped_in_the_journey(
+    lab: JourneyLab,
+) -> None:
+    """The newsletter goes out; the promotion, about a topic Ana left, is skipped and says why."""
+    from hilo.catalog import JourneyCatalog
+    from hilo.channels.preferences import PreferenceChange
+    from hilo.delivery_feedback import apply_preferences
+
+    lab.store.upsert_profile("ana", traits={"email": "ana@example.com", "first_name": "Ana"})
+    apply_preferences(
+        lab.store,
+        "ana",
+        PreferenceChange(frequency="normal", pause_until=None, topics=["news"], opt_out=False),
+        known_topics=["news", "promotions"],
+    )
+    topical = journey(
+        "weekly_mail",
+        "Week Started",
+        [
+            {**email("newsletter"), "topic": "news"},
+            {**email("promotion"), "topic": "promotions"},
+            email("account_digest"),
+        ],
+    )
+    JourneyCatalog(lab.store, topics=["news", "promotions"]).publish(topical)
+    route = await lab.send("Week Started", "ana")
+    (workflow_id,) = route.started
+    assert (await lab.result(workflow_id)).status == "completed"
+    outcome = {row.template: (row.status, row.reason) for row in lab.store.messages("ana")}
+    assert outcome == {
+        "newsletter": ("sent", None),
+        "promotion": ("skipped", "left topic: promotions"),
+        "account_digest": ("sent", None),
+    }

@@ -28,6 +28,7 @@ from hilo.channels.audiences import (
     MetaCustomAudiences,
     normalise_email,
     normalise_phone,
+    oauth_credentials,
     sha256_hex,
 )
 from hilo.channels.base import (
@@ -536,9 +537,17 @@ def test_fcm_unregistered_and_invalid_tokens_are_permanent(
     fcm_server.unregistered.add(gone)
     with pytest.raises(PermanentFailure, match="UNREGISTERED") as failure:
         fcm.deliver(delivery("push", gone, title="a", body="b"))
-    assert failure.value.provider_status == 404
-    with pytest.raises(PermanentFailure, match="INVALID_ARGUMENT"):
+    assert (failure.value.provider_status, failure.value.recipient_gone) == (404, True)
+    with pytest.raises(PermanentFailure, match="INVALID_ARGUMENT") as invalid:
         fcm.deliver(delivery("push", "not-a-token", title="a", body="b"))
+    assert invalid.value.recipient_gone
+    # INVALID_ARGUMENT about the message, not the token: the device stays.
+    fcm_server.fail_next(
+        400, fcm_error(400, "INVALID_ARGUMENT", "Invalid JSON payload", "INVALID_ARGUMENT")
+    )
+    with pytest.raises(PermanentFailure, match="INVALID_ARGUMENT") as ours:
+        fcm.deliver(delivery("push", device_token(), title="a", body="b"))
+    assert not ours.value.recipient_gone
 
 
 def test_fcm_unavailable_and_quota_are_retryable(fcm: FcmPush, fcm_server: FakeFirebase) -> None:
@@ -646,11 +655,12 @@ def test_webpush_expired_subscription_is_permanent(
     push_server.unsubscribe(subscriber)
     with pytest.raises(PermanentFailure, match="410") as failure:
         webpush.deliver(delivery("webpush", subscriber.subscription_json(), title="a", body="b"))
-    assert failure.value.provider_status == 410
+    assert (failure.value.provider_status, failure.value.recipient_gone) == (410, True)
     unknown = json.loads(push_server.subscribe().subscription_json())
     unknown["endpoint"] = f"{push_server.url}/push/never-existed"
-    with pytest.raises(PermanentFailure, match="404"):
+    with pytest.raises(PermanentFailure, match="404") as missing:
         webpush.deliver(delivery("webpush", json.dumps(unknown), title="a", body="b"))
+    assert missing.value.recipient_gone
 
 
 def test_webpush_rate_limit_with_an_http_date_is_retryable(
@@ -836,7 +846,9 @@ def google_ads(server: FakeGoogleAds, **overrides: Any) -> GoogleAdsCustomerMatc
     options: dict[str, Any] = {
         "developer_token": server.developer_token,
         "customer_id": "123-456-7890",
-        "access_token": server.access_token,
+        "credentials": oauth_credentials(
+            server.client_id, server.client_secret, server.refresh_token, server.token_url
+        ),
         "login_customer_id": "987-654-3210",
         "base_url": server.url,
     }
@@ -856,7 +868,8 @@ def test_google_ads_customer_match_creates_adds_and_runs_a_job(
         ("hashedEmail", hashlib.sha256(b"ana@example.com").hexdigest()),
         ("hashedPhoneNumber", hashlib.sha256(b"+447700900123").hexdigest()),
     }
-    assert [r.path.rsplit(":", 1)[1] for r in ads_server.received] == [
+    assert [r.path.rsplit(":", 1)[-1] for r in ads_server.received] == [
+        "/token",
         "create",
         "addOperations",
         "run",
@@ -894,6 +907,42 @@ def test_google_ads_bad_list_or_credentials_are_permanent(ads_server: FakeGoogle
         google_ads(ads_server, login_customer_id=None).deliver(
             delivery("audience", None, audience="555000111")
         )
+
+
+def test_google_ads_refreshes_its_access_token_before_it_expires_and_when_refused(
+    ads_server: FakeGoogleAds,
+) -> None:
+    ads = google_ads(ads_server)
+    item = delivery("audience", None, audience="555000111", action="add")
+    ads.deliver(item)
+    ads.deliver(item)
+    assert ads_server.token_requests == 1  # one token for six calls while it is fresh
+    # An hour later the token is dead: the API refuses it, the retry refreshes it.
+    ads_server.expire_tokens()
+    with pytest.raises(RetryableFailure, match="OAUTH_TOKEN_EXPIRED") as refused:
+        ads.deliver(item)
+    assert refused.value.retry_after == 0
+    ads.deliver(item)
+    assert ads_server.token_requests == 2
+    # A token that lives less than google-auth's refresh margin is refreshed before each of
+    # a job's three calls.
+    ads_server.token_lifetime = 60
+    ads.credentials.token = None
+    ads.deliver(item)
+    ads.deliver(item)
+    assert ads_server.token_requests == 2 + 6
+    ads.close()
+
+
+def test_google_ads_revoked_refresh_token_is_permanent(ads_server: FakeGoogleAds) -> None:
+    ads = google_ads(
+        ads_server,
+        credentials=oauth_credentials(
+            ads_server.client_id, ads_server.client_secret, "1//revoked", ads_server.token_url
+        ),
+    )
+    with pytest.raises(PermanentFailure, match="invalid_grant"):
+        ads.deliver(delivery("audience", None, audience="555000111"))
 
 
 # Settings ---------------------------------------------------------------------------------
@@ -946,7 +995,9 @@ def test_build_providers_reads_hilo_environment_variables(
         "HILO_AUDIENCE_PROVIDER": "google_ads",
         "HILO_GOOGLE_ADS_DEVELOPER_TOKEN": "dev",
         "HILO_GOOGLE_ADS_CUSTOMER_ID": "123-456-7890",
-        "HILO_GOOGLE_ADS_ACCESS_TOKEN": "ya29",
+        "HILO_GOOGLE_ADS_CLIENT_ID": "hilo-ads.apps.googleusercontent.com",
+        "HILO_GOOGLE_ADS_CLIENT_SECRET": "GOCSPX-secret",
+        "HILO_GOOGLE_ADS_REFRESH_TOKEN": "1//refresh",
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)

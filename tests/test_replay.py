@@ -32,6 +32,9 @@ def test_histories_were_recorded() -> None:
         "abandoned_cart_completed",
         "abandoned_cart_back_on_site",
         "abandoned_cart_purchased",
+        # Recorded before the same-value rule: a cart started with 555 (a number) that an
+        # Order Completed with "555" did not end; it replays as it ran.
+        "abandoned_cart_number_id_text_purchase",
     }
 
 

@@ -142,3 +142,34 @@ def test_queue_capture_and_outcome_write_rows_the_models_read(any_store: Store) 
             "SELECT status FROM contact_reservations WHERE message_id = 'msg-1'"
         ).scalar_one()
     assert reservation == "used"
+
+
+def test_devices_reached_retired_and_audience_exits_on_both_databases(any_store: Store) -> None:
+    from hilo.profiles import record_consent
+    from hilo.storage import Message
+
+    record_consent(any_store, "42", "push", True, "app", device="token-phone-0000000000000000")
+    record_consent(any_store, "42", "push", True, "app", device="token-tablet-000000000000000")
+    any_store.device_reached("msg_1", "fcm", "k-phone", "projects/p/messages/1")
+    any_store.device_reached("msg_1", "fcm", "k-phone", "projects/p/messages/1")  # a retry
+    any_store.device_reached("msg_2", "fcm", "k-tablet", "projects/p/messages/2")
+    assert any_store.devices_reached("msg_1") == {"k-phone": "projects/p/messages/1"}
+    assert any_store.retire_device("push", "token-phone-0000000000000000")
+    assert not any_store.retire_device("push", "token-phone-0000000000000000")
+    _, _, devices, _ = any_store.message_and_profile("msg_9", "42", "push", None)
+    assert [device.address for device in devices] == ["token-tablet-000000000000000"]
+    # A withdrawal queues an audience exit only once an audience message went out.
+    record_consent(any_store, "42", "email", False, "support desk")
+    assert any_store.outbox_batch(10) == []
+    row = ledger_row("msg_3", {"audience": "vip", "action": "add"})
+    row.update(channel="audience", status="sent", sent_at=SENT_AT)
+    any_store.record_message(Message(**row))
+    assert [m.message_id for m in any_store.audience_messages("42")] == ["msg_3"]
+    record_consent(any_store, "42", "email", True, "support desk")
+    record_consent(any_store, "42", "email", False, "support desk")
+    [entry] = any_store.outbox_batch(10)
+    assert (entry.kind, entry.customer_id, entry.payload) == (
+        "audiences",
+        "42",
+        {"reason": "email consent withdrawn"},
+    )

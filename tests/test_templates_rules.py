@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from api.routes.promotions import router as promotions_router
 from hilo.catalog import JourneyCatalog
-from hilo.journeys import JourneyInvalid, JourneyProblem, parse_journey
+from hilo.journeys import JourneyInvalid, JourneyProblem, Sample, parse_journey
 from hilo.playbook import Playbook, PlaybookInvalid, check_playbook, load_playbook
 from hilo.promotions import (
     PromotionIn,
@@ -29,7 +29,14 @@ from hilo.promotions import (
 )
 from hilo.settings import Settings
 from hilo.storage import Store
-from hilo.templates import SAMPLE_UNSUBSCRIBE_URL, render, render_content
+from hilo.templates import (
+    SAMPLE_UNSUBSCRIBE_URL,
+    check_templates,
+    render,
+    render_content,
+    sample_gaps,
+    sample_messages,
+)
 from tests.conftest import EXAMPLES, example
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
@@ -104,6 +111,10 @@ def _changed(index: int, **changes: Any) -> Raw:
 
 def _publish(store: Store, raw: Raw, playbook: Playbook | None = PLAYBOOK) -> int:
     return JourneyCatalog(store, playbook).publish(parse_journey(raw), now=NOW)
+
+
+def _received(store: Store, name: str) -> None:
+    store.record_event(f"evt-{name}", "42", name, {}, NOW, "api")
 
 
 def _refused(store: Store, raw: Raw, playbook: Playbook | None = PLAYBOOK) -> list[JourneyProblem]:
@@ -260,6 +271,7 @@ def test_expired_promotion_warns_at_publish_and_skips_the_send(store: Store) -> 
         ),
     )
     raw = _changed(2, body="Vuelve con {{ promotions.winback20.code }}.")
+    _received(store, "Cart Abandoned")  # its trigger is a name Hilo knows: no warning for it
     catalog = JourneyCatalog(store, PLAYBOOK)
     version = catalog.publish(parse_journey(raw), now=NOW)
     assert version == 1
@@ -460,4 +472,113 @@ max_exclamation_marks: -1
 
 def test_publish_folder_publishes_the_examples_with_their_unsubscribe_links(store: Store) -> None:
     published = JourneyCatalog(store).publish_folder(EXAMPLES / "journeys")
-    assert [(p.created, p.warnings) for p in published] == [(True, [])] * 5
+    assert [p.created for p in published] == [True] * 5
+    # Warned of nothing but the shop's own event names, which no event has carried yet.
+    warnings = [w for p in published for w in p.warnings]
+    assert warnings and all("event has reached Hilo yet" in w for w in warnings)
+
+
+# Segment's e-commerce spec, "Order Completed" as its documentation shows it.
+SEGMENT_ORDER_COMPLETED: Raw = {
+    "checkout_id": "fksdjfsdjfisjf9sdfjsd9f",
+    "order_id": "50314b8e9bcf000000000000",
+    "affiliation": "Google Store",
+    "total": 27.50,
+    "subtotal": 22.50,
+    "revenue": 25.00,
+    "shipping": 3,
+    "tax": 2,
+    "discount": 2.5,
+    "coupon": "hasbros",
+    "currency": "USD",
+    "products": [
+        {
+            "product_id": "507f1f77bcf86cd799439011",
+            "sku": "45790-32",
+            "name": "Monopoly: 3rd Edition",
+            "price": 19,
+            "quantity": 1,
+            "category": "Games",
+            "url": "https://www.example.com/product/path",
+            "image_url": "https:///www.example.com/product/path.jpg",
+        },
+        {
+            "product_id": "505bd76785ebb509fc183733",
+            "sku": "46493-32",
+            "name": "Uno Card Game",
+            "price": 3,
+            "quantity": 2,
+            "category": "Games",
+        },
+    ],
+}
+
+
+def test_the_post_purchase_emails_render_segments_order_completed_in_full() -> None:
+    definition = example("post_purchase")
+    spec_shaped = definition.model_copy(
+        update={
+            "sample": Sample(
+                profile={"traits": {"first_name": "Ana", "email": "ana@example.com"}},
+                trigger={"name": "Order Completed", "properties": SEGMENT_ORDER_COMPLETED},
+            )
+        }
+    )
+    # Rendered strictly, every variable each template reads is in Segment's event ...
+    assert check_templates(spec_shaped) == []
+    # ... including those on paths this event does not take.
+    assert sample_gaps(spec_shaped) == []
+    rendered = {m.step.id: m.rendered for m in sample_messages(spec_shaped)}
+    assert set(rendered) >= {"order_confirmation", "usage_tips", "review_request"}
+    confirmation = rendered["order_confirmation"]
+    assert confirmation["subject"] == "Order 50314b8e9bcf000000000000 is confirmed"
+    for line in (
+        "1 x Monopoly: 3rd Edition: 19 USD",
+        "2 x Uno Card Game: 3 USD",
+        "Total: 27.5 USD",
+        "https://shop.example/orders/50314b8e9bcf000000000000",
+    ):
+        assert line in confirmation["body"], confirmation["body"]
+    assert rendered["usage_tips"]["subject"] == "Getting the most out of your Monopoly: 3rd Edition"
+    assert "https://www.example.com/product/path#reviews" in rendered["review_request"]["body"]
+    for step_id, fields in rendered.items():
+        for field, text in fields.items():
+            # A blank variable leaves "your ?", ": USD" or an empty line behind.
+            assert "your ?" not in text and ":  " not in text and ": USD" not in text, (
+                step_id,
+                field,
+                text,
+            )
+
+
+def test_publish_warns_about_variables_the_sample_does_not_have(store: Store) -> None:
+    raw = _changed(
+        0,
+        body="{% if trigger.properties.coupon %}Code: {{ trigger.properties.coupon_code }}"
+        "{% endif %} {{ unsubscribe_url }} {{ profile.traits.first_name }}",
+    )
+    raw["sample"]["trigger"]["properties"]["coupon"] = False
+    _received(store, "Cart Abandoned")
+    published = JourneyCatalog(store).publish_if_changed(parse_journey(raw), now=NOW)
+    assert published.created
+    assert published.warnings == [
+        "steps[0] (reminder).body: reads trigger.properties.coupon_code, which the sample "
+        "does not have (it renders blank for an event or profile without it); add them to "
+        "the journey's sample as your events and profiles carry them"
+    ]
+    # The same warning from validate's check, and one for a journey with no sample at all.
+    unsampled = {key: value for key, value in raw.items() if key != "sample"}
+    unsampled["steps"] = [
+        step | {"body": "Hola {{ profile.traits.first_name }} {{ unsubscribe_url }}"}
+        for step in unsampled["steps"][:1]
+    ]
+    checked = JourneyCatalog(store).check(parse_journey(unsampled), now=NOW)
+    assert checked.problems == []
+    assert [str(w) for w in checked.warnings] == [
+        "steps[0] (reminder).subject: reads profile.traits.first_name, which the sample does "
+        "not have (it renders blank for an event or profile without it); the journey has no "
+        "sample: add one shaped as your events and profiles",
+        "steps[0] (reminder).body: reads profile.traits.first_name, which the sample does not "
+        "have (it renders blank for an event or profile without it); the journey has no "
+        "sample: add one shaped as your events and profiles",
+    ]

@@ -13,13 +13,15 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from activities.journey_activities import JourneyActivities
+from activities.journey_activities import UNSIGNED_WEBHOOK, JourneyActivities
 from hilo.channels.config import ChannelSettings, build_providers
+from hilo.journeys import JourneyDefinition, SendStep, walk_steps
 from hilo.settings import Settings
 from hilo.storage import Store
+from workflows.audiences import LeaveAudiencesWorkflow
 from workflows.journey import JourneyWorkflow
 
-WORKFLOWS: Sequence[type] = (JourneyWorkflow,)
+WORKFLOWS: Sequence[type] = (JourneyWorkflow, LeaveAudiencesWorkflow)
 
 
 async def connect(settings: Settings) -> Client:
@@ -39,11 +41,33 @@ def configured_activities(
     """The activities with the providers HILO_* settings choose (capture by default).
 
     Credentials are read here, in the worker, and never travel in workflow inputs.
+    ``channels`` is the process's :class:`Settings` (read from the environment when not given).
+
+    Raises ValueError when a published journey sends webhooks and HILO_WEBHOOK_SECRET is not
+    set: those sends would otherwise fail one by one, hours later.
     """
-    channels = channels or ChannelSettings()
+    channels = channels or Settings()
+    providers = build_providers(channels)
+    if "webhook" not in providers:
+        unsigned = [
+            f"{journey.key} ({path})"
+            for journey, version in store.published_journeys()
+            if journey.status != "archived"
+            for path in _webhook_steps(JourneyDefinition.model_validate(version.definition))
+        ]
+        if unsigned:
+            raise ValueError(f"{UNSIGNED_WEBHOOK}; webhook steps: {', '.join(unsigned)}")
     return JourneyActivities(
-        store, providers=build_providers(channels), links=channels.link_signer()
+        store, providers=providers, links=channels.link_signer(), signed_webhooks_only=True
     )
+
+
+def _webhook_steps(definition: JourneyDefinition) -> list[str]:
+    return [
+        f"{path} ({step.id})"
+        for step, path in walk_steps(definition.steps)
+        if isinstance(step, SendStep) and step.channel == "webhook"
+    ]
 
 
 def build_worker(
@@ -80,7 +104,14 @@ def build_worker(
 
 
 async def run_worker(settings: Settings) -> None:
+    """Run a worker; exits at once (a line per missing setting, no traceback) when it could
+    not send: production settings or a chosen provider's credentials missing."""
+    settings.refuse_to_start_without("worker")
     store = Store(settings.resolved_database_url)
+    try:
+        activities = configured_activities(store, settings)
+    except ValueError as error:  # build_providers names each missing setting, a line each
+        raise SystemExit(str(error)) from None
     store.migrate()
     client = await connect(settings)
     worker = build_worker(
@@ -88,7 +119,7 @@ async def run_worker(settings: Settings) -> None:
         store,
         settings.task_queue,
         settings.max_concurrent_activities,
-        activities=configured_activities(store),
+        activities=activities,
         sandboxed=settings.workflow_sandbox,
     )
     await worker.run()

@@ -7,6 +7,7 @@ step id: it survives continue-as-new, and operators read it in the Temporal UI.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -21,15 +22,17 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from hilo import search_attributes as attrs
-    from hilo.conditions import lookup
+    from hilo.conditions import Condition, SameValue, exact_equal, lookup, same_value
     from hilo.durations import format_duration
     from hilo.events import CustomerEvent
     from hilo.ids import message_id, stable_fraction
     from hilo.journey_runs import (
         BEST_SEND_TIME,
         FINISH,
+        LEAVE_AUDIENCES,
         LOAD_PROFILE,
         NEXT_WINDOW_OPENING,
+        NOTE,
         SEND_MESSAGE,
         SIGNAL_EVENT,
         SIGNAL_IDENTIFIED,
@@ -44,6 +47,9 @@ with workflow.unsafe.imports_passed_through():
         JourneyProgress,
         JourneyResult,
         JourneyState,
+        LeaveAudiencesRequest,
+        LeaveAudiencesResult,
+        NoteRequest,
         ProfileRequest,
         ProfileSnapshot,
         SendRequest,
@@ -52,11 +58,14 @@ with workflow.unsafe.imports_passed_through():
         UpdateProfileRequest,
         WindowOpening,
         WindowRequest,
+        profile_paths,
     )
     from hilo.journeys import (
         AnyStep,
         BranchStep,
+        EventMatch,
         ExitStep,
+        Goal,
         HandoffStep,
         JourneyDefinition,
         Node,
@@ -67,9 +76,12 @@ with workflow.unsafe.imports_passed_through():
         WaitStep,
         compile_steps,
         first_of,
+        walk_steps,
     )
 
 QUICK = timedelta(seconds=30)
+# Instances started before it compare with ``==`` (555 ≠ "555") and note no near misses.
+SAME_VALUE_RULE = "same-value-rule"
 # Search attributes are written where a status lasts (waits) and at the end: each upsert is a
 # history event and a visibility write, and a send or a branch is over in milliseconds.
 LASTING_STATUSES = frozenset({"waiting", "waiting_for", "deferred"})
@@ -92,8 +104,15 @@ class JourneyWorkflow:
         self.status = "starting"
         self.step: str | None = self.state.cursor
         self.listening: set[str] = set()
-        self.inbox: list[CustomerEvent] = []
+        self.waiting: WaitForStep | None = None  # the wait_for step the instance is in
+        self.answer: int | None = None  # the outcome of the wait_for an event chose
         self.final_status: InstanceStatus | None = None
+        self.ended = False
+        # A skipped send completes like a sent one in the Temporal UI: the current details
+        # name the last skip, and the next timer's or activity's summary mentions it.
+        self.details = ""
+        self.last_skip: str | None = None
+        self.unmentioned_skip: str | None = None
         self.profile: ProfileSnapshot | None = None
         self.steps_this_run = 0
         self.seen: dict[str, None] = {}  # recent event ids, oldest first
@@ -104,7 +123,7 @@ class JourneyWorkflow:
     # ------------------------------------------------------------ signals and queries
 
     @workflow.signal(name=SIGNAL_EVENT)
-    def on_event(self, event: CustomerEvent) -> None:
+    async def on_event(self, event: CustomerEvent) -> None:
         if event.message_id == self.input.trigger.message_id or event.message_id in self.seen:
             return  # the trigger itself, or an event routed twice after a retried delivery
         self.seen[event.message_id] = None
@@ -112,20 +131,52 @@ class JourneyWorkflow:
             del self.seen[next(iter(self.seen))]
         context = self._context()
         data = event.as_context()
+        near_misses: list[str] = []
         if self.state.exit_reason is None:
             for rule in self.definition.exit:
-                if rule.matches(data, context):
+                if self._matches(rule, data, context):
                     self.state.exit_reason = rule.reason or f"exit event: {event.name}"
                     break
+            else:
+                near_misses += [
+                    f"{event.name} did not end the journey: {why}"
+                    for why in _mismatches(self.definition.exit, data, context)
+                ]
         goal = self.definition.goal
-        if goal and self.state.converted_at is None and goal.as_match().matches(data, context):
+        if goal and self.state.converted_at is None and self._matches(goal, data, context):
             started = self.state.started_at or workflow.now()
             if event.timestamp - started <= goal.within:
                 self.state.converted_at = event.timestamp
                 if goal.revenue:
                     self.state.revenue = _number(event.properties, goal.revenue)
-        if event.name in self.listening:
-            self.inbox.append(event)
+        waiting = self.waiting
+        if waiting is not None and self.state.exit_reason is None and self.answer is None:
+            for index, outcome in enumerate(waiting.events):
+                if self._matches(outcome, data, context):
+                    self.answer = index
+                    break
+            else:
+                near_misses += [
+                    f"{event.name} did not end the wait at {waiting.id}: {why}"
+                    for why in _mismatches(waiting.events, data, context)
+                ]
+        if near_misses and workflow.patched(SAME_VALUE_RULE):
+            # Nothing else would show why a purchase did not end the cart: say it once.
+            info = workflow.info()
+            await self._activity(
+                NOTE,
+                NoteRequest(
+                    workflow_id=info.workflow_id,
+                    run_id=self.run_id,
+                    journey_key=self.definition.key,
+                    customer_id=self.customer_id,
+                    step_id=self.step,
+                    event_message_id=event.message_id,
+                    summary="; ".join(near_misses),
+                    noted_at=workflow.now(),
+                ),
+                summary=f"note: {near_misses[0]}"[:200],
+            )
 
     @workflow.signal(name=SIGNAL_STOP)
     def on_stop(self, request: StopRequest) -> None:
@@ -154,18 +205,41 @@ class JourneyWorkflow:
             customer_id=self.customer_id,
             step=self.step,
             status=self.status,
-            waiting_for=sorted(self.listening),
+            waiting_for=list(self._awaited()),
             sent=self.state.sent,
             exit_reason=self.state.exit_reason,
         )
 
     # ------------------------------------------------------------ the run
 
+    def _by_rule(self, check: Callable[[SameValue], bool]) -> bool:
+        """``check`` under the comparison rule of this instance (hilo.conditions).
+
+        Instances started before :func:`same_value` keep ``==``. The patch is asked only
+        when the two rules disagree, so a journey that never meets 555 against "555" pays
+        no marker (nor the search-attribute write that comes with it).
+        """
+        answer = check(same_value)
+        if answer == check(exact_equal) or workflow.patched(SAME_VALUE_RULE):
+            return answer
+        return not answer
+
+    def _holds(self, condition: Condition, context: dict[str, Any]) -> bool:
+        return self._by_rule(lambda same: condition.evaluate(context, same))
+
+    def _matches(
+        self, rule: EventMatch | Goal, event: dict[str, Any], context: dict[str, Any]
+    ) -> bool:
+        match = rule.as_match() if isinstance(rule, Goal) else rule
+        return self._by_rule(lambda same: match.matches(event, context, same))
+
+    @property
+    def run_id(self) -> str:
+        # The first run's id names the enrollment: stable across continue-as-new and retries.
+        return self.state.enrollment_run_id or workflow.info().first_execution_run_id
+
     @workflow.run
     async def run(self, input: JourneyInput) -> JourneyResult:
-        info = workflow.info()
-        # The first run's id names the enrollment: stable across continue-as-new and retries.
-        self.run_id = self.state.enrollment_run_id or info.first_execution_run_id
         self.state.enrollment_run_id = self.run_id
         if input.state is None:
             self.state.started_at = workflow.now()
@@ -208,7 +282,7 @@ class JourneyWorkflow:
             await self._activity(
                 UPDATE_PROFILE,
                 UpdateProfileRequest(customer_id=self.customer_id, set=step.set, unset=step.unset),
-                summary=f"{step.id}: update profile",
+                summary=self._summary(f"{step.id}: update profile"),
             )
             self.profile = None  # read it again when a later step needs it
             return node.next
@@ -229,6 +303,7 @@ class JourneyWorkflow:
             step.content(),
             ignore_policy=step.ignore_policy,
             step=step,
+            topic=step.topic,
         )
         if result.status == "failed" and step.on_failure == "exit":
             self.state.exit_reason = f"{step.id} failed: {result.reason}"
@@ -258,12 +333,13 @@ class JourneyWorkflow:
         content: dict[str, str],
         ignore_policy: bool = False,
         step: AnyStep | None = None,
+        topic: str | None = None,
     ) -> SendResult:
         """Send, asking again after each deferral of the contact policy (quiet hours,
         allowed days, minimum gap): the deferral is a durable timer an exit rule can cut."""
         while True:
             result = await self._send_once(
-                step_id, channel, template, category, content, ignore_policy
+                step_id, channel, template, category, content, ignore_policy, topic
             )
             if result.status != "deferred" or result.defer_until is None:
                 return result
@@ -275,7 +351,7 @@ class JourneyWorkflow:
                 await workflow.wait_condition(
                     lambda: self.state.exit_reason is not None,
                     timeout=delay,
-                    timeout_summary=f"{step_id}: {label}"[:200],
+                    timeout_summary=self._summary(f"{step_id}: {label}"),
                 )
             if self.state.exit_reason is not None:
                 return SendResult(
@@ -292,6 +368,7 @@ class JourneyWorkflow:
         category: str,
         content: dict[str, str],
         ignore_policy: bool,
+        topic: str | None = None,
     ) -> SendResult:
         info = workflow.info()
         iteration = self.state.step_counts.get(step_id, 1)
@@ -310,6 +387,7 @@ class JourneyWorkflow:
             content=content,
             trigger_message_id=self.input.trigger.message_id,
             ignore_policy=ignore_policy,
+            topic=topic,
             scheduled_at=workflow.now(),
         )
         try:
@@ -319,7 +397,7 @@ class JourneyWorkflow:
                 result_type=SendResult,
                 start_to_close_timeout=timedelta(seconds=self.input.send_timeout_seconds),
                 retry_policy=SEND_RETRY,
-                summary=f"{step_id}: {channel} {template}",
+                summary=self._summary(f"{step_id}: {channel} {template}"),
             )
         except ActivityError as error:
             cause = error.cause
@@ -330,6 +408,10 @@ class JourneyWorkflow:
             )
         if result.status == "sent":
             self.state.sent += 1
+        elif result.status == "skipped":
+            self.last_skip = f"{step_id} ({channel} {template}) skipped: {result.reason}"
+            self.unmentioned_skip = self.last_skip
+            self._details(self.details)
         return result
 
     async def _wait(self, step: WaitStep, following: str | None) -> str | None:
@@ -348,7 +430,7 @@ class JourneyWorkflow:
                     fallback_hour=step.best_time.fallback_hour,
                     max_delay_seconds=step.best_time.max_delay.total_seconds(),
                 ),
-                summary=f"{step.id}: best time to reach this customer",
+                summary=self._summary(f"{step.id}: best time to reach this customer"),
                 result_type=BestTimeAnswer,
             )
             delay = max(best.at - workflow.now(), timedelta(0))
@@ -358,7 +440,9 @@ class JourneyWorkflow:
             opening = await self._activity(
                 NEXT_WINDOW_OPENING,
                 WindowRequest(customer_id=self.customer_id, window=step.until, now=workflow.now()),
-                summary=f"{step.id}: next {step.until.start}-{step.until.end} local time",
+                summary=self._summary(
+                    f"{step.id}: next {step.until.start}-{step.until.end} local time"
+                ),
                 result_type=WindowOpening,
             )
             delay = max(opening.at - workflow.now(), timedelta(0))
@@ -370,47 +454,37 @@ class JourneyWorkflow:
                 await workflow.wait_condition(
                     lambda: self.state.exit_reason is not None,
                     timeout=delay,
-                    timeout_summary=f"{step.id}: wait {label}",
+                    timeout_summary=self._summary(f"{step.id}: wait {label}"),
                 )
         return following
 
     async def _wait_for(self, step: WaitForStep, following: str | None) -> str | None:
-        self.inbox.clear()
+        self.answer = None
         self.listening = {outcome.event for outcome in step.events}
+        self.waiting = step
         names = ", ".join(outcome.event for outcome in step.events)
         self._show(
             step,
             "waiting_for",
             f"waiting up to {format_duration(step.timeout)} for: {names}",
         )
-        chosen: list[int] = []
-
-        def settled() -> bool:
-            if self.state.exit_reason is not None:
-                return True
-            context = self._context()
-            for event in self.inbox:
-                for index, outcome in enumerate(step.events):
-                    if outcome.matches(event.as_context(), context):
-                        chosen.append(index)
-                        return True
-            self.inbox.clear()  # none matched: those events are spent
-            return False
-
         try:
+            # on_event picks the outcome, in the order events arrive.
             await workflow.wait_condition(
-                settled,
+                lambda: self.state.exit_reason is not None or self.answer is not None,
                 timeout=step.timeout,
-                timeout_summary=f"{step.id}: up to {format_duration(step.timeout)} for {names}",
+                timeout_summary=self._summary(
+                    f"{step.id}: up to {format_duration(step.timeout)} for {names}"
+                ),
             )
         except TimeoutError:
-            self.listening = set()
             return first_of(list(step.on_timeout), following)
-        self.listening = set()
-        self.inbox.clear()
-        if not chosen:
+        finally:
+            self.listening = set()
+            self.waiting = None
+        if self.state.exit_reason is not None or self.answer is None:
             return None  # exit rule fired while waiting
-        return first_of(list(step.events[chosen[0]].steps), following)
+        return first_of(list(step.events[self.answer].steps), following)
 
     async def _branch(self, step: BranchStep, following: str | None) -> str | None:
         self._show(step, "deciding", "evaluating branch conditions")
@@ -421,7 +495,7 @@ class JourneyWorkflow:
             await self._refresh_profile(step.id)
         context = self._context()
         for branch in step.branches:
-            if branch.when.evaluate(context):
+            if self._holds(branch.when, context):
                 return first_of(list(branch.steps), following)
         return first_of(list(step.otherwise), following)
 
@@ -443,8 +517,10 @@ class JourneyWorkflow:
     async def _refresh_profile(self, step_id: str) -> None:
         self.profile = await self._activity(
             LOAD_PROFILE,
-            ProfileRequest(customer_id=self.customer_id),
-            summary=f"{step_id}: read profile",
+            # Only what the conditions read comes back into the history, not the address
+            # book: templates read the profile in the send activity.
+            ProfileRequest(customer_id=self.customer_id, paths=profile_paths(self.definition)),
+            summary=self._summary(f"{step_id}: read profile"),
             result_type=ProfileSnapshot,
         )
 
@@ -487,15 +563,40 @@ class JourneyWorkflow:
             summary=summary,
         )
 
+    def _awaited(self) -> tuple[str, ...]:
+        """The events the instance listens for now, as the progress query and the
+        HiloWaitingFor attribute show them: its wait_for's and, until it ends, its exit
+        rules'."""
+        return () if self.ended else _awaited(self.listening, self.definition)
+
+    def _details(self, details: str) -> None:
+        self.details = details
+        if self.last_skip is not None:
+            details += f"\n\n**Last skipped send:** {self.last_skip}"
+        workflow.set_current_details(details)
+
+    def _summary(self, summary: str) -> str:
+        """A timer's or activity's summary; the first after a skipped send names it."""
+        if self.unmentioned_skip is not None:
+            summary = f"{summary} · after {self.unmentioned_skip}"
+            self.unmentioned_skip = None
+        return summary[:200]
+
+    def _adds_to_audiences(self) -> bool:
+        return any(
+            isinstance(step, SendStep) and step.adds_to_audience()
+            for step, _path in walk_steps(list(self.definition.steps))
+        )
+
     def _show(self, step: AnyStep, status: str, details: str) -> None:
         """What the operator sees: current details and search attributes."""
         self.status = status
         version = self.input.journey.version
-        workflow.set_current_details(
+        self._details(
             f"**{self.definition.name}** v{version} · step `{step.id}` ({step.type})\n\n{details}"
         )
         if self.input.search_attributes and status in LASTING_STATUSES:
-            shown = _lasting(step.id, status, self.listening, self.definition)
+            shown = (step.id, status, self._awaited())
             if shown == self.shown:
                 return  # the server holds these already: no history event, no visibility write
             workflow.upsert_search_attributes(
@@ -511,17 +612,38 @@ class JourneyWorkflow:
         info = workflow.info()
         self.status = status
         self.listening = set()
-        workflow.set_current_details(
+        self.ended = True
+        self._details(
             f"**{self.definition.name}** v{self.input.journey.version} · {status}"
             + (f": {reason}" if reason else "")
         )
         if self.input.search_attributes:
             updates: list[SearchAttributeUpdate[Any]] = [
                 attrs.STATUS.value_set(status),
-                attrs.WAITING_FOR.value_set([]),
+                attrs.WAITING_FOR.value_set(list(self._awaited())),
             ]
             workflow.upsert_search_attributes(updates)
             self.shown = None
+        if (
+            status in ("exited", "archived")
+            and self._adds_to_audiences()
+            and workflow.patched("leave-audiences-on-exit")
+        ):
+            # An exit (a purchase, a stop) ends the retargeting this journey started.
+            await workflow.execute_activity(
+                LEAVE_AUDIENCES,
+                LeaveAudiencesRequest(
+                    customer_id=self.customer_id,
+                    reason=f"journey {status}" + (f": {reason}" if reason else ""),
+                    workflow_id=info.workflow_id,
+                    run_id=self.run_id,
+                    scheduled_at=workflow.now(),
+                ),
+                result_type=LeaveAudiencesResult,
+                start_to_close_timeout=timedelta(seconds=self.input.send_timeout_seconds),
+                retry_policy=SEND_RETRY,
+                summary="leave the ad audiences this journey added",
+            )
         await self._activity(
             FINISH,
             FinishRequest(
@@ -534,7 +656,7 @@ class JourneyWorkflow:
                 revenue=self.state.revenue,
                 holdout=status == "holdout",
             ),
-            summary=f"{status}" + (f": {reason}" if reason else ""),
+            summary=self._summary(f"{status}" + (f": {reason}" if reason else "")),
         )
         await workflow.wait_condition(workflow.all_handlers_finished)
         return JourneyResult(
@@ -544,6 +666,16 @@ class JourneyWorkflow:
             steps=sum(self.state.step_counts.values()),
             converted=self.state.converted_at is not None,
         )
+
+
+def _mismatches(
+    rules: Sequence[EventMatch], event: dict[str, Any], context: dict[str, Any]
+) -> list[str]:
+    """Why each rule for this event's name left it out on a ``match_trigger`` property."""
+    reasons = (
+        rule.trigger_mismatch(event, context) for rule in rules if rule.event == event["name"]
+    )
+    return list(dict.fromkeys(reason for reason in reasons if reason is not None))
 
 
 def _number(properties: dict[str, Any], path: str) -> float | None:
@@ -588,19 +720,17 @@ def _opening(definition: JourneyDefinition) -> tuple[str, str, tuple[str, ...]] 
         return None
     first = definition.steps[0]
     if isinstance(first, WaitStep) and first.duration is not None:
-        return _lasting(first.id, "waiting", set(), definition)
+        return first.id, "waiting", _awaited(set(), definition)
     if isinstance(first, WaitForStep):
         listening = {outcome.event for outcome in first.events}
-        return _lasting(first.id, "waiting_for", listening, definition)
+        return first.id, "waiting_for", _awaited(listening, definition)
     return None
 
 
-def _lasting(
-    step_id: str, status: str, listening: set[str], definition: JourneyDefinition
-) -> tuple[str, str, tuple[str, ...]]:
-    """The step, status and awaited events an instance shows while it waits: what it listens
-    for at that step and what its exit rules listen for all along."""
-    return step_id, status, tuple(sorted(listening | {rule.event for rule in definition.exit}))
+def _awaited(listening: set[str], definition: JourneyDefinition) -> tuple[str, ...]:
+    """The events a running instance waits for: what it listens for at its step and what
+    its exit rules listen for all along."""
+    return tuple(sorted(listening | {rule.event for rule in definition.exit}))
 
 
 def _held(held: TypedSearchAttributes) -> tuple[str, str, tuple[str, ...]] | None:

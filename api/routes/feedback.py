@@ -27,11 +27,11 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.deps import StoreDep
-from api.openapi import Responses, message
+from api.deps import StoreDep, get_channel_settings
+from api.openapi import SETTINGS_INVALID, Responses, message
 from hilo.channels.config import ChannelSettings
 from hilo.channels.feedback import (
     DeliveryEvent,
@@ -121,33 +121,9 @@ The links in our most recent message to you will work.</p>
 # ================================================================ dependencies
 
 
-def get_channel_settings(request: Request) -> ChannelSettings:
-    """``HILO_*`` channel settings, read once per app (tests put their own on app.state)."""
-    settings = getattr(request.app.state, "channel_settings", None)
-    if settings is None:
-        try:
-            settings = ChannelSettings()
-        except ValidationError as error:
-            # Names the variables only: the input values may be secrets.
-            problems = "; ".join(
-                f"HILO_{'_'.join(str(part) for part in problem['loc']).upper() or 'SETTINGS'}: "
-                f"{problem['msg']}"
-                for problem in error.errors()
-            )
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, f"channel settings are invalid: {problems}"
-            ) from None
-        request.app.state.channel_settings = settings
-    assert isinstance(settings, ChannelSettings)
-    return settings
-
-
 ChannelSettingsDep = Annotated[ChannelSettings, Depends(get_channel_settings)]
 
 # What the schema says besides each route's success.
-SETTINGS_INVALID = message(
-    503, "Hilo's channel settings are invalid or missing; the body names them."
-)
 FORM_ONLY = message(415, "Not a form: send application/x-www-form-urlencoded or multipart.")
 HTML = {"text/html": {"schema": {"type": "string"}}}
 INVALID_LINK: Responses = {

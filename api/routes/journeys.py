@@ -7,9 +7,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep, unstorable_places
-from api.openapi import UNAUTHORIZED, Responses, ValidationProblems, message
+from api.openapi import (
+    SETTINGS_INVALID,
+    UNAUTHORIZED,
+    Responses,
+    ValidationProblems,
+    message,
+)
 from hilo.journeys import (
     JourneyDefinition,
     JourneyInvalid,
@@ -61,6 +68,9 @@ class ValidJourney(BaseModel):
     valid: bool = True
     key: str
     steps: int = Field(description="How many steps the journey has, nested ones included.")
+    warnings: list[str] = Field(
+        default_factory=list, description="What publishing would warn about."
+    )
 
 
 class PublishedVersion(BaseModel):
@@ -136,6 +146,11 @@ async def definition_body(request: Request) -> JourneyDefinition:
         text = (await request.body()).decode()
     except UnicodeDecodeError:
         raise _invalid([JourneyProblem(path="(root)", message="body is not UTF-8 text")]) from None
+    # Checking renders every template: in a thread, so other requests (/health) go on.
+    return await run_in_threadpool(_checked_definition, text, media)
+
+
+def _checked_definition(text: str, media: str) -> JourneyDefinition:
     try:
         if media in YAML_TYPES:
             return _storable(load_journey_yaml(text))
@@ -178,32 +193,42 @@ def schema() -> dict[str, Any]:
     return journey_json_schema()
 
 
-@router.post("/validate", responses={**INVALID, **UNSUPPORTED}, openapi_extra=DEFINITION_BODY)
-def validate(definition: DefinitionDep) -> ValidJourney:
-    """Check a definition without publishing it."""
-    return ValidJourney(key=definition.key, steps=sum(1 for _ in walk_steps(definition.steps)))
+@router.post(
+    "/validate",
+    responses={**INVALID, **UNSUPPORTED, **SETTINGS_INVALID},
+    openapi_extra=DEFINITION_BODY,
+)
+def validate(definition: DefinitionDep, catalog: CatalogDep) -> ValidJourney:
+    """Check a definition as publishing would (the same checks), without publishing it."""
+    checked = catalog.check(definition)
+    if checked.problems:
+        raise _invalid(checked.problems)
+    return ValidJourney(
+        key=definition.key,
+        steps=sum(1 for _ in walk_steps(definition.steps)),
+        warnings=[str(warning) for warning in checked.warnings],
+    )
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={**INVALID, **CONFLICT, **UNSUPPORTED, 200: {"model": PublishedVersion}},
+    responses={
+        **INVALID,
+        **CONFLICT,
+        **UNSUPPORTED,
+        **SETTINGS_INVALID,
+        200: {"model": PublishedVersion},
+    },
     openapi_extra=DEFINITION_BODY,
 )
 def publish(definition: DefinitionDep, catalog: CatalogDep, response: Response) -> PublishedVersion:
     """Publish a new version; 200 and created=false when it equals the latest one."""
-    journey = catalog.store.get_journey(definition.key)
-    # Checked here too: publish_if_changed would answer "unchanged" for an archived journey.
-    if journey is not None and journey.status == "archived":
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"journey '{definition.key}' is archived; publish it under a new key",
-        )
     try:
         published = catalog.publish_if_changed(definition)
     except JourneyInvalid as error:  # the playbook, promotions or the unsubscribe link
         raise _invalid(error.problems) from None
-    except ValueError as error:  # archived between the check and the write
+    except ValueError as error:  # an archived journey
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
     if not published.created:
         response.status_code = status.HTTP_200_OK
@@ -215,7 +240,7 @@ def publish(definition: DefinitionDep, catalog: CatalogDep, response: Response) 
     )
 
 
-@router.get("")
+@router.get("", responses=SETTINGS_INVALID)
 def list_journeys(catalog: CatalogDep) -> list[JourneySummary]:
     return [_summary(journey) for journey in catalog.list()]
 
@@ -253,13 +278,13 @@ def get_version(key: str, version: VersionNumber, store: StoreDep) -> JourneyVer
     )
 
 
-@router.post("/{key}/pause", responses={**NOT_FOUND, **CONFLICT})
+@router.post("/{key}/pause", responses={**NOT_FOUND, **CONFLICT, **SETTINGS_INVALID})
 def pause(key: str, catalog: CatalogDep) -> JourneyStatus:
     """No new entries; running instances go on."""
     return _change_status(key, catalog.pause)
 
 
-@router.post("/{key}/resume", responses={**NOT_FOUND, **CONFLICT})
+@router.post("/{key}/resume", responses={**NOT_FOUND, **CONFLICT, **SETTINGS_INVALID})
 def resume(key: str, catalog: CatalogDep) -> JourneyStatus:
     return _change_status(key, catalog.resume)
 
@@ -274,7 +299,7 @@ def _change_status(key: str, change: Callable[[str], Journey]) -> JourneyStatus:
     return JourneyStatus(key=journey.key, status=journey.status)
 
 
-@router.post("/{key}/archive", responses=NOT_FOUND)
+@router.post("/{key}/archive", responses={**NOT_FOUND, **SETTINGS_INVALID})
 async def archive(key: str, catalog: CatalogDep, client: ClientDep) -> ArchivedJourney:
     """No new entries, and every running instance stops now. There is no way back."""
     try:

@@ -11,10 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 import httpx
+from google.auth import exceptions as google_exceptions
+from google.auth import transport as google_transport
+from google.oauth2.credentials import Credentials
 
 from hilo.channels.base import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -29,12 +34,19 @@ from hilo.channels.base import (
 )
 
 __all__ = [
+    "GOOGLE_ADS_SCOPE",
+    "GOOGLE_TOKEN_URL",
     "GoogleAdsCustomerMatch",
     "MetaCustomAudiences",
     "normalise_email",
+    "oauth_credentials",
     "normalise_phone",
     "sha256_hex",
 ]
+
+
+GOOGLE_ADS_SCOPE = "https://www.googleapis.com/auth/adwords"
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
 
 
 def normalise_email(email: str) -> str:
@@ -131,8 +143,67 @@ class MetaCustomAudiences:
         self.client.close()
 
 
+class _HttpxTokenResponse(google_transport.Response):
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status_code
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    @property
+    def data(self) -> bytes:
+        return self._response.content
+
+
+class _HttpxTokenRequest(google_transport.Request):
+    """google-auth's transport over our httpx client, so token refreshes share its timeouts."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> _HttpxTokenResponse:
+        try:
+            response = self.client.request(
+                method, url, content=body, headers=headers, timeout=timeout or self.client.timeout
+            )
+        except httpx.HTTPError as error:
+            raise google_exceptions.TransportError(f"{url}: {error}") from error
+        return _HttpxTokenResponse(response)
+
+
+def oauth_credentials(
+    client_id: str, client_secret: str, refresh_token: str, token_url: str = GOOGLE_TOKEN_URL
+) -> Credentials:
+    """OAuth2 user credentials that google-auth refreshes from the refresh token."""
+    return Credentials(
+        token=None,
+        refresh_token=refresh_token,
+        client_id=client_id,
+        client_secret=client_secret,
+        token_uri=token_url,
+        scopes=[GOOGLE_ADS_SCOPE],
+    )
+
+
 class GoogleAdsCustomerMatch:
-    """Google Ads Customer Match through an offline user data job: create, add, run."""
+    """Google Ads Customer Match through an offline user data job: create, add, run.
+
+    The API wants an OAuth2 access token, which lives an hour: google-auth refreshes it from
+    the refresh token shortly before it expires, and again when the API refuses it early.
+    """
 
     name = "google_ads"
 
@@ -140,7 +211,7 @@ class GoogleAdsCustomerMatch:
         self,
         developer_token: str,
         customer_id: str,
-        access_token: str,
+        credentials: Credentials,
         *,
         login_customer_id: str | None = None,
         base_url: str = "https://googleads.googleapis.com",
@@ -149,11 +220,15 @@ class GoogleAdsCustomerMatch:
     ) -> None:
         self.customer_id = customer_id.replace("-", "")
         self.base_url = f"{base_url.rstrip('/')}/{api_version}"
-        headers = {"Authorization": f"Bearer {access_token}", "developer-token": developer_token}
+        self.credentials = credentials
+        headers = {"developer-token": developer_token}
         if login_customer_id:
             # Needed when we reach the account through a manager account.
             headers["login-customer-id"] = login_customer_id.replace("-", "")
         self.client = http_client(timeout, headers=headers)
+        # The token endpoint gets none of the Ads headers.
+        self._token_request = _HttpxTokenRequest(http_client(timeout))
+        self._lock = threading.Lock()  # activities share one provider across threads
 
     def deliver(self, delivery: Delivery) -> str:
         audience, action = _action(delivery, self.name)
@@ -190,9 +265,46 @@ class GoogleAdsCustomerMatch:
             identifiers.append({"hashedPhoneNumber": sha256_hex(f"+{phone}")})
         return {"userIdentifiers": identifiers}
 
+    def _access_token(self) -> str:
+        with self._lock:
+            if not self.credentials.valid:
+                try:
+                    self.credentials.refresh(self._token_request)
+                except google_exceptions.TransportError as error:
+                    raise RetryableFailure(f"google_ads: token endpoint: {error}") from error
+                except google_exceptions.RefreshError as error:
+                    reason = f"google_ads: the OAuth refresh token was refused: {error}"
+                    if getattr(error, "retryable", False):
+                        raise RetryableFailure(reason) from error
+                    raise PermanentFailure(reason) from error
+            return str(self.credentials.token)
+
+    def _forget(self, token: str) -> None:
+        """Drop an access token the API refused, so the next call refreshes it."""
+        with self._lock:
+            if self.credentials.token == token:
+                self.credentials.token = None
+
     def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        token = self._access_token()
+
+        def failure(response: httpx.Response) -> PermanentFailure | RetryableFailure:
+            refused = _google_ads_failure(response)
+            if response.status_code == 401 and "OAUTH_TOKEN" in refused.reason:
+                # The access token expired or was revoked before its time: the retry
+                # refreshes it. (A bad developer token is a 401 too, and stays permanent.)
+                self._forget(token)
+                return RetryableFailure(refused.reason, retry_after=0.0)
+            return refused
+
         response = send(
-            self.client, "POST", url, provider=self.name, failure=_google_ads_failure, json=body
+            self.client,
+            "POST",
+            url,
+            provider=self.name,
+            failure=failure,
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
         )
         try:
             answer = response.json()
@@ -202,6 +314,7 @@ class GoogleAdsCustomerMatch:
 
     def close(self) -> None:
         self.client.close()
+        self._token_request.client.close()
 
 
 def _google_ads_failure(response: httpx.Response) -> PermanentFailure | RetryableFailure:

@@ -3,6 +3,7 @@
     Exception
     └── DeliveryFailure
         ├── PermanentFailure   4xx, an invalid address, a rejected message: never retried
+        │                      (``recipient_gone`` when the address is dead for good)
         └── RetryableFailure   a timeout, a connection error, 5xx, 429: retried, not before
                                ``retry_after`` seconds when the provider said so
 
@@ -82,11 +83,18 @@ class DeliveryFailure(Exception):
 
 
 class PermanentFailure(DeliveryFailure):
-    """The provider will never accept this message as it is: do not retry."""
+    """The provider will never accept this message as it is: do not retry.
 
-    def __init__(self, reason: str, provider_status: int | None = None) -> None:
+    ``recipient_gone``: the address itself is dead for good (an unregistered push token, an
+    expired web-push subscription), so nothing should be sent to it again.
+    """
+
+    def __init__(
+        self, reason: str, provider_status: int | None = None, *, recipient_gone: bool = False
+    ) -> None:
         super().__init__(reason)
         self.provider_status = provider_status
+        self.recipient_gone = recipient_gone
 
 
 class RetryableFailure(DeliveryFailure):

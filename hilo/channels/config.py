@@ -18,7 +18,12 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hilo.channels.audiences import GoogleAdsCustomerMatch, MetaCustomAudiences
+from hilo.channels.audiences import (
+    GOOGLE_TOKEN_URL,
+    GoogleAdsCustomerMatch,
+    MetaCustomAudiences,
+    oauth_credentials,
+)
 from hilo.channels.base import DEFAULT_TIMEOUT_SECONDS, ChannelProvider
 from hilo.channels.fcm import FcmPush, ServiceAccount
 from hilo.channels.links import MIN_SECRET_LENGTH, LinkSigner
@@ -37,14 +42,18 @@ DEV_LINK_SECRET = "dev-only-link-secret-refused-in-production"
 
 
 class ChannelSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HILO_", env_file=".env", extra="ignore")
+    # An empty variable is no value (compose passes every setting, empty when unset).
+    model_config = SettingsConfigDict(
+        env_prefix="HILO_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
-    # The same HILO_ENVIRONMENT as hilo.settings.Settings: production refuses dev secrets.
+    # Production refuses dev secrets (hilo.settings.Settings extends this class).
     environment: Literal["development", "test", "production"] = "development"
     public_url: str = Field(
         "http://127.0.0.1:8000",
         description="Where providers and customers reach Hilo's public endpoints (webhooks, "
-        "links); Twilio signs its callbacks over this URL.",
+        "links); Twilio signs its callbacks over this URL. Required in production; elsewhere "
+        "Settings makes it the API's own address (HILO_API_HOST, HILO_API_PORT).",
     )
     link_secret: SecretStr | None = Field(
         None,
@@ -108,8 +117,16 @@ class ChannelSettings(BaseSettings):
     vapid_subject: str = ""
     webpush_ttl_seconds: int = 24 * 3600
 
-    webhook_url: str = ""
-    webhook_secret: SecretStr | None = None
+    webhook_url: str = Field(
+        "",
+        description="Where hand-offs go by webhook; a webhook step posts to its own url.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Signs every webhook (X-Hilo-Signature). Webhook steps need it: without "
+        "it the worker refuses to start while a published journey has one, and refuses "
+        "such a send rather than sending it unsigned.",
+    )
 
     meta_access_token: SecretStr | None = None
     meta_base_url: str = "https://graph.facebook.com"
@@ -118,7 +135,11 @@ class ChannelSettings(BaseSettings):
     google_ads_developer_token: SecretStr | None = None
     google_ads_customer_id: str = ""
     google_ads_login_customer_id: str = ""
-    google_ads_access_token: SecretStr | None = None
+    # OAuth2 client and refresh token: access tokens last an hour and are refreshed from it.
+    google_ads_client_id: str = ""
+    google_ads_client_secret: SecretStr | None = None
+    google_ads_refresh_token: SecretStr | None = None
+    google_ads_token_url: str = GOOGLE_TOKEN_URL
     google_ads_base_url: str = "https://googleads.googleapis.com"
     google_ads_api_version: str = "v26"
 
@@ -154,28 +175,41 @@ class ChannelSettings(BaseSettings):
             )
         return self
 
+    def link_problems(self) -> list[str]:
+        """In production, one line per link setting missing: links made without them would
+        not work for anyone who receives them. Empty elsewhere."""
+        if self.environment != "production":
+            return []
+        problems = []
+        host = urlsplit(self.public_url).hostname or ""
+        if "public_url" not in self.model_fields_set:
+            problems.append(
+                "HILO_PUBLIC_URL is not set; links and webhooks would point at "
+                f"{self.public_url}, which only this machine can reach: set the https URL "
+                "customers and providers reach Hilo at"
+            )
+        elif host in ("localhost", "::1") or host.startswith("127."):
+            problems.append(
+                f"HILO_PUBLIC_URL is {self.public_url}, which only this machine can reach; "
+                "set the URL customers and providers reach Hilo at"
+            )
+        if not _secret(self.link_secret):
+            problems.append(
+                "HILO_LINK_SECRET is not set; production signs its unsubscribe and tracking "
+                f"links with a secret of its own, at least {MIN_SECRET_LENGTH} characters"
+            )
+        return problems
+
     def link_signer(self) -> LinkSigner:
         """Signs and checks our links under ``public_url``.
 
-        Raises ValueError in production without HILO_LINK_SECRET or with a loopback
-        HILO_PUBLIC_URL: links made then would not work for anyone who receives them.
+        Raises ValueError with :meth:`link_problems`, one line each, when there are any.
         """
-        secret = _secret(self.link_secret)
-        if self.environment == "production":
-            if not secret:
-                raise ValueError(
-                    "HILO_LINK_SECRET is not set; production signs its unsubscribe and "
-                    f"tracking links with a secret of its own, at least {MIN_SECRET_LENGTH} "
-                    "characters"
-                )
-            host = urlsplit(self.public_url).hostname or ""
-            if host in ("localhost", "::1") or host.startswith("127."):
-                raise ValueError(
-                    f"HILO_PUBLIC_URL is {self.public_url}, which only this machine can reach; "
-                    "set the URL customers and providers reach Hilo at"
-                )
+        problems = self.link_problems()
+        if problems:
+            raise ValueError("\n".join(problems))
         return LinkSigner(
-            secret or DEV_LINK_SECRET,
+            _secret(self.link_secret) or DEV_LINK_SECRET,
             self.public_url,
             previous_secrets=[_secret(old) for old in self.link_previous_secrets],
         )
@@ -184,7 +218,8 @@ class ChannelSettings(BaseSettings):
 def build_providers(settings: ChannelSettings) -> dict[str, ChannelProvider]:
     """The configured real provider per channel; channels left on capture are omitted.
 
-    Raises ValueError naming the HILO_ variables a chosen provider is missing.
+    Raises ValueError naming the HILO_ variables each chosen provider is missing, a line
+    per provider.
     """
     builders: dict[str, tuple[str, Callable[[ChannelSettings], ChannelProvider]]] = {}
     if settings.email_provider == "smtp":
@@ -201,7 +236,7 @@ def build_providers(settings: ChannelSettings) -> dict[str, ChannelProvider]:
         builders["push"] = ("HILO_PUSH_PROVIDER=fcm", _fcm)
     if settings.webpush_provider == "vapid":
         builders["webpush"] = ("HILO_WEBPUSH_PROVIDER=vapid", _webpush)
-    if settings.webhook_url:
+    if settings.webhook_url or settings.webhook_secret:
         builders["webhook"] = ("HILO_WEBHOOK_URL", _webhook)
     if settings.audience_provider == "meta":
         builders["audience"] = ("HILO_AUDIENCE_PROVIDER=meta", _meta)
@@ -209,15 +244,20 @@ def build_providers(settings: ChannelSettings) -> dict[str, ChannelProvider]:
         builders["audience"] = ("HILO_AUDIENCE_PROVIDER=google_ads", _google_ads)
 
     providers: dict[str, ChannelProvider] = {}
+    problems: list[str] = []
     for channel, (choice, build) in builders.items():
         try:
             providers[channel] = build(settings)
         except _Missing as missing:
-            raise ValueError(
-                f"{choice} needs {', '.join(missing.names)}; set it or choose capture"
-            ) from None
+            problems.append(f"{choice} needs {', '.join(missing.names)}; set it or choose capture")
         except ValueError as error:
-            raise ValueError(f"{choice}: {error}") from error
+            problems.append(f"{choice}: {error}")
+    if problems:
+        for provider in providers.values():
+            close = getattr(provider, "close", None)
+            if close is not None:
+                close()
+        raise ValueError("\n".join(problems))
     return providers
 
 
@@ -367,12 +407,22 @@ def _meta(settings: ChannelSettings) -> ChannelProvider:
 
 def _google_ads(settings: ChannelSettings) -> ChannelProvider:
     _require(
-        settings, "google_ads_developer_token", "google_ads_customer_id", "google_ads_access_token"
+        settings,
+        "google_ads_developer_token",
+        "google_ads_customer_id",
+        "google_ads_client_id",
+        "google_ads_client_secret",
+        "google_ads_refresh_token",
     )
     return GoogleAdsCustomerMatch(
         _secret(settings.google_ads_developer_token),
         settings.google_ads_customer_id,
-        _secret(settings.google_ads_access_token),
+        oauth_credentials(
+            settings.google_ads_client_id,
+            _secret(settings.google_ads_client_secret),
+            _secret(settings.google_ads_refresh_token),
+            settings.google_ads_token_url,
+        ),
         login_customer_id=settings.google_ads_login_customer_id or None,
         base_url=settings.google_ads_base_url,
         api_version=settings.google_ads_api_version,

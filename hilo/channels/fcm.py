@@ -208,27 +208,42 @@ class FcmPush:
         self.client.close()
 
 
-def _fcm_error(response: httpx.Response) -> tuple[str, str]:
-    """(FCM error code, message) from a google.rpc error body."""
+def _fcm_error(response: httpx.Response) -> tuple[str, str, set[str]]:
+    """(FCM error code, message, fields at fault) from a google.rpc error body."""
     try:
         error = response.json()["error"]
         code = str(error.get("status", ""))
+        fields: set[str] = set()
         for detail in error.get("details") or []:
-            if str(detail.get("@type", "")).endswith("google.firebase.fcm.v1.FcmError"):
+            kind = str(detail.get("@type", ""))
+            if kind.endswith("google.firebase.fcm.v1.FcmError"):
                 code = str(detail.get("errorCode") or code)
-        return code, str(error.get("message", ""))
+            elif kind.endswith("google.rpc.BadRequest"):
+                fields.update(
+                    str(violation.get("field", ""))
+                    for violation in detail.get("fieldViolations") or []
+                )
+        return code, str(error.get("message", "")), fields
     except (ValueError, KeyError, TypeError, AttributeError):
-        return "", error_detail(response)
+        return "", error_detail(response), set()
 
 
 def _send_failure(
     response: httpx.Response, tokens: GoogleAccessToken, access_token: str
 ) -> PermanentFailure | RetryableFailure:
-    code, message = _fcm_error(response)
+    code, message, fields = _fcm_error(response)
     reason = f"fcm: HTTP {response.status_code} {code or response.reason_phrase}: {message}"
-    if code in ("UNREGISTERED", "INVALID_ARGUMENT", "SENDER_ID_MISMATCH"):
-        # The device token is gone or was never valid: this customer cannot get this push.
+    if code == "UNREGISTERED":
+        # The app was uninstalled or the token expired: it never works again.
+        return PermanentFailure(reason, provider_status=response.status_code, recipient_gone=True)
+    if code == "SENDER_ID_MISMATCH":
+        # Usually our project setting, not the device: retiring would switch off every token.
         return PermanentFailure(reason, provider_status=response.status_code)
+    if code == "INVALID_ARGUMENT":
+        # Also what FCM says about a malformed message of ours: only a violation on the token
+        # itself condemns the device.
+        gone = "message.token" in fields
+        return PermanentFailure(reason, provider_status=response.status_code, recipient_gone=gone)
     if response.status_code == 401 and code != "THIRD_PARTY_AUTH_ERROR":
         # Our access token expired or was revoked early: the retry mints a new one.
         tokens.forget(access_token)

@@ -74,7 +74,8 @@ class SignedWebhook:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not url.startswith(("https://", "http://")):
+        """``url``: where steps without a URL of their own (hand-offs) go; may be empty."""
+        if url and not url.startswith(("https://", "http://")):
             raise ValueError(f"webhook URL {url!r} must start with https://")
         if not secret:
             raise ValueError("a webhook needs a signing secret")
@@ -88,6 +89,10 @@ class SignedWebhook:
         timestamp = str(int(self.clock()))
         # A journey's webhook step names its endpoint; the setting is the default.
         url = delivery.content.get("url") or self.url
+        if not url:
+            raise PermanentFailure(
+                f"webhook: {delivery.step_id} names no url and HILO_WEBHOOK_URL is not set"
+            )
         if not url.startswith(("https://", "http://")):
             raise PermanentFailure(f"webhook URL {url!r} must start with https://")
         response = send(

@@ -252,9 +252,11 @@ def _topic(delivery: Delivery) -> str:
 def _failure(response: httpx.Response) -> PermanentFailure | RetryableFailure:
     status = response.status_code
     if status in (404, 410):
+        # RFC 8030 §7.3: the subscription is gone; the push service will never take it again.
         return PermanentFailure(
             f"webpush: HTTP {status}: the subscription has expired or was unsubscribed",
             provider_status=status,
+            recipient_gone=True,
         )
     if status == 413:
         return PermanentFailure("webpush: HTTP 413: payload too large", provider_status=status)
