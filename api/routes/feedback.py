@@ -19,10 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime
-from email import policy
-from email.parser import BytesParser
 from typing import Annotated
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
@@ -30,6 +27,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from api.bodies import read_body, read_form
 from api.deps import StoreDep, get_channel_settings
 from api.openapi import SETTINGS_INVALID, Responses, message
 from hilo.channels.config import ChannelSettings
@@ -81,6 +79,18 @@ PREFERENCE_PAGE_SOURCE = "preference page"
 SENDGRID_SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
 SENDGRID_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
 TWILIO_PATH = "/webhooks/twilio"
+
+# Bodies are capped before they are read (413 past the cap), so that no caller, signed or
+# not, can make the API hold or parse more than the sender could legitimately need.
+# SendGrid posts batches of at most 768 KB; Meta's webhook payloads are at most 3 MB.
+SENDGRID_MAX_BYTES = 1024 * 1024
+WHATSAPP_MAX_BYTES = 3 * 1024 * 1024
+# Twilio documents no maximum: a status callback is a form of some twenty short fields.
+TWILIO_MAX_BYTES = 64 * 1024
+TWILIO_MAX_FIELDS = 100
+# The preference page's form is a few fields per topic; one-click is a single field.
+LINK_FORM_MAX_BYTES = 8 * 1024
+LINK_FORM_MAX_FIELDS = 100
 
 # The smallest transparent GIF: 1x1, one transparent colour.
 PIXEL = (
@@ -201,14 +211,12 @@ async def sendgrid_events(
     key = settings.sendgrid_webhook_public_key
     if not key:
         raise _not_configured("HILO_SENDGRID_WEBHOOK_PUBLIC_KEY", "SendGrid")
-    body = await request.body()
+    signature = request.headers.get(SENDGRID_SIGNATURE, "")
+    if not signature:  # refused before the body is read
+        raise _rejected(SignatureRejected("sendgrid: signature header is missing"))
+    body = await read_body(request, SENDGRID_MAX_BYTES)
     try:
-        verify_sendgrid(
-            key,
-            body,
-            request.headers.get(SENDGRID_SIGNATURE, ""),
-            request.headers.get(SENDGRID_TIMESTAMP, ""),
-        )
+        verify_sendgrid(key, body, signature, request.headers.get(SENDGRID_TIMESTAMP, ""))
     except SignatureRejected as error:
         raise _rejected(error) from None
     except ValueError as error:  # our key, not their request
@@ -230,13 +238,16 @@ async def twilio_status(
     auth_token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
     if not auth_token:
         raise _not_configured("HILO_TWILIO_AUTH_TOKEN", "Twilio")
-    params = await _form(request)
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if not signature:  # refused before the body is read
+        raise _rejected(SignatureRejected("twilio: X-Twilio-Signature header is missing"))
+    params = await read_form(request, TWILIO_MAX_BYTES, TWILIO_MAX_FIELDS)
     # Twilio signs the URL it called, which is ours as the public sees it, not as we see it.
     url = settings.public_url + TWILIO_PATH
     if request.url.query:
         url += "?" + request.url.query
     try:
-        verify_twilio(auth_token, url, params, request.headers.get("X-Twilio-Signature", ""))
+        verify_twilio(auth_token, url, params, signature)
     except SignatureRejected as error:
         raise _rejected(error) from None
     event = parse_twilio(params, message_id=request.query_params.get("message_id") or None)
@@ -276,9 +287,12 @@ async def whatsapp_statuses(
     secret = settings.whatsapp_app_secret.get_secret_value() if settings.whatsapp_app_secret else ""
     if not secret:
         raise _not_configured("HILO_WHATSAPP_APP_SECRET", "WhatsApp")
-    body = await request.body()
+    signature = request.headers.get("X-Hub-Signature-256")
+    if not signature:  # refused before the body is read
+        raise _rejected(SignatureRejected("whatsapp: X-Hub-Signature-256 header is missing"))
+    body = await read_body(request, WHATSAPP_MAX_BYTES)
     try:
-        verify_whatsapp(secret, body, request.headers.get("X-Hub-Signature-256"))
+        verify_whatsapp(secret, body, signature)
     except SignatureRejected as error:
         raise _rejected(error) from None
     try:
@@ -406,10 +420,10 @@ async def unsubscribe_post(
     signer: LinkSignerDep,
 ) -> Response:
     """RFC 8058 one-click (``List-Unsubscribe=One-Click``), or the page's form."""
-    form = await _form(request)
     claims = _verified(signer, token, "unsubscribe")
     if claims is None or claims.customer_id is None:
-        return _invalid_link()
+        return _invalid_link()  # before the body is read
+    form = await read_form(request, LINK_FORM_MAX_BYTES, LINK_FORM_MAX_FIELDS)
     if form.get("List-Unsubscribe") == "One-Click":
         await run_in_threadpool(
             unsubscribe, store, claims, ONE_CLICK_SOURCE, known_topics=_topic_keys(settings)
@@ -441,10 +455,10 @@ async def preference_form(
     settings: ChannelSettingsDep,
     signer: LinkSignerDep,
 ) -> HTMLResponse:
-    form = await _form(request)
     claims = _verified(signer, token, "preferences")
     if claims is None or claims.customer_id is None:
-        return _invalid_link()
+        return _invalid_link()  # before the body is read
+    form = await read_form(request, LINK_FORM_MAX_BYTES, LINK_FORM_MAX_FIELDS)
     action = signer.base_url + LINK_PATHS["preferences"] + token
     return await _save_choices(store, settings, signer, form, claims, action)
 
@@ -486,43 +500,6 @@ async def _save_choices(
         channel=claims.channel,
     )
     return _page(page)
-
-
-# ================================================================ forms
-
-
-async def _form(request: Request) -> dict[str, str]:
-    """An HTML form's fields, urlencoded or multipart (RFC 8058 allows both)."""
-    body = await request.body()
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "multipart/form-data":
-        return _multipart(content_type, body)
-    if media not in ("application/x-www-form-urlencoded", ""):
-        raise HTTPException(
-            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-            f"expected a form (application/x-www-form-urlencoded), got {media}",
-        )
-    try:
-        return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST, f"the form is not UTF-8 urlencoded: {error}"
-        ) from None
-
-
-def _multipart(content_type: str, body: bytes) -> dict[str, str]:
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
-    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the multipart form has no parts")
-    fields: dict[str, str] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if isinstance(name, str) and part.get_filename() is None:
-            payload = part.get_payload(decode=True)
-            fields[name] = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-    return fields
 
 
 # ================================================================ the router to include

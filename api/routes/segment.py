@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security.http import HTTPBase
 from pydantic import BaseModel
 
+from api.bodies import BodyTooLarge, read_body
 from api.deps import SettingsDep, get_dispatcher, get_ingestor, source_for_write_key
 from api.openapi import NOT_BLANK
 from hilo.ingest import Accepted
@@ -171,17 +172,10 @@ MAX_BODY_BYTES = MAX_BATCH_BYTES + 4096
 
 
 async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_large(int(declared))
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_large(size)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_body(request, MAX_BODY_BYTES)
+    except BodyTooLarge as error:
+        raise _too_large(error.size) from None
 
 
 def _too_large(size: int) -> SegmentRejected:
