@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,7 +33,7 @@ from api.routes.feedback import (
 )
 from hilo.channels.config import DEV_LINK_SECRET, ChannelSettings
 from hilo.channels.feedback import parse_sendgrid, twilio_signature
-from hilo.channels.links import LinkSigner
+from hilo.channels.links import LinkRejected, LinkSigner
 from hilo.channels.preferences import Topic
 from hilo.contact_policy import Suppression
 from hilo.delivery_feedback import record_delivery_events
@@ -677,10 +678,12 @@ async def test_expired_or_foreign_preference_links_are_refused(
 # --- settings ------------------------------------------------------------------------------
 
 
-def test_link_secret_settings() -> None:
-    development = ChannelSettings(_env_file=None)
+def test_link_secret_settings(tmp_path: Path) -> None:
+    development = ChannelSettings(_env_file=None, state_dir=tmp_path)
     token = development.link_signer().sign("open", message_id="msg_1")
-    assert LinkSigner(DEV_LINK_SECRET, PUBLIC).verify(token, "open").message_id == "msg_1"
+    assert development.link_signer().verify(token, "open").message_id == "msg_1"
+    with pytest.raises(LinkRejected):  # not the constant earlier versions signed with
+        LinkSigner(DEV_LINK_SECRET, PUBLIC).verify(token, "open")
     assert development.link_signer().base_url == "http://127.0.0.1:8000"
     with pytest.raises(ValueError, match="HILO_LINK_SECRET is not set"):
         ChannelSettings(_env_file=None, environment="production", public_url=PUBLIC).link_signer()
@@ -689,10 +692,11 @@ def test_link_secret_settings() -> None:
     )
     with pytest.raises(ValueError, match="only this machine can reach"):
         loopback.link_signer()
-    with pytest.raises(ValidationError, match="development placeholder"):
-        ChannelSettings(
-            _env_file=None, environment="production", link_secret=SecretStr(DEV_LINK_SECRET)
-        )
+    for environment in ("production", "development"):
+        with pytest.raises(ValidationError, match="placeholder published in Hilo's source"):
+            ChannelSettings(
+                _env_file=None, environment=environment, link_secret=SecretStr(DEV_LINK_SECRET)
+            )
     with pytest.raises(ValidationError, match="at least 32 characters"):
         ChannelSettings(_env_file=None, link_secret=SecretStr("short"))
     with pytest.raises(ValidationError, match="not an http"):
@@ -747,3 +751,79 @@ async def test_the_preference_page_and_unsubscribes_emit_their_events(
         "message_id": "msg_9",
         "journey_key": "welcome",
     }
+
+
+# --- Signed bodies of an unexpected shape: 400 naming it, and nothing recorded ------------
+
+
+async def test_signed_webhooks_of_an_unexpected_shape_are_refused_with_400(
+    api: httpx.AsyncClient, any_store: Store, sendgrid: SendGridKeys
+) -> None:
+    seed(any_store, "msg_1")
+    seed(any_store, "wa_1", channel="whatsapp", provider="whatsapp", provider_message_id="wamid.1")
+    good = sendgrid_event("delivered", "msg_1", "ev_good")
+    status = json.loads(whatsapp_body("read", "wamid.1", "wa_1"))["entry"][0]["changes"][0]
+    status = status["value"]["statuses"][0]
+    before = snapshot(any_store)
+
+    async def refused(path: str, body: bytes, headers: dict[str, str], named: str) -> None:
+        response = await api.post(path, content=body, headers=headers)
+        assert response.status_code == 400, (body[:80], response.text)
+        assert named in response.json()["detail"], response.text
+
+    sendgrid_cases = [
+        ([{**good, "email": {"a": 1}}], "event 0.email must be text, not an object"),
+        ([good, {"email": {"a": 1}}], "event 1.event is missing"),
+        ([good, {**good, "sg_event_id": ["x"]}], "event 1.sg_event_id must be text"),
+        ([{**good, "hilo_message_id": {"id": "msg_1"}}], "event 0.hilo_message_id"),
+        ([{**good, "timestamp": 10**30}], "event 0.timestamp"),
+        ([{**good, "event": "bounce", "status": [5]}], "event 0.status"),
+    ]
+    for events, named in sendgrid_cases:
+        body = json.dumps(events).encode()
+        await refused("/webhooks/sendgrid", body, sendgrid.headers(body), named)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    await refused("/webhooks/sendgrid", deep, sendgrid.headers(deep), "nests too deeply")
+
+    def whatsapp(*statuses: Any) -> dict[str, Any]:
+        return {"entry": [{"changes": [{"value": {"statuses": list(statuses)}}]}]}
+
+    whatsapp_cases = [
+        ({"entry": [1]}, "entry[0] must be an object, not a number"),
+        ({"entry": {"a": 1}}, "entry must be an array, not an object"),
+        ({"entry": [{"changes": "x"}]}, "entry[0].changes must be an array, not text"),
+        ({"entry": [{"changes": [{"value": []}]}]}, "changes[0].value must be an object"),
+        (whatsapp(status, 7), "statuses[1] must be an object"),
+        (whatsapp({**status, "id": {"a": 1}}), "statuses[0].id must be text"),
+        (whatsapp({**status, "errors": [{"code": {}}]}), "statuses[0].errors[0].code"),
+        (whatsapp({**status, "errors": {"code": 1}}), "statuses[0].errors must be an array"),
+        (whatsapp({**status, "timestamp": "soon"}), "statuses[0].timestamp"),
+    ]
+    for payload, named in whatsapp_cases:
+        body = json.dumps(payload).encode()
+        await refused("/webhooks/whatsapp", body, whatsapp_headers(body), named)
+    assert snapshot(any_store) == before
+
+    # The well-formed events of the same requests still go through when sent alone.
+    assert (await post_sendgrid(api, sendgrid, [good])).json()["recorded"] == 1
+    body = json.dumps(whatsapp(status)).encode()
+    response = await api.post("/webhooks/whatsapp", content=body, headers=whatsapp_headers(body))
+    assert response.json()["recorded"] == 1
+
+
+@pytest.mark.parametrize("odd", [{"a": 1}, [1], True, 1e308, -1, "x" * 5000, None, ""])
+async def test_any_odd_value_in_a_signed_sendgrid_event_is_200_or_a_400_that_changes_nothing(
+    api: httpx.AsyncClient, any_store: Store, sendgrid: SendGridKeys, odd: Any
+) -> None:
+    seed(any_store, "msg_1")
+    fields = ["event", "email", "timestamp", "sg_event_id", "sg_message_id", "hilo_message_id"]
+    fields += ["message_id", "reason", "response", "url", "status", "type", "attempt"]
+    for event in ("delivered", "bounce", "dropped", "deferred", "click"):
+        for name in fields:
+            before = snapshot(any_store)
+            payload = {**sendgrid_event(event, "msg_1", f"ev_{event}_{name}"), name: odd}
+            response = await post_sendgrid(api, sendgrid, [payload])
+            assert response.status_code in (200, 400), (event, name, response.text)
+            if response.status_code == 400:
+                assert name in response.json()["detail"] or "event 0" in response.json()["detail"]
+                assert snapshot(any_store) == before

@@ -10,9 +10,12 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from api.deps import ADMIN_ONLY, IngestorDep, SettingsDep, get_dispatcher
+from api.openapi import NOT_JSON, UNAUTHORIZED
 from hilo.events import CustomerEvent
 
-router = APIRouter(prefix="/events", tags=["events"], dependencies=ADMIN_ONLY)
+router = APIRouter(
+    prefix="/events", tags=["events"], dependencies=ADMIN_ONLY, responses=UNAUTHORIZED
+)
 
 
 class EventRouted(BaseModel):
@@ -25,7 +28,7 @@ class EventRouted(BaseModel):
     not_entered: dict[str, str] = Field(description="Journey key → why the customer did not enter.")
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=NOT_JSON)
 async def send_event(
     event: CustomerEvent, request: Request, ingestor: IngestorDep, settings: SettingsDep
 ) -> EventRouted:

@@ -19,10 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime
-from email import policy
-from email.parser import BytesParser
 from typing import Annotated
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
@@ -30,7 +27,9 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import SQLAlchemyError
 
+from api.bodies import read_body, read_form
 from api.deps import StoreDep, get_channel_settings
+from api.openapi import SETTINGS_INVALID, Responses, message
 from hilo.channels.config import ChannelSettings
 from hilo.channels.feedback import (
     DeliveryEvent,
@@ -81,6 +80,18 @@ SENDGRID_SIGNATURE = "X-Twilio-Email-Event-Webhook-Signature"
 SENDGRID_TIMESTAMP = "X-Twilio-Email-Event-Webhook-Timestamp"
 TWILIO_PATH = "/webhooks/twilio"
 
+# Bodies are capped before they are read (413 past the cap), so that no caller, signed or
+# not, can make the API hold or parse more than the sender could legitimately need.
+# SendGrid posts batches of at most 768 KB; Meta's webhook payloads are at most 3 MB.
+SENDGRID_MAX_BYTES = 1024 * 1024
+WHATSAPP_MAX_BYTES = 3 * 1024 * 1024
+# Twilio documents no maximum: a status callback is a form of some twenty short fields.
+TWILIO_MAX_BYTES = 64 * 1024
+TWILIO_MAX_FIELDS = 100
+# The preference page's form is a few fields per topic; one-click is a single field.
+LINK_FORM_MAX_BYTES = 8 * 1024
+LINK_FORM_MAX_FIELDS = 100
+
 # The smallest transparent GIF: 1x1, one transparent colour.
 PIXEL = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"
@@ -122,6 +133,16 @@ The links in our most recent message to you will work.</p>
 
 ChannelSettingsDep = Annotated[ChannelSettings, Depends(get_channel_settings)]
 
+# What the schema says besides each route's success.
+FORM_ONLY = message(415, "Not a form: send application/x-www-form-urlencoded or multipart.")
+HTML = {"text/html": {"schema": {"type": "string"}}}
+INVALID_LINK: Responses = {
+    404: {
+        "content": HTML,
+        "description": "The link was changed, has expired or is of another kind.",
+    }
+}
+
 
 def get_link_signer(request: Request, settings: ChannelSettingsDep) -> LinkSigner:
     signer = getattr(request.app.state, "link_signer", None)
@@ -140,7 +161,15 @@ LinkSignerDep = Annotated[LinkSigner, Depends(get_link_signer)]
 
 # ================================================================ webhooks
 
-webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"])
+webhooks = APIRouter(
+    prefix="/webhooks",
+    tags=["webhooks"],
+    responses={
+        **message(403, "The provider's signature does not verify; nothing was stored."),
+        **SETTINGS_INVALID,
+    },
+)
+NOT_READABLE = message(400, "Signed, but not the provider's format; nothing was stored.")
 
 
 class FeedbackReceived(BaseModel):
@@ -174,7 +203,7 @@ async def _record(store: Store, events: list[DeliveryEvent]) -> FeedbackReceived
     )
 
 
-@webhooks.post("/sendgrid")
+@webhooks.post("/sendgrid", responses=NOT_READABLE)
 async def sendgrid_events(
     request: Request, store: StoreDep, settings: ChannelSettingsDep
 ) -> FeedbackReceived:
@@ -182,14 +211,12 @@ async def sendgrid_events(
     key = settings.sendgrid_webhook_public_key
     if not key:
         raise _not_configured("HILO_SENDGRID_WEBHOOK_PUBLIC_KEY", "SendGrid")
-    body = await request.body()
+    signature = request.headers.get(SENDGRID_SIGNATURE, "")
+    if not signature:  # refused before the body is read
+        raise _rejected(SignatureRejected("sendgrid: signature header is missing"))
+    body = await read_body(request, SENDGRID_MAX_BYTES)
     try:
-        verify_sendgrid(
-            key,
-            body,
-            request.headers.get(SENDGRID_SIGNATURE, ""),
-            request.headers.get(SENDGRID_TIMESTAMP, ""),
-        )
+        verify_sendgrid(key, body, signature, request.headers.get(SENDGRID_TIMESTAMP, ""))
     except SignatureRejected as error:
         raise _rejected(error) from None
     except ValueError as error:  # our key, not their request
@@ -203,7 +230,7 @@ async def sendgrid_events(
     return await _record(store, events)
 
 
-@webhooks.post("/twilio")
+@webhooks.post("/twilio", responses={**NOT_READABLE, **FORM_ONLY})
 async def twilio_status(
     request: Request, store: StoreDep, settings: ChannelSettingsDep
 ) -> FeedbackReceived:
@@ -211,20 +238,27 @@ async def twilio_status(
     auth_token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
     if not auth_token:
         raise _not_configured("HILO_TWILIO_AUTH_TOKEN", "Twilio")
-    params = await _form(request)
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if not signature:  # refused before the body is read
+        raise _rejected(SignatureRejected("twilio: X-Twilio-Signature header is missing"))
+    params = await read_form(request, TWILIO_MAX_BYTES, TWILIO_MAX_FIELDS)
     # Twilio signs the URL it called, which is ours as the public sees it, not as we see it.
     url = settings.public_url + TWILIO_PATH
     if request.url.query:
         url += "?" + request.url.query
     try:
-        verify_twilio(auth_token, url, params, request.headers.get("X-Twilio-Signature", ""))
+        verify_twilio(auth_token, url, params, signature)
     except SignatureRejected as error:
         raise _rejected(error) from None
     event = parse_twilio(params, message_id=request.query_params.get("message_id") or None)
     return await _record(store, [event] if event is not None else [])
 
 
-@webhooks.get("/whatsapp", response_class=PlainTextResponse)
+@webhooks.get(
+    "/whatsapp",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 def whatsapp_verify(request: Request, settings: ChannelSettingsDep) -> PlainTextResponse:
     """Meta's subscription handshake: echo the challenge for our own verify token."""
     verify_token = (
@@ -245,7 +279,7 @@ def whatsapp_verify(request: Request, settings: ChannelSettingsDep) -> PlainText
     return PlainTextResponse(challenge)
 
 
-@webhooks.post("/whatsapp")
+@webhooks.post("/whatsapp", responses=NOT_READABLE)
 async def whatsapp_statuses(
     request: Request, store: StoreDep, settings: ChannelSettingsDep
 ) -> FeedbackReceived:
@@ -253,9 +287,12 @@ async def whatsapp_statuses(
     secret = settings.whatsapp_app_secret.get_secret_value() if settings.whatsapp_app_secret else ""
     if not secret:
         raise _not_configured("HILO_WHATSAPP_APP_SECRET", "WhatsApp")
-    body = await request.body()
+    signature = request.headers.get("X-Hub-Signature-256")
+    if not signature:  # refused before the body is read
+        raise _rejected(SignatureRejected("whatsapp: X-Hub-Signature-256 header is missing"))
+    body = await read_body(request, WHATSAPP_MAX_BYTES)
     try:
-        verify_whatsapp(secret, body, request.headers.get("X-Hub-Signature-256"))
+        verify_whatsapp(secret, body, signature)
     except SignatureRejected as error:
         raise _rejected(error) from None
     try:
@@ -267,7 +304,15 @@ async def whatsapp_statuses(
 
 # ================================================================ links
 
-links = APIRouter(tags=["links"])
+links = APIRouter(tags=["links"], responses={**INVALID_LINK, **SETTINGS_INVALID})
+# The page's form posted back, or RFC 8058's one click.
+FORM_REFUSED: Responses = {
+    400: {
+        "content": {**HTML, "text/plain": {"schema": {"type": "string"}}},
+        "description": "The form cannot be read: the page again, saying what was wrong.",
+    },
+    **FORM_ONLY,
+}
 
 
 def _path(kind: LinkKind) -> str:
@@ -312,7 +357,14 @@ async def follow_click(token: str, store: StoreDep, signer: LinkSignerDep) -> Re
     )
 
 
-@links.get(_path("open"), response_class=Response)
+@links.get(
+    _path("open"),
+    response_class=Response,
+    responses={
+        200: {"content": {"image/gif": {}}, "description": "A transparent 1x1 GIF."},
+        404: {"description": "The link was changed, has expired or is of another kind."},
+    },
+)
 async def open_pixel(token: str, store: StoreDep, signer: LinkSignerDep) -> Response:
     """The open pixel: a transparent 1x1 GIF, never cached, so each load reaches us."""
     claims = _verified(signer, token, "open")
@@ -349,7 +401,17 @@ def unsubscribe_page(
     return _preference_page("unsubscribe", token, store, settings, signer)
 
 
-@links.post(_path("unsubscribe"), response_class=HTMLResponse)
+@links.post(
+    _path("unsubscribe"),
+    response_class=HTMLResponse,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "The confirmation page; plain text after a one-click unsubscribe.",
+        },
+        **FORM_REFUSED,
+    },
+)
 async def unsubscribe_post(
     token: str,
     request: Request,
@@ -358,10 +420,10 @@ async def unsubscribe_post(
     signer: LinkSignerDep,
 ) -> Response:
     """RFC 8058 one-click (``List-Unsubscribe=One-Click``), or the page's form."""
-    form = await _form(request)
     claims = _verified(signer, token, "unsubscribe")
     if claims is None or claims.customer_id is None:
-        return _invalid_link()
+        return _invalid_link()  # before the body is read
+    form = await read_form(request, LINK_FORM_MAX_BYTES, LINK_FORM_MAX_FIELDS)
     if form.get("List-Unsubscribe") == "One-Click":
         await run_in_threadpool(
             unsubscribe, store, claims, ONE_CLICK_SOURCE, known_topics=_topic_keys(settings)
@@ -385,7 +447,7 @@ def preference_page(
     return _preference_page("preferences", token, store, settings, signer)
 
 
-@links.post(_path("preferences"), response_class=HTMLResponse)
+@links.post(_path("preferences"), response_class=HTMLResponse, responses=FORM_REFUSED)
 async def preference_form(
     token: str,
     request: Request,
@@ -393,10 +455,10 @@ async def preference_form(
     settings: ChannelSettingsDep,
     signer: LinkSignerDep,
 ) -> HTMLResponse:
-    form = await _form(request)
     claims = _verified(signer, token, "preferences")
     if claims is None or claims.customer_id is None:
-        return _invalid_link()
+        return _invalid_link()  # before the body is read
+    form = await read_form(request, LINK_FORM_MAX_BYTES, LINK_FORM_MAX_FIELDS)
     action = signer.base_url + LINK_PATHS["preferences"] + token
     return await _save_choices(store, settings, signer, form, claims, action)
 
@@ -438,43 +500,6 @@ async def _save_choices(
         channel=claims.channel,
     )
     return _page(page)
-
-
-# ================================================================ forms
-
-
-async def _form(request: Request) -> dict[str, str]:
-    """An HTML form's fields, urlencoded or multipart (RFC 8058 allows both)."""
-    body = await request.body()
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "multipart/form-data":
-        return _multipart(content_type, body)
-    if media not in ("application/x-www-form-urlencoded", ""):
-        raise HTTPException(
-            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-            f"expected a form (application/x-www-form-urlencoded), got {media}",
-        )
-    try:
-        return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST, f"the form is not UTF-8 urlencoded: {error}"
-        ) from None
-
-
-def _multipart(content_type: str, body: bytes) -> dict[str, str]:
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
-    message = BytesParser(policy=policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the multipart form has no parts")
-    fields: dict[str, str] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if isinstance(name, str) and part.get_filename() is None:
-            payload = part.get_payload(decode=True)
-            fields[name] = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-    return fields
 
 
 # ================================================================ the router to include

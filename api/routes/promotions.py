@@ -4,12 +4,12 @@ PUT creates or replaces a promotion's terms (201 when new, 200 when replaced); t
 and the sends already scheduled read the new terms from then on.
 """
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Response, status
-from pydantic import BaseModel
 
 from api.deps import ADMIN_ONLY, StoreDep
+from api.openapi import NOT_JSON, UNAUTHORIZED, message
 from hilo.promotions import (
     PROMOTION_KEY,
     PromotionBase,
@@ -20,7 +20,9 @@ from hilo.promotions import (
     upsert_promotion,
 )
 
-router = APIRouter(prefix="/promotions", tags=["promotions"], dependencies=ADMIN_ONLY)
+router = APIRouter(
+    prefix="/promotions", tags=["promotions"], dependencies=ADMIN_ONLY, responses=UNAUTHORIZED
+)
 
 PromotionKey = Annotated[
     str,
@@ -32,13 +34,7 @@ PromotionKey = Annotated[
 ]
 
 
-class Message(BaseModel):
-    detail: str
-
-
-NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": Message, "description": "No promotion with that key."}
-}
+NOT_FOUND = message(404, "No promotion with that key.")
 
 
 @router.get("")
@@ -58,7 +54,10 @@ def get_one(key: PromotionKey, store: StoreDep) -> PromotionPublic:
 @router.put(
     "/{key}",
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"model": PromotionPublic, "description": "An existing one was replaced."}},
+    responses={
+        200: {"model": PromotionPublic, "description": "An existing one was replaced."},
+        **NOT_JSON,
+    },
 )
 def put(
     key: PromotionKey, terms: PromotionBase, store: StoreDep, response: Response

@@ -82,8 +82,9 @@ class SignatureRejected(Exception):
 def _from_unix(value: Any, field: str) -> datetime:
     try:
         return datetime.fromtimestamp(int(value), UTC)
-    except (TypeError, ValueError, OverflowError) as error:
-        raise ValueError(f"{field}: {value!r} is not a unix timestamp in seconds") from error
+    except (TypeError, ValueError, OverflowError, OSError) as error:
+        shown = str(value)[:40]
+        raise ValueError(f"{field}: {shown!r} is not a unix timestamp in seconds") from error
 
 
 def _json(payload: bytes, provider: str) -> Any:
@@ -91,6 +92,51 @@ def _json(payload: bytes, provider: str) -> Any:
         return json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{provider}: the webhook body is not JSON: {error}") from error
+    except RecursionError:
+        raise ValueError(f"{provider}: the webhook body nests too deeply to be an event") from None
+
+
+# A verified body is still only as well-formed as the provider's code: each value we read is
+# checked for its type, so an odd one is a 400 naming it rather than a crash.
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "a boolean"
+    return "text" if isinstance(value, str) else "a number"
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be an object, not {_json_type(value)}")
+    return value
+
+
+def _objects(value: Any, where: str) -> list[dict[str, Any]]:
+    """An array of objects; absent is empty."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"{where} must be an array, not {_json_type(value)}")
+    return [_object(item, f"{where}[{index}]") for index, item in enumerate(value)]
+
+
+def _text(container: dict[str, Any], key: str, where: str) -> str | None:
+    """A text value (numbers are read as their text); absent, null or empty is None."""
+    value = container.get(key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{where}.{key} must be text, not {_json_type(value)}")
 
 
 # --- SendGrid Signed Event Webhook -------------------------------------------------------
@@ -175,47 +221,56 @@ def parse_sendgrid(payload: bytes) -> list[DeliveryEvent]:
         raise ValueError("sendgrid: expected a JSON array of events")
     parsed = []
     for index, event in enumerate(events):
+        where = f"sendgrid: event {index}"
         if not isinstance(event, dict):
-            raise ValueError(f"sendgrid: event {index} is not an object")
-        status = _SENDGRID_STATUS.get(str(event.get("event", "")))
+            raise ValueError(f"{where} is not an object")
+        name = _text(event, "event", where)
+        if name is None:
+            raise ValueError(f"{where}.event is missing: SendGrid names every event")
+        status = _SENDGRID_STATUS.get(name)
         if status is None:
             continue
-        parsed.append(_sendgrid_event(event, status, index))
+        parsed.append(_sendgrid_event(event, status, where))
     return parsed
 
 
-def _sendgrid_event(event: dict[str, Any], status: DeliveryStatus, index: int) -> DeliveryEvent:
+def _sendgrid_event(event: dict[str, Any], status: DeliveryStatus, where: str) -> DeliveryEvent:
     name = event["event"]
-    reason = event.get("reason") or event.get("response")
+    reason = _text(event, "reason", where) or _text(event, "response", where)
     hard = False
     if name == "bounce":
         # "bounce" is the receiving server refusing the address; "blocked" refuses this message.
-        hard = event.get("type", "bounce") == "bounce"
-        if event.get("status"):
-            reason = f"{event['status']} {reason or ''}".strip()
+        hard = (_text(event, "type", where) or "bounce") == "bounce"
+        bounce_status = _text(event, "status", where)
+        if bounce_status:
+            reason = f"{bounce_status} {reason or ''}".strip()
     elif name == "dropped":
-        hard = str(reason or "").strip().lower() in _SENDGRID_DEAD_ADDRESS_DROPS
-    elif name == "deferred" and event.get("attempt"):
-        reason = f"attempt {event['attempt']}: {reason or ''}".rstrip(": ")
-    sg_message_id = event.get("sg_message_id")
-    raw_id = event.get("sg_event_id")
+        hard = (reason or "").strip().lower() in _SENDGRID_DEAD_ADDRESS_DROPS
+    elif name == "deferred":
+        attempt = _text(event, "attempt", where)
+        if attempt:
+            reason = f"attempt {attempt}: {reason or ''}".rstrip(": ")
+    sg_message_id = _text(event, "sg_message_id", where)
+    raw_id = _text(event, "sg_event_id", where)
     if not raw_id:
         # Every documented event has sg_event_id; a hash of the event still dedupes retries.
         canonical = json.dumps(event, sort_keys=True, separators=(",", ":"))
         raw_id = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
-    message_id = next((str(event[key]) for key in SENDGRID_MESSAGE_ID_KEYS if event.get(key)), None)
+    message_id = next(
+        (text for key in SENDGRID_MESSAGE_ID_KEYS if (text := _text(event, key, where))), None
+    )
     return DeliveryEvent(
         message_id=message_id,
         provider="sendgrid",
         # The part before the first dot is the X-Message-Id the send answered with.
-        provider_message_id=str(sg_message_id).split(".", 1)[0] if sg_message_id else None,
+        provider_message_id=sg_message_id.split(".", 1)[0] if sg_message_id else None,
         status=status,
-        occurred_at=_from_unix(event.get("timestamp"), f"sendgrid event {index} timestamp"),
-        address=event.get("email"),
-        reason=str(reason) if reason else None,
+        occurred_at=_from_unix(event.get("timestamp"), f"{where}.timestamp"),
+        address=_text(event, "email", where),
+        reason=reason,
         hard_bounce=hard,
-        url=event.get("url") if name == "click" else None,
-        raw_id=str(raw_id),
+        url=_text(event, "url", where) if name == "click" else None,
+        raw_id=raw_id,
     )
 
 
@@ -373,44 +428,48 @@ def parse_whatsapp(payload: bytes) -> list[DeliveryEvent]:
     if not isinstance(body, dict):
         raise ValueError("whatsapp: expected a JSON object with entry[]")
     events = []
-    for entry in body.get("entry") or []:
-        for change in entry.get("changes") or []:
-            value = change.get("value") or {}
-            for item in value.get("statuses") or []:
-                event = _whatsapp_event(item)
+    for entry_index, entry in enumerate(_objects(body.get("entry"), "whatsapp: entry")):
+        where = f"whatsapp: entry[{entry_index}].changes"
+        for change_index, change in enumerate(_objects(entry.get("changes"), where)):
+            value = _object(change.get("value"), f"{where}[{change_index}].value")
+            statuses = f"{where}[{change_index}].value.statuses"
+            for index, item in enumerate(_objects(value.get("statuses"), statuses)):
+                event = _whatsapp_event(item, f"{statuses}[{index}]")
                 if event is not None:
                     events.append(event)
     return events
 
 
-def _whatsapp_event(item: dict[str, Any]) -> DeliveryEvent | None:
-    raw_status = str(item.get("status", ""))
+def _whatsapp_event(item: dict[str, Any], where: str) -> DeliveryEvent | None:
+    raw_status = _text(item, "status", where) or ""
     status = _WHATSAPP_STATUS.get(raw_status)
-    wamid = item.get("id")
+    wamid = _text(item, "id", where)
     if status is None or not wamid:
         return None
     reason = None
     hard = False
-    errors = item.get("errors") or []
+    errors = _objects(item.get("errors"), f"{where}.errors")
     if errors:
-        error = errors[0]
-        code = error.get("code")
-        details = (error.get("error_data") or {}).get("details")
-        reason = f"{code}: {error.get('title') or error.get('message') or ''}".rstrip(": ")
+        error, at = errors[0], f"{where}.errors[0]"
+        code_text = _text(error, "code", at)
+        code = int(code_text) if code_text and code_text.isdigit() else code_text
+        details = _text(_object(error.get("error_data"), f"{at}.error_data"), "details", at)
+        title = _text(error, "title", at) or _text(error, "message", at) or ""
+        reason = f"{code_text}: {title}".rstrip(": ")
         if details:
             reason = f"{reason} ({details})"
         if code == WHATSAPP_OPTED_OUT:
             status = "unsubscribed"
         hard = code in WHATSAPP_HARD_ERRORS
-    timestamp = item.get("timestamp")
+    timestamp = _text(item, "timestamp", where)
     return DeliveryEvent(
         # Our sends set biz_opaque_callback_data to our message id; Meta echoes it back.
-        message_id=item.get("biz_opaque_callback_data") or None,
+        message_id=_text(item, "biz_opaque_callback_data", where),
         provider="whatsapp",
         provider_message_id=wamid,
         status=status,
-        occurred_at=_from_unix(timestamp, "whatsapp status timestamp"),
-        address=item.get("recipient_id") or item.get("recipient_user_id"),
+        occurred_at=_from_unix(timestamp, f"{where}.timestamp"),
+        address=_text(item, "recipient_id", where) or _text(item, "recipient_user_id", where),
         reason=reason,
         hard_bounce=hard,
         url=None,

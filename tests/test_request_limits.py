@@ -1,0 +1,397 @@
+"""Request bodies are capped before they are read: a huge or many-part body sent to a public
+endpoint is refused with 413 at once, and the API goes on answering everyone else meanwhile.
+
+The big bodies go to a real uvicorn server in its own process over a real socket, as an
+attacker would send them, while another thread times ``/health``.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from api.app import create_app
+from hilo.channels.config import ChannelSettings
+from hilo.settings import Settings
+from hilo.storage import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLIC = "https://hilo.shop.example"
+LINK_SECRET = "a-link-secret-for-the-limits-tests-0123456789"
+ADMIN_TOKEN = "admin-token-for-the-limits-tests"
+DATABASE_URL_VARIABLE = "HILO_LIMITS_TEST_DATABASE_URL"
+
+MB = 1024 * 1024
+CHUNK = 64 * 1024
+
+
+_ANY_P256_KEY = base64.b64encode(
+    ec.generate_private_key(ec.SECP256R1())
+    .public_key()
+    .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+).decode()
+
+
+def channel_settings() -> ChannelSettings:
+    return ChannelSettings(
+        _env_file=None,
+        public_url=PUBLIC,
+        link_secret=SecretStr(LINK_SECRET),
+        twilio_auth_token=SecretStr("twilio-auth-token-for-the-limits-tests"),
+        whatsapp_app_secret=SecretStr("whatsapp-app-secret-for-the-limits-tests"),
+        # Any P-256 key: these requests never get as far as the signature.
+        sendgrid_webhook_public_key=_ANY_P256_KEY,
+    )
+
+
+def limits_app() -> FastAPI:
+    """The API as ``uvicorn --factory`` starts it for these tests: no Temporal needed."""
+    store = Store(os.environ[DATABASE_URL_VARIABLE])
+    store.migrate()
+    app = create_app(Settings(_env_file=None, admin_token=ADMIN_TOKEN), store)
+    app.state.channel_settings = channel_settings()
+    return app
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real uvicorn serving the API in another process; yields its port."""
+    port = _free_port()
+    database = tmp_path_factory.mktemp("limits") / "hilo.db"
+    env = {**os.environ, DATABASE_URL_VARIABLE: f"sqlite:///{database}"}
+    command = [sys.executable, "-m", "uvicorn", "--factory", "tests.test_request_limits:limits_app"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"]
+    command += ["--log-level", "warning", "--no-access-log"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, "the API server exited at start"
+            assert time.monotonic() < deadline, "the API server did not answer /health in 60 s"
+            time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+# --- the attacker and the bystander ----------------------------------------------------------
+
+
+@dataclass
+class HealthProbe:
+    """Times GET /health over and over on its own connection until stopped."""
+
+    port: int
+    latencies: list[float] = field(default_factory=list)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    connected: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _get(self, connection: http.client.HTTPConnection) -> float:
+        started = time.perf_counter()
+        connection.request("GET", "/health")
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200
+        return time.perf_counter() - started
+
+    def _run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        self._get(connection)  # connecting is not what is timed
+        self.connected.set()
+        while not self.stopped.is_set():
+            self.latencies.append(self._get(connection))
+            time.sleep(0.005)
+
+    def __enter__(self) -> HealthProbe:
+        self.thread.start()
+        assert self.connected.wait(timeout=60), "/health did not answer before the upload"
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=60)
+
+
+@dataclass
+class Upload:
+    status: int
+    seconds: float  # from the first byte sent to the status line received
+
+
+def upload(
+    port: int,
+    path: str,
+    content_type: str,
+    body: Iterator[bytes],
+    size: int,
+    *,
+    chunked: bool,
+    headers: dict[str, str] | None = None,
+) -> Upload:
+    """POST a big body over a raw socket, reading the answer while still sending, as a
+    server may answer (and close) before it has read the body."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(120)
+    lines = [f"POST {path} HTTP/1.1", "Host: hilo.shop.example", f"Content-Type: {content_type}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    lines.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}")
+    started = time.perf_counter()
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    def send_body() -> None:
+        try:
+            for chunk in body:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server refused the body and closed: what we hope for
+
+    sender = threading.Thread(target=send_body, daemon=True)
+    sender.start()
+    received = b""
+    try:
+        while b"\r\n" not in received:
+            data = sock.recv(4096)
+            if not data:
+                break
+            received += data
+    finally:
+        seconds = time.perf_counter() - started
+        sock.close()
+        sender.join(timeout=120)
+    assert received.startswith(b"HTTP/1.1 "), f"no HTTP answer: {received[:100]!r}"
+    return Upload(status=int(received.split(b" ", 2)[1]), seconds=seconds)
+
+
+def form_fields(size: int) -> Iterator[bytes]:
+    """``size`` bytes of urlencoded fields, 64 KB at a time."""
+    chunk = (b"field=value&" * (CHUNK // 12 + 1))[:CHUNK]
+    for _ in range(size // CHUNK):
+        yield chunk
+
+
+BOUNDARY = "hilo-limits-boundary"
+
+
+def multipart_parts(parts: int) -> bytes:
+    part = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="field"\r\n\r\nvalue\r\n'
+    return (part * parts + f"--{BOUNDARY}--\r\n").encode()
+
+
+def chunks_of(data: bytes) -> Iterator[bytes]:
+    for start in range(0, len(data), CHUNK):
+        yield data[start : start + CHUNK]
+
+
+def json_array(size: int) -> Iterator[bytes]:
+    yield b"["
+    chunk = (b'{"event":"open"},' * (CHUNK // 17 + 1))[:CHUNK]
+    for _ in range(size // CHUNK):
+        yield chunk
+
+
+def signer_paths() -> dict[str, str]:
+    signer = channel_settings().link_signer()
+    unsubscribe = signer.unsubscribe_url("msg_limits", "cus_limits", "email")
+    preferences = signer.preferences_url("cus_limits")
+    return {
+        "unsubscribe": unsubscribe.removeprefix(PUBLIC),
+        "preferences": preferences.removeprefix(PUBLIC),
+    }
+
+
+# A present signature header, so that the webhooks have to look at the body at all.
+SIGNED = {
+    "twilio": {"X-Twilio-Signature": "c2lnbmVk"},
+    "sendgrid": {
+        "X-Twilio-Email-Event-Webhook-Signature": "c2lnbmVk",
+        "X-Twilio-Email-Event-Webhook-Timestamp": str(int(time.time())),
+    },
+    "whatsapp": {"X-Hub-Signature-256": "sha256=00"},
+}
+
+
+def _form_route_path(route: str) -> str:
+    return "/webhooks/twilio" if route == "twilio" else signer_paths()[route]
+
+
+BIG_FORM = 48 * MB
+MANY_PARTS = 20_000
+
+
+def _assert_refused_at_once(result: Upload, probe: HealthProbe) -> None:
+    assert result.status == 413, result
+    assert result.seconds < 1.0, f"the 413 took {result.seconds:.2f} s"
+    assert probe.latencies, "/health was never answered during the upload"
+    slowest = max(probe.latencies)
+    assert slowest < 0.1, f"/health took {slowest * 1000:.0f} ms during the upload"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("route", ["unsubscribe", "preferences", "twilio"])
+def test_a_48_mb_form_is_refused_at_once_and_health_keeps_answering(
+    server: int, route: str, chunked: bool
+) -> None:
+    with HealthProbe(server) as probe:
+        result = upload(
+            server,
+            _form_route_path(route),
+            "application/x-www-form-urlencoded",
+            form_fields(BIG_FORM),
+            BIG_FORM,
+            chunked=chunked,
+            headers=SIGNED.get(route),
+        )
+        time.sleep(0.05)  # a few more probes after the answer
+    _assert_refused_at_once(result, probe)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("route", ["unsubscribe", "preferences", "twilio"])
+def test_a_20000_part_multipart_is_refused_at_once_and_health_keeps_answering(
+    server: int, route: str, chunked: bool
+) -> None:
+    body = multipart_parts(MANY_PARTS)
+    with HealthProbe(server) as probe:
+        result = upload(
+            server,
+            _form_route_path(route),
+            f"multipart/form-data; boundary={BOUNDARY}",
+            chunks_of(body),
+            len(body),
+            chunked=chunked,
+            headers=SIGNED.get(route),
+        )
+        time.sleep(0.05)
+    _assert_refused_at_once(result, probe)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("provider", ["sendgrid", "whatsapp"])
+def test_json_webhooks_refuse_a_body_over_the_providers_maximum(
+    server: int, provider: str, chunked: bool
+) -> None:
+    with HealthProbe(server) as probe:
+        result = upload(
+            server,
+            f"/webhooks/{provider}",
+            "application/json",
+            json_array(BIG_FORM),
+            BIG_FORM,
+            chunked=chunked,
+            headers=SIGNED[provider],
+        )
+        time.sleep(0.05)
+    _assert_refused_at_once(result, probe)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/l/u/not-a-token", {}, 404),
+        ("/l/p/not-a-token", {}, 404),
+        ("/webhooks/twilio", {}, 403),  # no X-Twilio-Signature at all
+    ],
+)
+def test_a_bad_token_or_missing_signature_is_refused_before_the_body_is_read(
+    server: int, path: str, headers: dict[str, str], status: int
+) -> None:
+    # Within the cap of no route: only refusing before reading answers this at once.
+    with HealthProbe(server) as probe:
+        result = upload(
+            server,
+            path,
+            "application/x-www-form-urlencoded",
+            form_fields(BIG_FORM),
+            BIG_FORM,
+            chunked=True,
+            headers=headers,
+        )
+        time.sleep(0.05)
+    assert result.status == status
+    assert result.seconds < 1.0, f"the {status} took {result.seconds:.2f} s"
+    assert max(probe.latencies) < 0.1
+
+
+# --- within the cap: python-multipart's limits --------------------------------------------
+
+
+@pytest.fixture
+async def api(store: Store) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(_env_file=None, admin_token=ADMIN_TOKEN), store)
+    app.state.channel_settings = channel_settings()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC) as client:
+        yield client
+
+
+async def test_forms_within_the_cap_are_still_limited_in_fields_and_files(
+    api: httpx.AsyncClient,
+) -> None:
+    path = signer_paths()["unsubscribe"]
+    many = multipart_parts(101)
+    assert len(many) < 8 * 1024  # within the byte cap: the field limit refuses it
+    response = await api.post(
+        path, content=many, headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    )
+    assert response.status_code == 400
+    assert "Too many fields" in response.json()["detail"]
+
+    upload_part = (
+        f"--{BOUNDARY}\r\n"
+        'Content-Disposition: form-data; name="List-Unsubscribe"; filename="x.txt"\r\n\r\n'
+        f"One-Click\r\n--{BOUNDARY}--\r\n"
+    )
+    response = await api.post(
+        path,
+        content=upload_part,
+        headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+    )
+    assert response.status_code == 400
+    assert "files" in response.json()["detail"]
+
+    response = await api.post(path, content=b"{}", headers={"Content-Type": "application/json"})
+    assert response.status_code == 415
+
+
+async def test_segment_endpoints_keep_their_413_in_segments_format(api: httpx.AsyncClient) -> None:
+    # /v1 reads its body through the same capped reader, answering as Segment does.
+    response = await api.post(
+        "/v1/batch", content=b" " * (600 * 1024), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert "500 KB per batch" in response.text
