@@ -257,9 +257,18 @@ MANY_PARTS = 20_000
 def _assert_refused_at_once(result: Upload, probe: HealthProbe) -> None:
     assert result.status == 413, result
     assert result.seconds < 1.0, f"the 413 took {result.seconds:.2f} s"
+    _assert_health_kept_answering(probe)
+
+
+def _assert_health_kept_answering(probe: HealthProbe) -> None:
+    # A stalled loop slows every probe (the old code: 10-20 s each). Nine in ten under 100 ms
+    # and none past half a second, so one probe that lost the CPU to a test neighbour on a
+    # 2-core machine is not taken for a stall.
     assert probe.latencies, "/health was never answered during the upload"
-    slowest = max(probe.latencies)
-    assert slowest < 0.1, f"/health took {slowest * 1000:.0f} ms during the upload"
+    ordered = sorted(probe.latencies)
+    typical = ordered[int(len(ordered) * 0.9) - 1] if len(ordered) >= 10 else ordered[-1]
+    assert typical < 0.1, f"/health took {typical * 1000:.0f} ms (p90) during the upload"
+    assert ordered[-1] < 0.5, f"/health took {ordered[-1] * 1000:.0f} ms during the upload"
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
@@ -345,7 +354,7 @@ def test_a_bad_token_or_missing_signature_is_refused_before_the_body_is_read(
         time.sleep(0.05)
     assert result.status == status
     assert result.seconds < 1.0, f"the {status} took {result.seconds:.2f} s"
-    assert max(probe.latencies) < 0.1
+    _assert_health_kept_answering(probe)
 
 
 # --- within the cap: python-multipart's limits --------------------------------------------
