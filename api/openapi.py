@@ -5,13 +5,13 @@ code generator or a fuzzer reading ``/openapi.json`` knows the whole contract.
 """
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from zoneinfo import available_timezones
 
 from fastapi import Request, status
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator
+from pydantic import AfterValidator, BaseModel, BeforeValidator
 from starlette.exceptions import HTTPException
 from starlette.routing import compile_path
 
@@ -98,7 +98,14 @@ def _date_time(value: object) -> object:
     return value
 
 
-DateTimeText = Annotated[datetime, BeforeValidator(_date_time)]
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01 east of UTC, or 9999-12-31 west of it
+        raise ValueError("leaves the years 1 to 9999 in UTC; give a date within them") from None
+
+
+DateTimeText = Annotated[datetime, BeforeValidator(_date_time), AfterValidator(_in_utc)]
 
 # Every admin route: the dependency refuses before anything else runs.
 UNAUTHORIZED = message(401, "No admin token, or a wrong one (Authorization: Bearer <token>).")

@@ -59,7 +59,12 @@ class CustomerEvent(BaseModel):
     @classmethod
     def _aware(cls, value: datetime) -> datetime:
         # Naive timestamps are taken as UTC, as Segment does.
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
+        aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+        try:
+            aware.astimezone(UTC)  # as it is stored; the event keeps its own offset
+        except OverflowError:  # 0001-01-01 east of UTC, or 9999-12-31 west of it
+            raise ValueError("leaves the years 1 to 9999 in UTC; give a date within them") from None
+        return aware
 
     def as_context(self) -> dict[str, Any]:
         """The shape conditions and templates see under ``event``/``trigger``."""

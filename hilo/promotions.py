@@ -103,7 +103,10 @@ class PromotionBase(BaseModel):
     @field_validator("valid_from", "valid_until")
     @classmethod
     def _in_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # 0001-01-01 east of UTC is year 0 there
+            raise ValueError("is before the year 1 in UTC; give a later date") from None
 
     @field_validator("channels")
     @classmethod

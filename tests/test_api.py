@@ -623,3 +623,35 @@ def test_the_schema_documents_every_status_and_the_segment_calls(store: Store) -
     assert sorted(call["properties"]["type"]["const"] for call in calls) == sorted(
         ["track", "identify", "page", "screen", "group", "alias"]
     )
+
+
+async def test_a_date_time_that_leaves_the_calendar_in_utc_is_422_naming_it(
+    store: Store,
+) -> None:
+    # 0001-01-01 at +12:23 is still year 0 in UTC, where Python's datetime cannot go.
+    year_zero = "0001-01-01T00:00:00+12:23"
+    async with admin_client(offline_app(store)) as api:
+        promotion = await api.put(
+            "/promotions/welcome",
+            json={"code": "W", "valid_from": "2026-01-01T00:00:00Z", "valid_until": year_zero},
+        )
+        assert promotion.status_code == 422, promotion.text
+        assert promotion.json()["detail"][0]["loc"] == ["body", "valid_until"]
+        preview = await api.post(
+            "/policy/decisions/preview",
+            json={
+                "message_id": "m",
+                "customer_id": "42",
+                "journey_key": "welcome",
+                "channel": "email",
+                "at": year_zero,
+            },
+        )
+        assert preview.status_code == 422, preview.text
+        assert preview.json()["detail"][0]["loc"] == ["body", "at"]
+        for moment in (year_zero, "9999-12-31T23:59:59-05:00"):
+            event = await api.post(
+                "/events", json={"name": "Signed Up", "customer_id": "42", "timestamp": moment}
+            )
+            assert event.status_code == 422, event.text
+            assert event.json()["detail"][0]["loc"] == ["body", "timestamp"]

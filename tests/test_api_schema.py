@@ -170,6 +170,8 @@ async def _seed(url: str) -> None:
         assert identified.status_code == 200, identified.text
 
 
+# A longer run takes longer than the suite's five minutes a test.
+@pytest.mark.timeout(300 + 4 * EXAMPLES)
 async def test_the_api_answers_as_its_openapi_schema_says(api_url: str, tmp_path: Path) -> None:
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
