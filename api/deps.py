@@ -1,13 +1,16 @@
 """What endpoints depend on, read from ``app.state`` so nothing is built at import time."""
 
 import hmac
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Response, status
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from temporalio.client import Client
 
+from hilo import strict_json
 from hilo.catalog import JourneyCatalog
 from hilo.channels.config import ChannelSettings
 from hilo.dispatcher import Dispatcher
@@ -134,3 +137,31 @@ def require_admin(
 AdminDep = Annotated[None, Depends(require_admin)]
 # For APIRouter(dependencies=...): every route added to such a router is admin-only by default.
 ADMIN_ONLY = [Depends(require_admin)]
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body is read by :func:`hilo.strict_json.loads`, as /v1's is."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = strict_json.loads(await self.body())
+            except strict_json.NotStorableJSON as error:
+                # Shaped as FastAPI's own validation errors, so clients read one format.
+                detail = [
+                    {"type": "value_error", "loc": ["body", *error.path], "msg": error.message}
+                ]
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from None
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """The route class of every router whose routes take a JSON body: one JSON policy."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler

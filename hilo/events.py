@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hilo.ids import MAX_ID_CHARS
+
 
 class CustomerEvent(BaseModel):
     """One event of one customer (``Cart Abandoned``, ``Order Completed`` ...)."""
@@ -15,7 +17,7 @@ class CustomerEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, examples=["Cart Abandoned"])
-    customer_id: str = Field(min_length=1, max_length=200, examples=["42"])
+    customer_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, examples=["42"])
     properties: dict[str, Any] = Field(default_factory=dict)
     timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
     message_id: str = Field(

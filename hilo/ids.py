@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 from urllib.parse import quote
 
+# A customer id (userId, anonymousId, profiles.customer_id): the column's size, and the
+# limit of every route that takes one.
+MAX_ID_CHARS = 200
+
 
 def journey_workflow_id(journey_key: str, customer_id: str, instance_key: str | None = None) -> str:
     """``journey/abandoned_cart/42/cart-9``: one workflow per (journey, customer[, key])."""

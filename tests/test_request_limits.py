@@ -3,6 +3,9 @@ endpoint is refused with 413 at once, and the API goes on answering everyone els
 
 The big bodies go to a real uvicorn server in its own process over a real socket, as an
 attacker would send them, while another thread times ``/health``.
+
+Every JSON body is read by one policy (no NaN or Infinity, which no database reads back) and
+every customer id has one limit, on the admin routes as on /v1.
 """
 
 from __future__ import annotations
@@ -18,18 +21,23 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from pydantic import SecretStr
+from sqlmodel import select
 
 from api.app import create_app
+from api.deps import StrictJSONRoute
 from hilo.channels.config import ChannelSettings
+from hilo.ids import MAX_ID_CHARS
 from hilo.settings import Settings
-from hilo.storage import Store
+from hilo.storage import Store, StoredEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = "https://hilo.shop.example"
@@ -395,3 +403,105 @@ async def test_segment_endpoints_keep_their_413_in_segments_format(api: httpx.As
     )
     assert response.status_code == 413
     assert "500 KB per batch" in response.text
+
+
+# --- one JSON policy, one id limit ------------------------------------------------------------
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def admin_api(any_store: Store) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(_env_file=None, admin_token=ADMIN_TOKEN), any_store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC) as client:
+        yield client
+
+
+def stored_events(store: Store) -> list[StoredEvent]:
+    with store.session() as session:
+        return list(session.exec(select(StoredEvent)))
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("NaN", "NaN is not valid JSON"),
+        ("Infinity", "Infinity is not valid JSON"),
+        ("-Infinity", "-Infinity is not valid JSON"),
+        ("1e400", "out of range"),
+    ],
+)
+async def test_admin_json_refuses_numbers_no_database_reads_back(
+    admin_api: httpx.AsyncClient, any_store: Store, value: str, problem: str
+) -> None:
+    body = '{"traits": {"first_name": "Ana", "scores": [1, VALUE]}}'.replace("VALUE", value)
+    response = await admin_api.put("/profiles/cus_ana", content=body, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "traits", "scores", 1]
+    assert problem in error["msg"]
+    assert any_store.get_profile("cus_ana") is None
+
+    event = '{"name": "Order Completed", "customer_id": "cus_ana", "properties": {"total": VALUE}}'
+    response = await admin_api.post("/events", content=event.replace("VALUE", value), headers=ADMIN)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "properties", "total"]
+    assert problem in error["msg"]
+    assert stored_events(any_store) == []
+
+    # The same bodies with a number are taken.
+    ok = await admin_api.put("/profiles/cus_ana", content=body.replace(value, "2"), headers=ADMIN)
+    assert ok.status_code == 200, ok.text
+    assert any_store.get_profile("cus_ana") is not None
+
+
+async def test_a_customer_id_has_one_limit_on_every_route(
+    admin_api: httpx.AsyncClient, any_store: Store
+) -> None:
+    too_long = "c" * (MAX_ID_CHARS + 1)
+    response = await admin_api.put(f"/profiles/{too_long}", json={"traits": {}}, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["path", "customer_id"]
+    assert str(MAX_ID_CHARS) in error["msg"]
+    assert any_store.get_profile(too_long) is None
+
+    longest = "c" * MAX_ID_CHARS
+    response = await admin_api.put(f"/profiles/{longest}", json={"traits": {}}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+
+    # /v1 takes the same ids, and refuses the same ones.
+    write_keys = {"wk_limits": {"name": "shop", "kind": "server"}}
+    app = create_app(Settings(_env_file=None, write_keys=write_keys), any_store)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=PUBLIC) as segment:
+        identify = {"userId": too_long, "traits": {}}
+        response = await segment.post("/v1/identify", json=identify, auth=("wk_limits", ""))
+        assert response.status_code == 400, response.text
+        assert "userId" in response.text and str(MAX_ID_CHARS) in response.text
+        identify = {"userId": longest, "traits": {}}
+        response = await segment.post("/v1/identify", json=identify, auth=("wk_limits", ""))
+        assert response.status_code == 200, response.text
+
+
+def _api_routes(routes: list[Any]) -> Iterator[APIRoute]:
+    """Every APIRoute, inside included routers too (FastAPI keeps those as routers)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _api_routes(included.routes)
+        elif isinstance(route, APIRoute):
+            yield route
+
+
+def test_every_route_that_takes_a_json_body_reads_it_by_the_one_policy() -> None:
+    app = create_app(Settings(_env_file=None, admin_token=ADMIN_TOKEN))
+    body_routes = [route for route in _api_routes(app.routes) if route.body_field]
+    assert len(body_routes) >= 5  # profiles, events, journeys, policy, promotions at least
+    outside = [
+        f"{route.methods} {route.path}"
+        for route in body_routes
+        if not isinstance(route, StrictJSONRoute)
+    ]
+    assert outside == []

@@ -9,10 +9,12 @@ from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from api.deps import ADMIN_ONLY, IngestorDep, SettingsDep, get_dispatcher
+from api.deps import ADMIN_ONLY, IngestorDep, SettingsDep, StrictJSONRoute, get_dispatcher
 from hilo.events import CustomerEvent
 
-router = APIRouter(prefix="/events", tags=["events"], dependencies=ADMIN_ONLY)
+router = APIRouter(
+    prefix="/events", tags=["events"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+)
 
 
 class EventRouted(BaseModel):

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, 
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep
+from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep, StrictJSONRoute
 from hilo.journeys import (
     JourneyDefinition,
     JourneyInvalid,
@@ -166,8 +166,10 @@ DefinitionDep = Annotated[JourneyDefinition, Depends(definition_body)]
 
 # Public so editors can fetch the schema; included before `router` so that
 # /journeys/schema is not taken for a journey key.
-public_router = APIRouter(prefix="/journeys", tags=["journeys"])
-router = APIRouter(prefix="/journeys", tags=["journeys"], dependencies=ADMIN_ONLY)
+public_router = APIRouter(prefix="/journeys", tags=["journeys"], route_class=StrictJSONRoute)
+router = APIRouter(
+    prefix="/journeys", tags=["journeys"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+)
 
 
 @public_router.get("/schema")

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import ADMIN_ONLY, StoreDep
+from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
 from hilo.contact_policy import (
     ContactPolicy,
     ContactPolicyService,
@@ -22,7 +22,9 @@ from hilo.contact_policy import (
 from hilo.journeys import CHANNELS
 from hilo.storage import utcnow
 
-router = APIRouter(prefix="/policy", tags=["policy"], dependencies=ADMIN_ONLY)
+router = APIRouter(
+    prefix="/policy", tags=["policy"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+)
 
 ACTOR_HEADER = "X-Hilo-Actor"
 

@@ -14,7 +14,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.deps import ADMIN_ONLY, StoreDep
+from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
+from hilo.ids import MAX_ID_CHARS
 from hilo.profiles import (
     MAX_TIMELINE,
     ConsentError,
@@ -26,7 +27,13 @@ from hilo.profiles import (
     timeline,
 )
 
-router = APIRouter(prefix="/profiles", tags=["profiles"], dependencies=ADMIN_ONLY)
+router = APIRouter(
+    prefix="/profiles", tags=["profiles"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+)
+
+
+# The profile's key column: a longer id could never have been stored.
+CustomerId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 
 
 class ProfileUpdate(BaseModel):
@@ -81,7 +88,9 @@ class SentMessage(BaseModel):
 
 
 @router.put("/{customer_id}")
-def upsert_profile(customer_id: str, update: ProfileUpdate, store: StoreDep) -> CustomerProfile:
+def upsert_profile(
+    customer_id: CustomerId, update: ProfileUpdate, store: StoreDep
+) -> CustomerProfile:
     profile = store.upsert_profile(
         customer_id,
         traits=update.traits,
@@ -170,10 +179,6 @@ def get_timeline(
     if resolve_customer(store, customer_id) is None:
         raise _not_found(customer_id)
     return timeline(store, customer_id, limit=limit, before=before)
-
-
-# The profile's key column: a longer id could never have been stored.
-CustomerId = Annotated[str, Path(min_length=1, max_length=200)]
 
 
 @router.post("/{customer_id}/consent")

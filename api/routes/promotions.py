@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Response, status
 from pydantic import BaseModel
 
-from api.deps import ADMIN_ONLY, StoreDep
+from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
 from hilo.promotions import (
     PROMOTION_KEY,
     PromotionBase,
@@ -20,7 +20,9 @@ from hilo.promotions import (
     upsert_promotion,
 )
 
-router = APIRouter(prefix="/promotions", tags=["promotions"], dependencies=ADMIN_ONLY)
+router = APIRouter(
+    prefix="/promotions", tags=["promotions"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+)
 
 PromotionKey = Annotated[
     str,
