@@ -75,7 +75,8 @@ class JourneyActivities:
         self.store = store
         self.signed_webhooks_only = signed_webhooks_only
         self.policy = ContactPolicyService(store)
-        # Without settings (simulations, tests) links are signed with the development secret.
+        # Without settings (simulations, tests) links are signed with the published constant;
+        # a running Hilo (hilo dev, hilo worker) always passes its settings' signer.
         self.links = links or LinkSigner(DEV_LINK_SECRET, "http://127.0.0.1:8000")
         capture = CaptureProvider(store)
         self.providers: dict[str, ChannelProvider] = providers or {}

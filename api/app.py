@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from temporalio.client import Client
 
+from api.openapi import method_not_allowed
 from api.routes import api_router
 from hilo.dispatcher import Dispatcher
 from hilo.ingest import Ingestor
@@ -82,6 +83,7 @@ def create_app(
     app.state.dispatcher = Dispatcher(store, app.state.router) if store and client else None
     app.state.ingestor = Ingestor(store) if store else None
     app.include_router(api_router)
+    app.add_exception_handler(405, method_not_allowed)
     return app
 
 

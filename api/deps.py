@@ -1,10 +1,15 @@
 """What endpoints depend on, read from ``app.state`` so nothing is built at import time."""
 
+import contextlib
 import hmac
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+import json
+import re
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request, Response, status
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
@@ -17,8 +22,11 @@ from hilo.dispatcher import Dispatcher
 from hilo.ingest import Ingestor
 from hilo.playbook import load_playbook
 from hilo.routing import EventRouter
+from hilo.segment import text_problem
 from hilo.settings import Settings
 from hilo.storage import Store
+
+Source = TypeVar("Source")
 
 # auto_error=False so a missing token gets our message rather than FastAPI's.
 bearer = HTTPBearer(auto_error=False, description="The admin token (HILO_ADMIN_TOKEN).")
@@ -125,8 +133,7 @@ def require_admin(
             "missing admin token: send 'Authorization: Bearer <HILO_ADMIN_TOKEN>'",
             headers=challenge,
         )
-    # Constant-time, so response timing does not reveal how much of a guess was right.
-    if not hmac.compare_digest(credentials.credentials.encode(), settings.admin_token.encode()):
+    if not same_secret(credentials.credentials, settings.admin_token):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "wrong admin token: it must equal HILO_ADMIN_TOKEN",
@@ -134,9 +141,97 @@ def require_admin(
         )
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time, so response timing does not reveal how much of a guess was right."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def source_for_write_key(sources: Mapping[str, Source], write_key: str) -> Source | None:
+    """The source ``write_key`` stands for, or None.
+
+    Every configured key is compared, in constant time, and the loop never stops early: a
+    dict lookup would hash the guess and compare it with ``==``, which returns at the first
+    differing byte, so timing would tell how much of a guess was right.
+    """
+    found = None
+    for key, source in sources.items():
+        if same_secret(write_key, key):
+            found = source
+    return found
+
+
 AdminDep = Annotated[None, Depends(require_admin)]
-# For APIRouter(dependencies=...): every route added to such a router is admin-only by default.
-ADMIN_ONLY = [Depends(require_admin)]
+
+# Only these JSON escapes make text that cannot be stored: NUL (PostgreSQL refuses it in
+# text) and lone UTF-16 surrogates (UTF-8 cannot encode them). Raw control bytes are not JSON.
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _readable(part: str | int) -> str | int:
+    """A location part as the error can carry it (it is JSON, so UTF-8 too)."""
+    if isinstance(part, str) and text_problem(part):
+        return part.encode("ascii", "backslashreplace").decode()
+    return part
+
+
+def unstorable_places(
+    value: Any, loc: tuple[str | int, ...]
+) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """Where in ``value`` (a parsed body) text cannot be stored, and why."""
+    if isinstance(value, str):
+        if problem := text_problem(value):
+            yield loc, problem
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if problem := text_problem(key):
+                yield (*loc, key), f"name {problem}"
+            yield from unstorable_places(item, (*loc, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from unstorable_places(item, (*loc, index))
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= _query_names(dependency)
+    return names
+
+
+async def storable_text(request: Request) -> None:
+    """A 422 naming each parameter or body field whose text the database cannot hold,
+    rather than a 500 from the database."""
+    places: list[tuple[tuple[str | int, ...], str]] = [
+        (("path", name), problem)
+        for name, value in request.path_params.items()
+        if (problem := text_problem(str(value)))
+    ]
+    # Only the parameters the route declares: others are ignored, whatever they hold.
+    route = request.scope.get("route")
+    declared = _query_names(route.dependant) if isinstance(route, APIRoute) else set()
+    places += [
+        (("query", name), problem)
+        for name, value in request.query_params.multi_items()
+        if name in declared and (problem := text_problem(value))
+    ]
+    if "json" in request.headers.get("content-type", ""):
+        body = await request.body()
+        if _UNSTORABLE_ESCAPE.search(body):
+            # Not JSON: FastAPI's own validation says so.
+            with contextlib.suppress(ValueError):
+                places += unstorable_places(json.loads(body), ("body",))
+    if places:
+        raise RequestValidationError(
+            [
+                {"type": "unstorable_text", "loc": tuple(map(_readable, loc)), "msg": problem}
+                for loc, problem in places
+            ]
+        )
+
+
+# For APIRouter(dependencies=...): every route added to such a router is admin-only by default,
+# and refuses text the database cannot store.
+ADMIN_ONLY = [Depends(require_admin), Depends(storable_text)]
 
 
 class StrictJSONRequest(Request):

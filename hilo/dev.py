@@ -95,6 +95,22 @@ def _next_free_port(host: str, port: int, avoid: set[int]) -> int:
 
 
 async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
+    state = settings.state_dir.resolve()
+    server = DevServer(
+        db_file=state / "temporal.db",
+        port=_port(settings.temporal_address),
+        ui_port=settings.temporal_ui_port,
+        namespace=settings.temporal_namespace,
+        log_file=state / "temporal.log",
+        pid_file=state / "temporal.pid",
+    )
+    # Before the ports: a server an earlier hilo dev left running holds them.
+    try:
+        stopped = server.clear_leftover()
+    except RuntimeError as running:
+        raise SystemExit(str(running)) from None
+    if stopped:
+        print(stopped, flush=True)
     problems = port_problems(settings)
     if problems:
         raise SystemExit("\n".join(problems))  # a line each, no traceback: the user acts on it
@@ -106,17 +122,10 @@ async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
     from hilo.storage import Store
     from worker.main import build_worker, configured_activities, connect
 
-    state = settings.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
-    server = DevServer(
-        db_file=state / "temporal.db",
-        port=_port(settings.temporal_address),
-        ui_port=settings.temporal_ui_port,
-        namespace=settings.temporal_namespace,
-        log_file=state / "temporal.log",
-    )
     print(f"Starting Temporal dev server (state in {state}) ...", flush=True)
     await server.start()
+    death = asyncio.create_task(_server_death(server))
     try:
         settings = settings.model_copy(update={"temporal_address": server.address})
         client = await connect(settings)
@@ -148,13 +157,42 @@ async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
             # The worker starts before the API answers and stops after it.
             async with worker:
                 _print_urls(settings, server)
-                await api.serve()  # returns on Ctrl-C
+                serving = asyncio.create_task(api.serve())  # returns on Ctrl-C
+                await asyncio.wait([serving, death], return_when=asyncio.FIRST_COMPLETED)
+                api.request_exit()
+                await serving
                 print("\nStopping: API, worker, then Temporal ...", flush=True)
         finally:
             store.dispose()
+    except Exception:
+        if not death.done():
+            raise
+        # What failed, failed because the server is gone, which _server_death has said.
     finally:
+        death.cancel()  # before the stop below, which is no death
         server.stop()
         print("Stopped. `hilo dev` again resumes every journey where it was.", flush=True)
+    if death.done() and not death.cancelled():
+        raise SystemExit(1)
+
+
+async def _server_death(server: DevServer, every: float = 0.5) -> None:
+    """Returns once the Temporal server has ended on its own, having said so in one line.
+
+    Hilo then stops too rather than start the server again: a server that dies has a reason
+    (killed, out of memory or disk, a damaged database) that a restart would hide or repeat,
+    while every journey waits safely in the state folder for the next ``hilo dev``.
+    """
+    # A Popen has no awaitable exit, and a thread blocked in its wait() outlives a cancel.
+    while (code := server.exit_code()) is None:  # noqa: ASYNC110
+        await asyncio.sleep(every)
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    print(
+        f"The Temporal dev server stopped on its own ({how}; its log: {server.log_file}); "
+        "Hilo stops too, and `hilo dev` starts both again with every journey where it was.",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 class _Api(uvicorn.Server):

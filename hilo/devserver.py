@@ -2,12 +2,17 @@
 
 It keeps its state in a SQLite file (WAL) so that journeys survive a restart, and starts
 with Hilo's search attributes registered.
+
+Its life is tied to the process that started it: on Linux the kernel kills it when that
+process dies, even by SIGKILL (a parent-death signal); everywhere, a pid file beside its
+database lets the next start find a server an earlier one left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -15,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +53,85 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when this process dies; None
+    where there is no parent-death signal (not Linux).
+
+    SIGKILL rather than SIGTERM: with its parent gone the server serves nobody, its database
+    is crash-safe (WAL, synchronous=FULL), and a clean stop takes seconds and may hang, while
+    its ports must be free for the next start. The signal follows the *thread* that starts the
+    child: start it from the thread that lives as long as the process (the event loop's).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+
+    def tie() -> None:  # runs in the child between fork and exec: nothing that allocates much
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was set: none will come
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return tie
+
+
+def process_command_line(pid: int) -> str | None:
+    """The command line of a running process; None when none runs with that pid (a zombie,
+    already dead, counts as none)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # someone else's process: it exists
+    try:
+        line = (
+            Path(f"/proc/{pid}/cmdline")
+            .read_bytes()
+            .replace(b"\0", b" ")
+            .decode("utf-8", "replace")
+        )
+    except OSError:
+        line = _ps(pid, "command")
+    return line.strip() or None
+
+
+def parent_pid(pid: int) -> int | None:
+    """The pid of the process's parent, or None when it cannot be read."""
+    try:
+        # The fields after the name, which is in parentheses and may hold anything.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1])
+    except (OSError, IndexError, ValueError):
+        found = _ps(pid, "ppid")
+        return int(found) if found.isdigit() else None
+
+
+def _ps(pid: int, column: str) -> str:
+    with contextlib.suppress(OSError):
+        found = subprocess.run(
+            ["ps", "-o", f"{column}=", "-p", str(pid)], capture_output=True, text=True
+        )
+        return found.stdout.strip()
+    return ""
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """Signal the process group ``pid`` leads (the server's own), or the process alone."""
+    with contextlib.suppress(ProcessLookupError):
+        try:
+            os.killpg(pid, signum)
+        except ProcessLookupError:
+            os.kill(pid, signum)
+
+
 class _StartUpDeath(Exception):
     """The server process ended before its frontend answered."""
 
@@ -75,6 +160,8 @@ class DevServer:
     ui_port: int | None = None
     namespace: str = "default"
     log_file: Path | None = None
+    # "<server pid> <pid of the process that started it>", while the server runs.
+    pid_file: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -149,7 +236,10 @@ class DevServer:
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches Hilo, which then stops the server cleanly
+            preexec_fn=die_with_this_process(),
         )
+        if self.pid_file is not None:
+            self.pid_file.write_text(f"{self.process.pid} {os.getpid()}\n")
         deadline = time.monotonic() + timeout
         last_error: Exception | None = None
         while time.monotonic() < deadline:
@@ -183,3 +273,43 @@ class DevServer:
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is not None:
             stop_process_group(self.process, timeout)
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
+
+    def exit_code(self) -> int | None:
+        """None while the server runs (or was never started); its exit code once it ended."""
+        return None if self.process is None else self.process.poll()
+
+    def clear_leftover(self, timeout: float = 20.0) -> str | None:
+        """Stop a server an earlier start left running on this database, per the pid file.
+
+        Returns the line to show, naming what was stopped; None when nothing was left over.
+        Raises RuntimeError naming the other process when the one that started that server
+        still runs it.
+        """
+        if self.pid_file is None or not self.pid_file.exists():
+            return None
+        try:
+            server_pid, owner_pid = (int(part) for part in self.pid_file.read_text().split())
+        except ValueError:
+            self.pid_file.unlink(missing_ok=True)  # half written by a start that died at once
+            return None
+        server = process_command_line(server_pid)
+        if server is None or str(self.db_file) not in server:
+            self.pid_file.unlink(missing_ok=True)  # gone, or the pid now belongs to another
+            return None
+        if owner_pid != os.getpid() and parent_pid(server_pid) == owner_pid:
+            raise RuntimeError(
+                f"another hilo dev (pid {owner_pid}) runs the Temporal server (pid {server_pid}) "
+                f"on {self.db_file}; stop it first (Ctrl-C where it runs, or kill {owner_pid})"
+            )
+        _signal_group(server_pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while process_command_line(server_pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_group(server_pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+        return (
+            f"Stopped the Temporal dev server (pid {server_pid}) an earlier hilo dev left "
+            f"running on {self.db_file}"
+        )

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from hilo.ids import MAX_ID_CHARS
+
+# What pydantic reads as a datetime, as the JSON Schema says it: an ISO-8601 string, or Unix
+# time (seconds; milliseconds past 2e10) from the year 1 to the end of 9999.
+DATE_TIME_OR_UNIX_TIME: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "format": "date-time"},
+        {"type": "number", "minimum": -62135596800000, "exclusiveMaximum": 253402300800000},
+    ]
+}
 
 
 class CustomerEvent(BaseModel):
@@ -19,7 +28,10 @@ class CustomerEvent(BaseModel):
     name: str = Field(min_length=1, max_length=200, examples=["Cart Abandoned"])
     customer_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, examples=["42"])
     properties: dict[str, Any] = Field(default_factory=dict)
-    timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    timestamp: Annotated[datetime, WithJsonSchema(DATE_TIME_OR_UNIX_TIME)] = Field(
+        default_factory=lambda: datetime.now(UTC),
+        description="ISO-8601 (without an offset it is UTC), or Unix time.",
+    )
     message_id: str = Field(
         default_factory=lambda: f"evt_{uuid.uuid4().hex}",
         min_length=1,

@@ -469,7 +469,9 @@ class JourneyDefinition(_Strict):
         return names
 
     def checksum(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        # Defaults left out: a field added to the grammar later does not make every
+        # unchanged journey look changed (and republish as a new version).
+        canonical = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -13,14 +13,23 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import JSON, Column
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel, col, select
 
+from hilo.events import DATE_TIME_OR_UNIX_TIME
 from hilo.storage import Store, utcnow
 
 if TYPE_CHECKING:
@@ -81,8 +90,12 @@ class PromotionBase(BaseModel):
     discount: str = Field(
         "", max_length=100, description="As shown to customers.", examples=["20%"]
     )
-    valid_from: AwareDatetime = Field(examples=["2026-11-01T00:00:00Z"])
-    valid_until: AwareDatetime = Field(examples=["2026-12-01T00:00:00Z"])
+    valid_from: Annotated[AwareDatetime, WithJsonSchema(DATE_TIME_OR_UNIX_TIME)] = Field(
+        examples=["2026-11-01T00:00:00Z"]
+    )
+    valid_until: Annotated[AwareDatetime, WithJsonSchema(DATE_TIME_OR_UNIX_TIME)] = Field(
+        examples=["2026-12-01T00:00:00Z"]
+    )
     channels: list[ChannelName] = Field(
         default_factory=list, description="Channels it may be sent on; empty means every channel."
     )

@@ -41,6 +41,7 @@ from hilo.events import PAGE_VIEWED, SCREEN_VIEWED
 from hilo.ids import MAX_ID_CHARS
 
 __all__ = [
+    "CALL_MODELS",
     "CALL_TYPES",
     "KINDS",
     "MAX_BATCH_BYTES",
@@ -65,6 +66,7 @@ __all__ = [
     "parse_request",
     "segment_error_body",
     "segment_success_body",
+    "text_problem",
 ]
 
 CallType = Literal["track", "identify", "page", "screen", "group", "alias"]
@@ -258,7 +260,7 @@ class AliasCall(_CommonCall):
     previous_id: str | None = Field(None, max_length=MAX_ID_CHARS)
 
 
-_CALL_MODELS: dict[str, type[_CommonCall]] = {
+CALL_MODELS: dict[str, type[_CommonCall]] = {
     "track": TrackCall,
     "identify": IdentifyCall,
     "page": PageCall,
@@ -486,16 +488,16 @@ def _json_object(text: str) -> tuple[dict[str, Any], int]:
             "body",
             f"must be a JSON object, not {_json_type(payload)}",
         )
-    # UTF-8 text holds no surrogates: only a \uD800-\uDFFF escape makes one. Paths are
-    # built only when a cheap look finds something to name.
-    if _SURROGATE_ESCAPE.search(text) or not _nests_within(payload, MAX_NESTING):
+    # UTF-8 text holds no surrogates and no NUL: only a \uD800-\uDFFF or \u0000 escape
+    # makes one. Paths are built only when a cheap look finds something to name.
+    if _UNSTORABLE_ESCAPE.search(text) or not _nests_within(payload, MAX_NESTING):
         problems = _shape_errors(payload)
         if problems:
             raise SegmentRejected(RejectionStatus.BAD_REQUEST, problems)
     return payload, floats
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 
 
 def _nests_within(payload: dict[str, Any], limit: int) -> bool:
@@ -515,8 +517,9 @@ def _nests_within(payload: dict[str, Any], limit: int) -> bool:
 
 
 def _shape_errors(payload: dict[str, Any]) -> list[FieldError]:
-    """Too-deep nesting and text that cannot be stored as UTF-8 (lone surrogates from
-    ``\\ud800`` escapes), found without recursion."""
+    """Too-deep nesting and text that cannot be stored (lone surrogates from ``\\ud800``
+    escapes, which UTF-8 cannot encode; NUL from ``\\u0000``, which PostgreSQL refuses in
+    text), found without recursion."""
     errors: list[FieldError] = []
     stack: list[tuple[Any, str, int]] = [(payload, "", 1)]
     while stack:
@@ -537,26 +540,24 @@ def _shape_errors(payload: dict[str, Any]) -> list[FieldError]:
             stack.extend((child, child_path, depth + 1) for child, child_path in reversed(children))
             if isinstance(node, dict):
                 errors += [
-                    FieldError(field=_key_path(path, key), message="name is not valid Unicode")
+                    FieldError(field=_key_path(path, key), message=f"name {problem}")
                     for key in node
-                    if not _encodable(key)
+                    if (problem := text_problem(key))
                 ]
-        elif isinstance(node, str) and not _encodable(node):
-            errors.append(
-                FieldError(
-                    field=path or "body",
-                    message="contains an unpaired UTF-16 surrogate; send valid Unicode text",
-                )
-            )
+        elif isinstance(node, str) and (problem := text_problem(node)):
+            errors.append(FieldError(field=path or "body", message=problem))
     return errors
 
 
-def _encodable(text: str) -> bool:
+def text_problem(text: str) -> str | None:
+    """Why the database cannot store ``text`` (NUL, a lone surrogate), or None."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored; remove it"
     try:
         text.encode()
     except UnicodeEncodeError:
-        return False
-    return True
+        return "contains an unpaired UTF-16 surrogate; send valid Unicode text"
+    return None
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]*")
@@ -765,7 +766,7 @@ def _call(
     if fields is None:
         # Something is wrong, or not plainly right: the model names each problem.
         try:
-            fields = _model_fields(_CALL_MODELS[call_type].model_validate(merged))
+            fields = _model_fields(CALL_MODELS[call_type].model_validate(merged))
         except ValidationError as exc:
             errors += _translate(exc, path)
     bad_fields = {error.field for error in errors[before:]}
@@ -820,7 +821,7 @@ def _field_checks(model_class: type[_SpecModel]) -> dict[str, _FieldCheck] | Non
 _CONTEXT_CHECKS = _field_checks(SegmentContext)
 _CALL_CHECKS = {
     call_type: _field_checks(model_class) if _CONTEXT_CHECKS else None
-    for call_type, model_class in _CALL_MODELS.items()
+    for call_type, model_class in CALL_MODELS.items()
 }
 
 

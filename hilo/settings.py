@@ -17,6 +17,13 @@ from hilo.channels.config import ChannelSettings
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_WRITE_KEY = "dev-write-key"
+# What production asks of the admin token: a guess at it reaches every customer's data.
+MIN_ADMIN_TOKEN_LENGTH = 32
+MIN_ADMIN_TOKEN_DISTINCT = 8
+ADMIN_TOKEN_RULE = (
+    f"at least {MIN_ADMIN_TOKEN_LENGTH} characters with at least {MIN_ADMIN_TOKEN_DISTINCT} "
+    "different ones, for example from python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,7 +51,6 @@ class Settings(ChannelSettings):
         env_prefix="HILO_", env_file=".env", extra="ignore", env_ignore_empty=True
     )
 
-    state_dir: Path = Field(Path(".hilo"), description="Where `hilo dev` keeps its files.")
     database_url: str = Field(
         "", description="SQLAlchemy URL; empty means a SQLite file in state_dir."
     )
@@ -110,8 +116,10 @@ class Settings(ChannelSettings):
             if self.admin_token == DEV_ADMIN_TOKEN:
                 problems.append(
                     "HILO_ADMIN_TOKEN is not set (or is the development placeholder); the admin "
-                    "routes need a secret bearer token of your own"
+                    f"routes need a secret bearer token of your own: {ADMIN_TOKEN_RULE}"
                 )
+            elif weak_token(self.admin_token):
+                problems.append(f"HILO_ADMIN_TOKEN is too easy to guess; use {ADMIN_TOKEN_RULE}")
             if not self.write_keys:
                 problems.append(
                     "HILO_WRITE_KEYS is not set; every Segment call would be refused: give each "
@@ -144,3 +152,10 @@ class Settings(ChannelSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.state_dir / 'hilo.db').resolve()}"
+
+
+def weak_token(token: str) -> bool:
+    """Shorter than :data:`MIN_ADMIN_TOKEN_LENGTH`, or of fewer than
+    :data:`MIN_ADMIN_TOKEN_DISTINCT` different characters (``aaaa…``, ``abab…``, ``1234…``).
+    A random token passes: 32 hex digits show fewer than 8 of the 16 about once in 30 million."""
+    return len(token) < MIN_ADMIN_TOKEN_LENGTH or len(set(token)) < MIN_ADMIN_TOKEN_DISTINCT

@@ -521,3 +521,105 @@ async def test_publish_knows_the_preference_pages_topics(lab: JourneyLab) -> Non
         assert known in problem["message"]
         cart["steps"][5]["topic"] = "news"
         assert (await api.post("/journeys", json=cart)).status_code == 201
+
+
+# ---------------------------------------------------------------- the contract in /openapi.json
+
+
+def offline_app(store: Store) -> Any:
+    return create_app(Settings(admin_token=TOKEN), store=store)
+
+
+def admin_client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://hilo",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+
+
+@pytest.mark.parametrize("path", ["/l/u/some-token", "/l/p/some-token", "/webhooks/whatsapp"])
+async def test_a_405_allows_every_method_of_the_path(store: Store, path: str) -> None:
+    # GET and POST on one path are two routes; Starlette named only the first one's methods.
+    async with admin_client(offline_app(store)) as api:
+        response = await api.request("OPTIONS", path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD, POST"
+
+
+async def test_text_the_database_cannot_store_is_refused_naming_the_field(
+    any_store: Store,
+) -> None:
+    async with admin_client(offline_app(any_store)) as api:
+        profile = await api.get("/profiles/a%00b")
+        assert profile.status_code == 422
+        assert profile.json()["detail"][0]["loc"] == ["path", "customer_id"]
+
+        event = await api.post(
+            "/events",
+            content=b'{"name": "Cart\\u0000Abandoned", "customer_id": "42"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert event.status_code == 422
+        assert [e["loc"] for e in event.json()["detail"]] == [["body", "name"]]
+        assert "NUL" in event.json()["detail"][0]["msg"]
+
+        call = await api.post(
+            "/v1/track",
+            content=b'{"userId": "4\\u00002", "event": "Order Completed"}',
+            headers={"Content-Type": "application/json"},
+            auth=("dev-write-key", ""),
+        )
+        assert call.status_code == 400
+        assert call.json()["errors"][0]["field"] == "userId"
+        assert "NUL" in call.json()["errors"][0]["message"]
+
+        journey = await api.post(
+            "/journeys/validate",
+            content=(EXAMPLES / "journeys" / "welcome.yaml").read_text() + 'description: "a\\0b"\n',
+            headers={"Content-Type": "application/yaml"},
+        )
+        assert journey.status_code == 422
+        assert journey.json()["detail"] == [
+            {"path": "description", "message": journey.json()["detail"][0]["message"]}
+        ]
+        assert any_store.list_journeys() == []
+
+
+async def test_the_timeline_takes_a_date_time_not_a_number(store: Store) -> None:
+    store.upsert_profile("42")
+    async with admin_client(offline_app(store)) as api:
+        number = await api.get("/profiles/42/timeline", params={"before": "0.5"})
+        assert number.status_code == 422
+        assert number.json()["detail"][0]["loc"] == ["query", "before"]
+        iso = await api.get("/profiles/42/timeline", params={"before": "2030-01-01T00:00:00Z"})
+        assert iso.status_code == 200
+
+
+def test_the_schema_documents_every_status_and_the_segment_calls(store: Store) -> None:
+    schema = offline_app(store).openapi()
+    operations = {
+        (method.upper(), path): operation
+        for path, methods in schema["paths"].items()
+        for method, operation in methods.items()
+    }
+    admin = [key for key, op in operations.items() if {"HTTPBearer": []} in op.get("security", [])]
+    assert len(admin) > 20
+    assert all("401" in operations[key]["responses"] for key in admin), admin
+    assert {"400", "403", "503"} <= set(operations["POST", "/webhooks/sendgrid"]["responses"])
+    assert {"404", "503"} <= set(operations["GET", "/l/u/{token}"]["responses"])
+    assert "415" in operations["POST", "/journeys"]["responses"]
+
+    track = operations["POST", "/v1/track"]
+    assert track["security"] == [{"SegmentWriteKey": []}]
+    assert {"400", "401", "413", "415"} <= set(track["responses"])
+    body = track["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["event"]
+    assert {"userId", "anonymousId", "properties", "context", "timestamp"} <= set(
+        body["properties"]
+    )
+    batch = operations["POST", "/v1/batch"]["requestBody"]["content"]["application/json"]
+    calls = batch["schema"]["properties"]["batch"]["items"]["anyOf"]
+    assert sorted(call["properties"]["type"]["const"] for call in calls) == sorted(
+        ["track", "identify", "page", "screen", "group", "alias"]
+    )

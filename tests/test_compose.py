@@ -139,7 +139,7 @@ def test_the_environment_makes_valid_settings(
 ) -> None:
     given = {
         "POSTGRES_PASSWORD": "s3cret",
-        "HILO_ADMIN_TOKEN": "a-long-random-production-token",
+        "HILO_ADMIN_TOKEN": "a-long-random-production-token-7Qx9",
         "HILO_WRITE_KEYS": '{"wk-web-0123456789": "web"}',
         "HILO_PUBLIC_URL": "https://hilo.shop.example",
         "HILO_LINK_SECRET": "a-random-link-secret-of-at-least-32-chars",
@@ -266,7 +266,7 @@ def operator_environment(
     """The container's environment, from the operator's ``given`` through the compose file."""
     required = {
         "POSTGRES_PASSWORD": "s3cret",
-        "HILO_ADMIN_TOKEN": "a-long-random-production-token",
+        "HILO_ADMIN_TOKEN": "a-long-random-production-token-7Qx9",
         "HILO_WRITE_KEYS": '{"wk-web-0123456789": "web"}',
         "HILO_PUBLIC_URL": "https://hilo.shop.example",
         "HILO_LINK_SECRET": "a-random-link-secret-of-at-least-32-chars",

@@ -413,3 +413,19 @@ def test_api_paths_are_not_journey_keys() -> None:
         parse_journey(raw)
     [problem] = refused.value.problems
     assert problem.path == "key" and "reserved" in problem.message
+
+
+def test_a_default_spelled_out_keeps_the_checksum() -> None:
+    # A field the grammar gains later reaches every stored definition as its default: an
+    # unchanged file must still publish as the version it already is.
+    plain = parse_journey(copy.deepcopy(BASE))
+    spelled = copy.deepcopy(BASE)
+    spelled["steps"][1]["category"] = "marketing"
+    spelled["steps"][1]["on_failure"] = "continue"
+    spelled["entry"] = {"reentry": "always", "holdout_percent": 0}
+    assert parse_journey(spelled).checksum() == plain.checksum()
+    # Golden: a new field with a default must leave this value as it is.
+    assert plain.checksum() == "f5d149daed4372159cb69fa700c3441abbe93d9d3456e4a8fc8e2fc1938befc5"
+    changed = copy.deepcopy(BASE)
+    changed["steps"][1]["category"] = "transactional"
+    assert parse_journey(changed).checksum() != plain.checksum()

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,7 +33,7 @@ from api.routes.feedback import (
 )
 from hilo.channels.config import DEV_LINK_SECRET, ChannelSettings
 from hilo.channels.feedback import parse_sendgrid, twilio_signature
-from hilo.channels.links import LinkSigner
+from hilo.channels.links import LinkRejected, LinkSigner
 from hilo.channels.preferences import Topic
 from hilo.contact_policy import Suppression
 from hilo.delivery_feedback import record_delivery_events
@@ -677,10 +678,12 @@ async def test_expired_or_foreign_preference_links_are_refused(
 # --- settings ------------------------------------------------------------------------------
 
 
-def test_link_secret_settings() -> None:
-    development = ChannelSettings(_env_file=None)
+def test_link_secret_settings(tmp_path: Path) -> None:
+    development = ChannelSettings(_env_file=None, state_dir=tmp_path)
     token = development.link_signer().sign("open", message_id="msg_1")
-    assert LinkSigner(DEV_LINK_SECRET, PUBLIC).verify(token, "open").message_id == "msg_1"
+    assert development.link_signer().verify(token, "open").message_id == "msg_1"
+    with pytest.raises(LinkRejected):  # not the constant earlier versions signed with
+        LinkSigner(DEV_LINK_SECRET, PUBLIC).verify(token, "open")
     assert development.link_signer().base_url == "http://127.0.0.1:8000"
     with pytest.raises(ValueError, match="HILO_LINK_SECRET is not set"):
         ChannelSettings(_env_file=None, environment="production", public_url=PUBLIC).link_signer()
@@ -689,10 +692,11 @@ def test_link_secret_settings() -> None:
     )
     with pytest.raises(ValueError, match="only this machine can reach"):
         loopback.link_signer()
-    with pytest.raises(ValidationError, match="development placeholder"):
-        ChannelSettings(
-            _env_file=None, environment="production", link_secret=SecretStr(DEV_LINK_SECRET)
-        )
+    for environment in ("production", "development"):
+        with pytest.raises(ValidationError, match="placeholder published in Hilo's source"):
+            ChannelSettings(
+                _env_file=None, environment=environment, link_secret=SecretStr(DEV_LINK_SECRET)
+            )
     with pytest.raises(ValidationError, match="at least 32 characters"):
         ChannelSettings(_env_file=None, link_secret=SecretStr("short"))
     with pytest.raises(ValidationError, match="not an http"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,8 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hilo.channels.config import DEV_LINK_SECRET
+from hilo.channels.links import LinkRejected, LinkSigner
 from hilo.client import HiloClient
-from hilo.devserver import free_port
+from hilo.dev import port_problems
+from hilo.devserver import free_port, process_command_line
 from hilo.settings import DEV_WRITE_KEY, Settings
 from hilo.storage import Store
 from worker.main import connect
@@ -112,6 +116,7 @@ async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
         handle = client.get_workflow_handle("journey/abandoned_cart/42/c1")
         assert (await handle.describe()).status.name == "RUNNING"
 
+        link_secret = (tmp_path / "state" / "link-secret").read_text()
         assert stop(process) == 0
         assert "Stopped." in log.read_text()
         async with httpx.AsyncClient() as probe:
@@ -121,6 +126,8 @@ async def test_hilo_dev_runs_the_stack_and_resumes(tmp_path: Path) -> None:
         process = start_dev(env, log)
         wait_for_http(f"{api}/health", process, log)
         assert "journey abandoned_cart v1 (unchanged)" in log.read_text()
+        # Links sent before the restart still work after it.
+        assert (tmp_path / "state" / "link-secret").read_text() == link_secret
         client = await connect(Settings(temporal_address=f"127.0.0.1:{temporal_port}"))
         description = await client.get_workflow_handle("journey/abandoned_cart/42/c1").describe()
         assert description.status.name == "RUNNING"  # still waiting for its 45-minute timer
@@ -199,6 +206,169 @@ def test_hilo_dev_refuses_two_of_its_own_services_on_one_port(tmp_path: Path) ->
     assert output == [
         f"HILO_TEMPORAL_UI_PORT and HILO_API_PORT are both {port}; give each its own port"
     ]
+
+
+# ---------------------------------------------------------------- the Temporal server is its child
+
+
+def dev_env(state: Path) -> tuple[dict[str, str], Settings]:
+    """The environment of a ``hilo dev`` on three free ports, and the settings it makes."""
+    temporal_port, ui_port, api_port = three_free_ports()
+    env = {
+        **os.environ,
+        "HILO_STATE_DIR": str(state),
+        "HILO_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
+        "HILO_TEMPORAL_UI_PORT": str(ui_port),
+        "HILO_API_PORT": str(api_port),
+    }
+    settings = Settings(
+        _env_file=None,
+        state_dir=state,
+        temporal_address=env["HILO_TEMPORAL_ADDRESS"],
+        temporal_ui_port=ui_port,
+        api_port=api_port,
+    )
+    return env, settings
+
+
+def temporal_child(hilo_dev: int) -> int:
+    """The pid of the Temporal server ``hilo dev`` runs: its child running ``start-dev``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+            if parent == hilo_dev and b"start-dev" in command:
+                return int(stat.parent.name)
+    raise AssertionError(f"hilo dev (pid {hilo_dev}) runs no Temporal server")
+
+
+def wait_until_gone(pid: int, within: float) -> float:
+    started = time.monotonic()
+    while process_command_line(pid) is not None:
+        assert time.monotonic() - started < within, f"pid {pid} still runs after {within}s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the child in /proc")
+def test_hilo_dev_stops_with_one_line_when_its_temporal_server_dies(tmp_path: Path) -> None:
+    env, settings = dev_env(tmp_path / "state")
+    log = tmp_path / "dev.log"
+    process = start_dev(env, log)
+    try:
+        wait_for_http(f"{settings.api_url}/health", process, log)
+        os.kill(temporal_child(process.pid), signal.SIGKILL)
+        started = time.monotonic()
+        returncode = process.wait(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            stop(process)
+    output = log.read_text()
+    assert returncode != 0, output
+    said = [line for line in output.splitlines() if "Temporal dev server stopped" in line]
+    assert len(said) == 1, output
+    assert said[0].startswith(
+        "The Temporal dev server stopped on its own (killed by SIGKILL; its log: "
+        f"{(tmp_path / 'state' / 'temporal.log').resolve()}); Hilo stops too"
+    ), said[0]
+    assert elapsed < 10, f"hilo dev took {elapsed:.1f}s to notice:\n{output}"
+    assert port_problems(settings) == []  # the API let go of its port too
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal")
+def test_killing_hilo_dev_takes_its_temporal_server_with_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env, settings = dev_env(state)
+    log = tmp_path / "dev.log"
+    process = start_dev(env, log)
+    server = 0
+    try:
+        wait_for_http(f"{settings.api_url}/health", process, log)
+        server = temporal_child(process.pid)
+        process.kill()  # SIGKILL: no handler of hilo dev runs
+        process.wait(timeout=10)
+        killed = time.monotonic()
+        wait_until_gone(server, within=5)
+        # The Temporal frontend and UI ports are free (a dead process's sockets close last).
+        while problems := port_problems(settings):
+            assert time.monotonic() - killed < 5, problems
+            time.sleep(0.05)
+
+        # The next start finds nothing left over and runs.
+        process = start_dev(env, log)
+        wait_for_http(f"{settings.api_url}/health", process, log)
+        assert "earlier hilo dev left running" not in log.read_text()
+        assert temporal_child(process.pid) != server
+    finally:
+        if process.poll() is None:
+            stop(process)
+        if server and process_command_line(server) is not None:
+            os.kill(server, signal.SIGKILL)  # the orphan this test found
+
+
+ORPHAN = """
+import os, subprocess, sys
+from pathlib import Path
+from hilo.devserver import DevServer
+
+state = Path(sys.argv[1])
+state.mkdir(parents=True, exist_ok=True)
+server = DevServer(
+    db_file=state / "temporal.db", port=int(sys.argv[2]), ui_port=int(sys.argv[3]),
+    log_file=state / "temporal.log",
+)
+# As a start without the parent-death signal (another OS, an older Hilo) left it.
+orphan = subprocess.Popen(server.command(), start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+(state / "temporal.pid").write_text(f"{orphan.pid} {os.getpid()}\\n")
+print(orphan.pid)
+"""
+
+
+def test_a_temporal_server_an_earlier_hilo_dev_left_running_is_stopped(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env, settings = dev_env(state)
+    ports = [str(settings.temporal_ui_port)]
+    temporal_port = settings.temporal_address.rsplit(":", 1)[1]
+    left = subprocess.run(
+        [sys.executable, "-c", ORPHAN, str(state.resolve()), temporal_port, *ports],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    orphan = int(left.stdout)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_problems(settings):  # until the orphan holds its ports
+            assert time.monotonic() < deadline, "the orphan server did not start"
+            time.sleep(0.2)
+
+        log = tmp_path / "dev.log"
+        process = start_dev(env, log)
+        try:
+            wait_for_http(f"{settings.api_url}/health", process, log)
+            assert (
+                f"Stopped the Temporal dev server (pid {orphan}) an earlier hilo dev left "
+                f"running on {(state / 'temporal.db').resolve()}"
+            ) in log.read_text().splitlines()
+            assert process_command_line(orphan) is None
+        finally:
+            stop(process)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
+
+
+def test_a_second_hilo_dev_on_the_same_state_names_the_first(dev_stack: DevStack) -> None:
+    returncode, output = run_dev_until_it_exits(dev_stack.env, within=30)
+    first = dev_stack.process.pid
+    assert returncode != 0
+    assert len(output) == 1, output
+    assert output[0].startswith(f"another hilo dev (pid {first}) runs the Temporal server"), output
+    assert dev_stack.process.poll() is None  # and the first runs on
+    assert httpx.get(f"{dev_stack.api}/health", timeout=5).status_code == 200
 
 
 # ---------------------------------------------------------------- links follow the API's port
@@ -292,6 +462,9 @@ def test_links_in_a_dev_stacks_messages_reach_its_api(dev_stack: DevStack) -> No
     assert unsubscribe.startswith(f"{api}/l/u/"), unsubscribe
     page = httpx.get(unsubscribe, timeout=10)
     assert page.status_code == 200, page.text
+    # Signed with the state folder's own secret, not a constant anyone can read in the source.
+    with pytest.raises(LinkRejected):
+        LinkSigner(DEV_LINK_SECRET, api).verify(unsubscribe.rsplit("/", 1)[1], "unsubscribe")
     # The page's own form posts back to the same API.
     assert f'action="{unsubscribe}"' in page.text, page.text
 

@@ -30,7 +30,7 @@ ROLE = {
     "worker.main": "worker",
 }
 COMPLETE = {
-    "HILO_ADMIN_TOKEN": "a-long-random-production-token",
+    "HILO_ADMIN_TOKEN": "kQ3v-8xZp_T1mWb7Rj2LcY9sNfH4aGdE",
     "HILO_WRITE_KEYS": '{"wk-web-0123456789": "web"}',
     "HILO_PUBLIC_URL": "https://hilo.shop.example",
     "HILO_LINK_SECRET": "a-random-link-secret-of-at-least-32-chars",
@@ -103,6 +103,45 @@ def test_each_missing_setting_has_its_line(entry: str, missing: str, tmp_path: P
     assert len(lines) == 1, "\n".join(lines)
     assert lines[0].startswith(NEEDED[ROLE[entry]][missing]), lines[0]
     assert elapsed < 30
+
+
+RULE = "at least 32 characters with at least 8 different ones"
+
+
+@pytest.mark.parametrize("token", ["a", ""])
+def test_a_weak_admin_token_is_refused_with_the_rule(token: str, tmp_path: Path) -> None:
+    returncode, lines, _ = start("hilo api", {**COMPLETE, "HILO_ADMIN_TOKEN": token}, tmp_path)
+    assert returncode != 0
+    assert len(lines) == 1, "\n".join(lines)
+    # Empty is no value (compose passes unset settings empty): the token is not set at all.
+    assert lines[0].startswith(
+        "HILO_ADMIN_TOKEN is too easy to guess" if token else "HILO_ADMIN_TOKEN is not set"
+    ), lines[0]
+    assert RULE in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "a" * 64,  # long, one character
+        "ab" * 32,  # long, two characters
+        "0123456789abcdefghijklmnopqrstu",  # 31 different characters, one short
+    ],
+)
+def test_admin_tokens_too_easy_to_guess(token: str) -> None:
+    settings = Settings(_env_file=None, environment="production", admin_token=token)
+    assert [line for line in settings.production_problems("api") if "ADMIN" in line] == [
+        f"HILO_ADMIN_TOKEN is too easy to guess; use {RULE}, for example from "
+        "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    ]
+
+
+def test_random_admin_tokens_pass() -> None:
+    import secrets
+
+    for token in [secrets.token_urlsafe(32), secrets.token_hex(16), COMPLETE["HILO_ADMIN_TOKEN"]]:
+        settings = Settings(_env_file=None, environment="production", admin_token=token)
+        assert not [line for line in settings.production_problems("api") if "ADMIN" in line]
 
 
 def test_a_loopback_public_url_is_refused(tmp_path: Path) -> None:

@@ -10,10 +10,15 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from api.deps import ADMIN_ONLY, IngestorDep, SettingsDep, StrictJSONRoute, get_dispatcher
+from api.openapi import NOT_JSON, UNAUTHORIZED
 from hilo.events import CustomerEvent
 
 router = APIRouter(
-    prefix="/events", tags=["events"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+    prefix="/events",
+    tags=["events"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
 
 
@@ -27,7 +32,7 @@ class EventRouted(BaseModel):
     not_entered: dict[str, str] = Field(description="Journey key → why the customer did not enter.")
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=NOT_JSON)
 async def send_event(
     event: CustomerEvent, request: Request, ingestor: IngestorDep, settings: SettingsDep
 ) -> EventRouted:

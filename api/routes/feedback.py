@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.bodies import read_body, read_form
 from api.deps import StoreDep, get_channel_settings
+from api.openapi import MESSAGE_SCHEMA, SETTINGS_INVALID, Responses, message
 from hilo.channels.config import ChannelSettings
 from hilo.channels.feedback import (
     DeliveryEvent,
@@ -132,6 +133,17 @@ The links in our most recent message to you will work.</p>
 
 ChannelSettingsDep = Annotated[ChannelSettings, Depends(get_channel_settings)]
 
+# What the schema says besides each route's success.
+FORM_ONLY = message(415, "Not a form: send application/x-www-form-urlencoded or multipart.")
+TOO_LARGE = message(413, "The body is over this endpoint's limit; nothing past it was read.")
+HTML = {"text/html": {"schema": {"type": "string"}}}
+INVALID_LINK: Responses = {
+    404: {
+        "content": HTML,
+        "description": "The link was changed, has expired or is of another kind.",
+    }
+}
+
 
 def get_link_signer(request: Request, settings: ChannelSettingsDep) -> LinkSigner:
     signer = getattr(request.app.state, "link_signer", None)
@@ -150,7 +162,16 @@ LinkSignerDep = Annotated[LinkSigner, Depends(get_link_signer)]
 
 # ================================================================ webhooks
 
-webhooks = APIRouter(prefix="/webhooks", tags=["webhooks"])
+webhooks = APIRouter(
+    prefix="/webhooks",
+    tags=["webhooks"],
+    responses={
+        **message(403, "The provider's signature does not verify; nothing was stored."),
+        **SETTINGS_INVALID,
+        **TOO_LARGE,
+    },
+)
+NOT_READABLE = message(400, "Signed, but not the provider's format; nothing was stored.")
 
 
 class FeedbackReceived(BaseModel):
@@ -184,7 +205,7 @@ async def _record(store: Store, events: list[DeliveryEvent]) -> FeedbackReceived
     )
 
 
-@webhooks.post("/sendgrid")
+@webhooks.post("/sendgrid", responses=NOT_READABLE)
 async def sendgrid_events(
     request: Request, store: StoreDep, settings: ChannelSettingsDep
 ) -> FeedbackReceived:
@@ -211,7 +232,7 @@ async def sendgrid_events(
     return await _record(store, events)
 
 
-@webhooks.post("/twilio")
+@webhooks.post("/twilio", responses={**NOT_READABLE, **FORM_ONLY})
 async def twilio_status(
     request: Request, store: StoreDep, settings: ChannelSettingsDep
 ) -> FeedbackReceived:
@@ -235,7 +256,11 @@ async def twilio_status(
     return await _record(store, [event] if event is not None else [])
 
 
-@webhooks.get("/whatsapp", response_class=PlainTextResponse)
+@webhooks.get(
+    "/whatsapp",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 def whatsapp_verify(request: Request, settings: ChannelSettingsDep) -> PlainTextResponse:
     """Meta's subscription handshake: echo the challenge for our own verify token."""
     verify_token = (
@@ -256,7 +281,7 @@ def whatsapp_verify(request: Request, settings: ChannelSettingsDep) -> PlainText
     return PlainTextResponse(challenge)
 
 
-@webhooks.post("/whatsapp")
+@webhooks.post("/whatsapp", responses=NOT_READABLE)
 async def whatsapp_statuses(
     request: Request, store: StoreDep, settings: ChannelSettingsDep
 ) -> FeedbackReceived:
@@ -281,7 +306,21 @@ async def whatsapp_statuses(
 
 # ================================================================ links
 
-links = APIRouter(tags=["links"])
+links = APIRouter(tags=["links"], responses={**INVALID_LINK, **SETTINGS_INVALID})
+# The page's form posted back, or RFC 8058's one click.
+FORM_REFUSED: Responses = {
+    400: {
+        "content": {
+            **HTML,
+            "text/plain": {"schema": {"type": "string"}},
+            "application/json": {"schema": MESSAGE_SCHEMA},
+        },
+        "description": "The form cannot be read: the page again, saying what was wrong "
+        "(JSON when it has more fields than a form of ours, or a file).",
+    },
+    **FORM_ONLY,
+    **TOO_LARGE,
+}
 
 
 def _path(kind: LinkKind) -> str:
@@ -326,7 +365,14 @@ async def follow_click(token: str, store: StoreDep, signer: LinkSignerDep) -> Re
     )
 
 
-@links.get(_path("open"), response_class=Response)
+@links.get(
+    _path("open"),
+    response_class=Response,
+    responses={
+        200: {"content": {"image/gif": {}}, "description": "A transparent 1x1 GIF."},
+        404: {"description": "The link was changed, has expired or is of another kind."},
+    },
+)
 async def open_pixel(token: str, store: StoreDep, signer: LinkSignerDep) -> Response:
     """The open pixel: a transparent 1x1 GIF, never cached, so each load reaches us."""
     claims = _verified(signer, token, "open")
@@ -363,7 +409,17 @@ def unsubscribe_page(
     return _preference_page("unsubscribe", token, store, settings, signer)
 
 
-@links.post(_path("unsubscribe"), response_class=HTMLResponse)
+@links.post(
+    _path("unsubscribe"),
+    response_class=HTMLResponse,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "The confirmation page; plain text after a one-click unsubscribe.",
+        },
+        **FORM_REFUSED,
+    },
+)
 async def unsubscribe_post(
     token: str,
     request: Request,
@@ -399,7 +455,7 @@ def preference_page(
     return _preference_page("preferences", token, store, settings, signer)
 
 
-@links.post(_path("preferences"), response_class=HTMLResponse)
+@links.post(_path("preferences"), response_class=HTMLResponse, responses=FORM_REFUSED)
 async def preference_form(
     token: str,
     request: Request,

@@ -9,7 +9,21 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, 
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep, StrictJSONRoute
+from api.deps import (
+    ADMIN_ONLY,
+    CatalogDep,
+    ClientDep,
+    StoreDep,
+    StrictJSONRoute,
+    unstorable_places,
+)
+from api.openapi import (
+    SETTINGS_INVALID,
+    UNAUTHORIZED,
+    Responses,
+    ValidationProblems,
+    message,
+)
 from hilo.journeys import (
     JourneyDefinition,
     JourneyInvalid,
@@ -46,19 +60,15 @@ class InvalidJourney(BaseModel):
     detail: list[JourneyProblem]
 
 
-class Message(BaseModel):
-    detail: str
-
-
-Responses = dict[int | str, dict[str, Any]]
-
 INVALID: Responses = {
-    422: {"model": InvalidJourney, "description": "Every problem in the definition."}
+    422: {
+        "model": InvalidJourney | ValidationProblems,
+        "description": "Every problem in the definition.",
+    }
 }
-NOT_FOUND: Responses = {404: {"model": Message, "description": "No journey with that key."}}
-CONFLICT: Responses = {
-    409: {"model": Message, "description": "Not allowed in the journey's status."}
-}
+NOT_FOUND = message(404, "No journey with that key.")
+UNSUPPORTED = message(415, "Not YAML or JSON: say which in Content-Type.")
+CONFLICT = message(409, "Not allowed in the journey's status.")
 
 
 class ValidJourney(BaseModel):
@@ -150,16 +160,28 @@ async def definition_body(request: Request) -> JourneyDefinition:
 def _checked_definition(text: str, media: str) -> JourneyDefinition:
     try:
         if media in YAML_TYPES:
-            return load_journey_yaml(text)
+            return _storable(load_journey_yaml(text))
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as error:
             where = f"line {error.lineno}, column {error.colno}"
             message = f"not valid JSON: {error.msg}"
             raise _invalid([JourneyProblem(path=where, message=message)]) from None
-        return parse_journey(raw)
+        return _storable(parse_journey(raw))
     except JourneyInvalid as error:
         raise _invalid(error.problems) from None
+
+
+def _storable(definition: JourneyDefinition) -> JourneyDefinition:
+    """YAML's "\\0" makes a NUL too, which the database cannot store."""
+    places = unstorable_places(definition.model_dump(mode="json", exclude_none=True), ())
+    problems = [
+        JourneyProblem(path=".".join(map(str, place)) or "(root)", message=problem)
+        for place, problem in places
+    ]
+    if problems:
+        raise _invalid(problems)
+    return definition
 
 
 DefinitionDep = Annotated[JourneyDefinition, Depends(definition_body)]
@@ -168,7 +190,11 @@ DefinitionDep = Annotated[JourneyDefinition, Depends(definition_body)]
 # /journeys/schema is not taken for a journey key.
 public_router = APIRouter(prefix="/journeys", tags=["journeys"], route_class=StrictJSONRoute)
 router = APIRouter(
-    prefix="/journeys", tags=["journeys"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+    prefix="/journeys",
+    tags=["journeys"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
 
 
@@ -178,7 +204,11 @@ def schema() -> dict[str, Any]:
     return journey_json_schema()
 
 
-@router.post("/validate", responses=INVALID, openapi_extra=DEFINITION_BODY)
+@router.post(
+    "/validate",
+    responses={**INVALID, **UNSUPPORTED, **SETTINGS_INVALID},
+    openapi_extra=DEFINITION_BODY,
+)
 def validate(definition: DefinitionDep, catalog: CatalogDep) -> ValidJourney:
     """Check a definition as publishing would (the same checks), without publishing it."""
     checked = catalog.check(definition)
@@ -194,7 +224,13 @@ def validate(definition: DefinitionDep, catalog: CatalogDep) -> ValidJourney:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses={**INVALID, **CONFLICT, 200: {"model": PublishedVersion}},
+    responses={
+        **INVALID,
+        **CONFLICT,
+        **UNSUPPORTED,
+        **SETTINGS_INVALID,
+        200: {"model": PublishedVersion},
+    },
     openapi_extra=DEFINITION_BODY,
 )
 def publish(definition: DefinitionDep, catalog: CatalogDep, response: Response) -> PublishedVersion:
@@ -215,7 +251,7 @@ def publish(definition: DefinitionDep, catalog: CatalogDep, response: Response) 
     )
 
 
-@router.get("")
+@router.get("", responses=SETTINGS_INVALID)
 def list_journeys(catalog: CatalogDep) -> list[JourneySummary]:
     return [_summary(journey) for journey in catalog.list()]
 
@@ -253,13 +289,13 @@ def get_version(key: str, version: VersionNumber, store: StoreDep) -> JourneyVer
     )
 
 
-@router.post("/{key}/pause", responses={**NOT_FOUND, **CONFLICT})
+@router.post("/{key}/pause", responses={**NOT_FOUND, **CONFLICT, **SETTINGS_INVALID})
 def pause(key: str, catalog: CatalogDep) -> JourneyStatus:
     """No new entries; running instances go on."""
     return _change_status(key, catalog.pause)
 
 
-@router.post("/{key}/resume", responses={**NOT_FOUND, **CONFLICT})
+@router.post("/{key}/resume", responses={**NOT_FOUND, **CONFLICT, **SETTINGS_INVALID})
 def resume(key: str, catalog: CatalogDep) -> JourneyStatus:
     return _change_status(key, catalog.resume)
 
@@ -274,7 +310,7 @@ def _change_status(key: str, change: Callable[[str], Journey]) -> JourneyStatus:
     return JourneyStatus(key=journey.key, status=journey.status)
 
 
-@router.post("/{key}/archive", responses=NOT_FOUND)
+@router.post("/{key}/archive", responses={**NOT_FOUND, **SETTINGS_INVALID})
 async def archive(key: str, catalog: CatalogDep, client: ClientDep) -> ArchivedJourney:
     """No new entries, and every running instance stops now. There is no way back."""
     try:

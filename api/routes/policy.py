@@ -8,9 +8,17 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
+from api.openapi import (
+    NOT_JSON,
+    TIME_ZONES,
+    UNAUTHORIZED,
+    DateTimeText,
+    Responses,
+    ValidationProblems,
+)
 from hilo.contact_policy import (
     ContactPolicy,
     ContactPolicyService,
@@ -23,7 +31,11 @@ from hilo.journeys import CHANNELS
 from hilo.storage import utcnow
 
 router = APIRouter(
-    prefix="/policy", tags=["policy"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+    prefix="/policy",
+    tags=["policy"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
 
 ACTOR_HEADER = "X-Hilo-Actor"
@@ -77,14 +89,29 @@ class InvalidPolicy(BaseModel):
     detail: list[PolicyProblem]
 
 
+# The policy's own checks name each problem by field; FastAPI's name a field not as declared.
+INVALID: Responses = {
+    422: {"model": InvalidPolicy | ValidationProblems, "description": "Every problem, by field."},
+    **NOT_JSON,
+}
+
+
 class PreviewRequest(SendIntent):
-    at: datetime | None = Field(None, description="Decide as of this moment; now by default.")
+    # Strict here, as the schema says: pydantic would read 0 as false and "5" as 5.
+    priority: StrictInt | None = Field(None, description="Overrides the journey's priority.")
+    ignore_policy: StrictBool = Field(
+        False, description="The step ignores caps, gaps, quiet hours and priority."
+    )
+    timezone: str | None = Field(
+        None, description="Overrides the profile's time zone.", json_schema_extra=TIME_ZONES
+    )
+    at: DateTimeText | None = Field(None, description="Decide as of this moment; now by default.")
 
 
 class SuppressionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    channel: str = Field(examples=["email"])
+    channel: str = Field(examples=["email"], json_schema_extra={"enum": list(CHANNELS)})
     address: str = Field(min_length=1, max_length=320, examples=["ana@example.com"])
     reason: str = Field(min_length=1, max_length=500, examples=["hard bounce"])
     source: str = Field("api", max_length=100)
@@ -151,10 +178,7 @@ def read_policy(service: ContactPolicyDep) -> PolicyOut:
     )
 
 
-@router.put(
-    "",
-    responses={422: {"model": InvalidPolicy, "description": "Every problem, by field."}},
-)
+@router.put("", responses=INVALID)
 def replace_policy(
     change: PolicyChange,
     service: ContactPolicyDep,
@@ -193,7 +217,7 @@ def policy_history(
     return [PolicyVersionOut.model_validate(row) for row in service.history(limit=limit)]
 
 
-@router.post("/decisions/preview")
+@router.post("/decisions/preview", responses=NOT_JSON)
 def preview_decision(request: PreviewRequest, service: ContactPolicyDep) -> PolicyDecision:
     """What the policy would answer for this send, without reserving or storing anything."""
     intent = SendIntent.model_validate(request.model_dump(exclude={"at"}))
@@ -224,7 +248,7 @@ def list_suppressions(
     return [SuppressionOut.model_validate(row) for row in rows]
 
 
-@router.post("/suppressions", status_code=status.HTTP_201_CREATED)
+@router.post("/suppressions", status_code=status.HTTP_201_CREATED, responses=INVALID)
 def add_suppression(body: SuppressionIn, service: ContactPolicyDep) -> SuppressionOut:
     """Stop every send to an address on a channel (kept as first recorded if already there)."""
     _known_channel(body.channel)

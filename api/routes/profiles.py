@@ -12,9 +12,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from fastapi import APIRouter, HTTPException, Path, Query, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
+from api.openapi import NOT_BLANK, NOT_JSON, SPACE, TIME_ZONES, UNAUTHORIZED, DateTimeText, message
 from hilo.ids import MAX_ID_CHARS
 from hilo.profiles import (
     MAX_TIMELINE,
@@ -28,8 +29,15 @@ from hilo.profiles import (
 )
 
 router = APIRouter(
-    prefix="/profiles", tags=["profiles"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+    prefix="/profiles",
+    tags=["profiles"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
+
+
+NOT_FOUND = message(404, "Hilo has seen no call with this userId or anonymousId.")
 
 
 # The profile's key column: a longer id could never have been stored.
@@ -42,10 +50,15 @@ class ProfileUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     traits: dict[str, Any] | None = Field(None, examples=[{"first_name": "Ana"}])
-    consent: dict[str, bool] | None = Field(
+    consent: dict[str, StrictBool] | None = Field(
         None, description="By channel, e.g. {push: true}.", examples=[{"push": True}]
     )
-    timezone: str | None = Field(None, max_length=64, examples=["Europe/Madrid"])
+    timezone: str | None = Field(
+        None,
+        max_length=64,
+        examples=["Europe/Madrid"],
+        json_schema_extra=TIME_ZONES,
+    )
     locale: str | None = Field(None, max_length=35, examples=["es-ES"])
 
     @field_validator("timezone")
@@ -87,7 +100,7 @@ class SentMessage(BaseModel):
     content: dict[str, Any]
 
 
-@router.put("/{customer_id}")
+@router.put("/{customer_id}", responses=NOT_JSON)
 def upsert_profile(
     customer_id: CustomerId, update: ProfileUpdate, store: StoreDep
 ) -> CustomerProfile:
@@ -102,20 +115,31 @@ def upsert_profile(
 
 
 @router.get("/{customer_id}/messages")
-def messages(customer_id: str, store: StoreDep) -> list[SentMessage]:
+def messages(customer_id: CustomerId, store: StoreDep) -> list[SentMessage]:
     """Oldest first; an unknown customer simply has none."""
     return [SentMessage.model_validate(row) for row in store.messages(customer_id=customer_id)]
 
 
+# The schema states what record_consent checks, so that a client (or a fuzzer) can tell a
+# device it would refuse; the checks and their messages stay in one place, there.
 class WebPushKeys(BaseModel):
-    p256dh: str = Field(description="The browser's P-256 public key, base64url.")
-    auth: str = Field(description="The 16-byte authentication secret, base64url.")
+    p256dh: str = Field(
+        description="The browser's 65-byte P-256 public key, base64url.",
+        json_schema_extra={"pattern": "^[A-Za-z0-9_-]{87}=?$"},
+    )
+    auth: str = Field(
+        description="The 16-byte authentication secret, base64url.",
+        json_schema_extra={"pattern": "^[A-Za-z0-9_-]{22}={0,2}$"},
+    )
 
 
 class WebPushSubscription(BaseModel):
     """The browser's ``PushSubscription.toJSON()``."""
 
-    endpoint: str = Field(examples=["https://fcm.googleapis.com/fcm/send/abc"])
+    endpoint: str = Field(
+        examples=["https://fcm.googleapis.com/fcm/send/abc"],
+        json_schema_extra={"pattern": "^https://[A-Za-z0-9.-]+(:[0-9]+)?(/|$)", "maxLength": 2000},
+    )
     keys: WebPushKeys
     expiration_time: int | None = Field(None, alias="expirationTime")
 
@@ -123,15 +147,35 @@ class WebPushSubscription(BaseModel):
 class ConsentRequest(BaseModel):
     """One consent statement, kept with its source and time."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            # A token is only for push, a subscription only for webpush.
+            "allOf": [
+                {
+                    "anyOf": [
+                        {"properties": {"token": {"type": "null"}}},
+                        {"properties": {"channel": {"const": "push"}}},
+                    ]
+                },
+                {
+                    "anyOf": [
+                        {"properties": {"subscription": {"type": "null"}}},
+                        {"properties": {"channel": {"const": "webpush"}}},
+                    ]
+                },
+            ]
+        },
+    )
 
     channel: Literal["email", "sms", "whatsapp", "push", "webpush"]
-    granted: bool
+    granted: StrictBool
     source: str = Field(
         min_length=1,
         max_length=100,
         description="Who recorded it: a preference centre, an agent, an import.",
         examples=["preference-center"],
+        json_schema_extra={"pattern": NOT_BLANK},
     )
     topic: str | None = Field(
         None,
@@ -139,9 +183,14 @@ class ConsentRequest(BaseModel):
         max_length=100,
         description="A topic within the channel; the channel's own consent stays as it is.",
         examples=["newsletter"],
+        json_schema_extra={"pattern": NOT_BLANK},
     )
     detail: str | None = Field(None, max_length=500, examples=["ticket 4711"])
-    token: str | None = Field(None, description="push: the device's FCM token.")
+    token: str | None = Field(
+        None,
+        description="push: the device's FCM token, one word.",
+        json_schema_extra={"pattern": f"^[^{SPACE}]+$", "maxLength": 2000},
+    )
     subscription: WebPushSubscription | None = Field(
         None, description="webpush: the browser's push subscription."
     )
@@ -155,8 +204,8 @@ def _not_found(customer_id: str) -> HTTPException:
     )
 
 
-@router.get("/{customer_id}")
-def get_profile(customer_id: str, store: StoreDep) -> ProfileView:
+@router.get("/{customer_id}", responses=NOT_FOUND)
+def get_profile(customer_id: CustomerId, store: StoreDep) -> ProfileView:
     """The profile; an anonymous id merged into a known customer gives that customer's."""
     view = profile_view(store, customer_id)
     if view is None:
@@ -164,13 +213,13 @@ def get_profile(customer_id: str, store: StoreDep) -> ProfileView:
     return view
 
 
-@router.get("/{customer_id}/timeline")
+@router.get("/{customer_id}/timeline", responses=NOT_FOUND)
 def get_timeline(
-    customer_id: str,
+    customer_id: CustomerId,
     store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=MAX_TIMELINE)] = 200,
     before: Annotated[
-        datetime | None,
+        DateTimeText | None,
         Query(description="Only what happened before this; the last entry's `at` pages on."),
     ] = None,
 ) -> list[TimelineEntry]:
@@ -181,7 +230,7 @@ def get_timeline(
     return timeline(store, customer_id, limit=limit, before=before)
 
 
-@router.post("/{customer_id}/consent")
+@router.post("/{customer_id}/consent", responses=NOT_JSON)
 async def post_consent(
     customer_id: CustomerId, body: ConsentRequest, store: StoreDep
 ) -> ProfileView:

@@ -4,12 +4,12 @@ PUT creates or replaces a promotion's terms (201 when new, 200 when replaced); t
 and the sends already scheduled read the new terms from then on.
 """
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Response, status
-from pydantic import BaseModel
 
 from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
+from api.openapi import NOT_JSON, UNAUTHORIZED, message
 from hilo.promotions import (
     PROMOTION_KEY,
     PromotionBase,
@@ -21,7 +21,11 @@ from hilo.promotions import (
 )
 
 router = APIRouter(
-    prefix="/promotions", tags=["promotions"], dependencies=ADMIN_ONLY, route_class=StrictJSONRoute
+    prefix="/promotions",
+    tags=["promotions"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
 
 PromotionKey = Annotated[
@@ -34,13 +38,7 @@ PromotionKey = Annotated[
 ]
 
 
-class Message(BaseModel):
-    detail: str
-
-
-NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": Message, "description": "No promotion with that key."}
-}
+NOT_FOUND = message(404, "No promotion with that key.")
 
 
 @router.get("")
@@ -60,7 +58,10 @@ def get_one(key: PromotionKey, store: StoreDep) -> PromotionPublic:
 @router.put(
     "/{key}",
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"model": PromotionPublic, "description": "An existing one was replaced."}},
+    responses={
+        200: {"model": PromotionPublic, "description": "An existing one was replaced."},
+        **NOT_JSON,
+    },
 )
 def put(
     key: PromotionKey, terms: PromotionBase, store: StoreDep, response: Response

@@ -7,20 +7,28 @@ case nothing of the request is stored.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from fastapi.security.http import HTTPBase
+from pydantic import BaseModel
 
 from api.bodies import BodyTooLarge, read_body
-from api.deps import SettingsDep, get_dispatcher, get_ingestor
+from api.deps import SettingsDep, get_dispatcher, get_ingestor, source_for_write_key
+from api.openapi import NOT_BLANK
 from hilo.ingest import Accepted
 from hilo.segment import (
+    CALL_MODELS,
+    CALL_TYPES,
     KINDS,
     MAX_BATCH_BYTES,
+    MAX_BATCH_CALLS,
+    MAX_ID_CHARS,
     FieldError,
     RejectionStatus,
+    SegmentContext,
     SegmentRejected,
     parse_request,
     segment_error_body,
@@ -28,7 +36,135 @@ from hilo.segment import (
 )
 from hilo.storage import utcnow
 
-router = APIRouter(prefix="/v1", tags=["segment"])
+# Only for the schema: parse_request reads the write key itself, from this header or from
+# the body's writeKey, and answers Segment's own 401.
+write_key = HTTPBase(
+    scheme="basic",
+    scheme_name="SegmentWriteKey",
+    description="The source's write key as the username, with an empty password "
+    "(or writeKey in the body).",
+    auto_error=False,
+)
+router = APIRouter(prefix="/v1", tags=["segment"], dependencies=[Depends(write_key)])
+
+
+class SegmentAccepted(BaseModel):
+    success: Literal[True] = True
+
+
+class SegmentRefused(BaseModel):
+    success: Literal[False] = False
+    message: str
+    errors: list[FieldError]
+
+
+# --- the calls as the schema states them ----------------------------------------------
+# The body is read by hand (gzip, Segment's size limits, every problem at once), so the
+# schema is built from the same spec models parse_request validates with, plus the rules
+# it checks across fields.
+
+NOT_BLANK_ID = {"type": "string", "pattern": NOT_BLANK, "maxLength": MAX_ID_CHARS}
+# Clock-skew correction moves a call's time by sentAt - timestamp: within these years it
+# stays on the calendar.
+DATE_TIME = {
+    "anyOf": [
+        {"type": "string", "format": "date-time", "pattern": "^(19|2[01])[0-9][0-9]-"},
+        {"type": "null"},
+    ],
+    "description": "An ISO-8601 date-time with its offset, in the years 1900 to 2199.",
+}
+WRITE_KEY = {"type": ["string", "null"], "description": "Or the Basic auth username."}
+INTEGRATIONS = {
+    "anyOf": [
+        {"type": "object", "additionalProperties": {"type": ["boolean", "object"]}},
+        {"type": "null"},
+    ],
+    "description": "By destination: true, false or the destination's settings.",
+}
+
+
+def _inline(schema: Any, definitions: dict[str, Any]) -> Any:
+    """The schema with its local $refs replaced by what they name (none is recursive)."""
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(definitions[ref.removeprefix("#/$defs/")], definitions)
+        return {key: _inline(value, definitions) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_inline(item, definitions) for item in schema]
+    return schema
+
+
+def _model_schema(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema(by_alias=True)
+    inlined: dict[str, Any] = _inline(schema, schema.pop("$defs", {}))
+    return inlined
+
+
+def _context_schema() -> dict[str, Any]:
+    return {"anyOf": [_model_schema(SegmentContext), {"type": "null"}]}
+
+
+def call_schema(kind: str, *, in_batch: bool = False) -> dict[str, Any]:
+    """One call of ``kind``; in a batch its ``type`` is required."""
+    schema = _model_schema(CALL_MODELS[kind])
+    properties = schema["properties"]
+    properties["type"] = {"const": kind} if in_batch else {"enum": [kind, None]}
+    for name in ("timestamp", "originalTimestamp", "sentAt"):
+        properties[name] = DATE_TIME
+    properties["integrations"] = INTEGRATIONS
+    properties["context"] = _context_schema()
+    required: list[str] = ["type"] if in_batch else []
+    if kind == "alias":
+        required += ["previousId", "userId"]
+        schema["allOf"] = [
+            {"properties": {"previousId": NOT_BLANK_ID, "userId": NOT_BLANK_ID}},
+        ]
+    else:
+        schema["anyOf"] = [
+            {"required": ["userId"], "properties": {"userId": NOT_BLANK_ID}},
+            {"required": ["anonymousId"], "properties": {"anonymousId": NOT_BLANK_ID}},
+        ]
+    needed = {"track": "event", "group": "groupId"}.get(kind)
+    if needed:
+        required.append(needed)
+        schema["allOf"] = [{"properties": {needed: NOT_BLANK_ID}}]
+    schema["required"] = required
+    if not in_batch:
+        properties["writeKey"] = WRITE_KEY
+    return schema
+
+
+def batch_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "title": "Batch",
+        "required": ["batch"],
+        "properties": {
+            "batch": {
+                "type": "array",
+                "maxItems": MAX_BATCH_CALLS,
+                "items": {"anyOf": [call_schema(kind, in_batch=True) for kind in CALL_TYPES]},
+            },
+            "context": _context_schema(),
+            "integrations": INTEGRATIONS,
+            "sentAt": DATE_TIME,
+            "writeKey": WRITE_KEY,
+        },
+    }
+
+
+def request_body(kind: str) -> dict[str, Any]:
+    schema = batch_schema() if kind == "batch" else call_schema(kind)
+    limit = "500 KB" if kind == "batch" else "32 KB"
+    return {
+        "requestBody": {
+            "required": True,
+            "description": f"JSON, up to {limit}; gzip-compressed with Content-Encoding: gzip.",
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
 
 # A compressed body is never larger than its content plus a little framing; reading stops
 # beyond this, so an oversized upload is refused without being held in memory.
@@ -69,7 +205,7 @@ async def receive(kind: str, request: Request, settings: SettingsDep) -> Any:
 
     def accept() -> Accepted:
         parsed = parse_request(kind, body, request.headers, received_at=received_at)
-        source = settings.sources.get(parsed.write_key)
+        source = source_for_write_key(settings.sources, parsed.write_key)
         if source is None:
             raise SegmentRejected(
                 RejectionStatus.UNAUTHORIZED,
@@ -112,9 +248,15 @@ for _kind in KINDS:
         f"/{_kind}",
         _endpoint(_kind),
         methods=["POST"],
+        response_model=SegmentAccepted,
         responses={
-            400: {"description": "A bad field; the body names each one."},
-            401: {"description": "No write key, or an unknown one."},
-            413: {"description": "Over 32 KB per call or 500 KB per batch."},
+            400: {"model": SegmentRefused, "description": "A bad field; errors names each one."},
+            401: {"model": SegmentRefused, "description": "No write key, or an unknown one."},
+            413: {
+                "model": SegmentRefused,
+                "description": "Over 32 KB per call or 500 KB per batch.",
+            },
+            415: {"model": SegmentRefused, "description": "A Content-Encoding other than gzip."},
         },
+        openapi_extra=request_body(_kind),
     )

@@ -10,6 +10,9 @@ secret that signs our links, and what verifies each provider's webhooks.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -35,10 +38,13 @@ from hilo.channels.webhook import SignedWebhook
 from hilo.channels.webpush import WebPush
 from hilo.channels.whatsapp_cloud import WhatsAppCloud
 
-__all__ = ["DEV_LINK_SECRET", "ChannelSettings", "build_providers"]
+__all__ = ["DEV_LINK_SECRET", "ChannelSettings", "build_providers", "state_link_secret"]
 
-# Signs links on a developer's machine only: production refuses it, like the admin token.
+# Signs links in simulations and tests, which run without settings. Published, so anyone
+# could mint links with it: refused as HILO_LINK_SECRET in every environment.
 DEV_LINK_SECRET = "dev-only-link-secret-refused-in-production"
+# Outside production, without HILO_LINK_SECRET: a random secret made on first start.
+LINK_SECRET_FILE = "link-secret"
 
 
 class ChannelSettings(BaseSettings):
@@ -49,6 +55,11 @@ class ChannelSettings(BaseSettings):
 
     # Production refuses dev secrets (hilo.settings.Settings extends this class).
     environment: Literal["development", "test", "production"] = "development"
+    state_dir: Path = Field(
+        Path(".hilo"),
+        description="Where `hilo dev` keeps its files, and where the link secret is made "
+        "outside production when HILO_LINK_SECRET is not set.",
+    )
     public_url: str = Field(
         "http://127.0.0.1:8000",
         description="Where providers and customers reach Hilo's public endpoints (webhooks, "
@@ -58,8 +69,8 @@ class ChannelSettings(BaseSettings):
     link_secret: SecretStr | None = Field(
         None,
         description=f"Signs unsubscribe, preference, click and open links; at least "
-        f"{MIN_SECRET_LENGTH} characters. Required in production; elsewhere a dev-only secret "
-        "stands in.",
+        f"{MIN_SECRET_LENGTH} characters. Required in production; elsewhere a random secret is "
+        f"made in state_dir/{LINK_SECRET_FILE} on first start and kept.",
     )
     link_previous_secrets: list[SecretStr] = Field(
         default_factory=list,
@@ -168,10 +179,10 @@ class ChannelSettings(BaseSettings):
     @model_validator(mode="after")
     def _no_dev_link_secret(self) -> ChannelSettings:
         secret = self.link_secret.get_secret_value() if self.link_secret else None
-        if self.environment == "production" and secret == DEV_LINK_SECRET:
+        if secret == DEV_LINK_SECRET:
             raise ValueError(
-                "HILO_LINK_SECRET is the development placeholder; set a secret of your own "
-                "for production"
+                "HILO_LINK_SECRET is a placeholder published in Hilo's source; set a random "
+                "secret of your own, or leave it unset outside production"
             )
         return self
 
@@ -209,10 +220,36 @@ class ChannelSettings(BaseSettings):
         if problems:
             raise ValueError("\n".join(problems))
         return LinkSigner(
-            _secret(self.link_secret) or DEV_LINK_SECRET,
+            _secret(self.link_secret) or state_link_secret(self.state_dir),
             self.public_url,
             previous_secrets=[_secret(old) for old in self.link_previous_secrets],
         )
+
+
+def state_link_secret(state_dir: Path) -> str:
+    """The link secret kept in ``state_dir``, made on first use: random, readable by its
+    owner only, and the same on every later start so links already sent keep working."""
+    path = state_dir / LINK_SECRET_FILE
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        draft = state_dir / f".{LINK_SECRET_FILE}.{os.getpid()}"
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(32) + "\n")
+        try:
+            os.link(draft, path)  # whole or absent: an API and a worker may start together
+        except FileExistsError:
+            pass
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                draft.unlink()
+    secret = path.read_text().strip()
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ValueError(
+            f"{path} holds no usable link secret (under {MIN_SECRET_LENGTH} characters); "
+            "delete it to make a new one (links already sent stop working) or set HILO_LINK_SECRET"
+        )
+    return secret
 
 
 def build_providers(settings: ChannelSettings) -> dict[str, ChannelProvider]:
