@@ -2,8 +2,12 @@
 
 A Content-Length over the cap is refused at once; otherwise the body is read chunk by chunk
 and refused as soon as it passes the cap, so memory and event-loop time stay bounded
-whatever a client sends. Forms are parsed by python-multipart (through Starlette's parsers,
-as ``Request.form`` does) with limits on fields and part sizes, from the same capped stream.
+whatever a client sends. Forms are read the same way, then parsed by python-multipart
+(through Starlette's parsers, as ``Request.form`` does) with limits on fields and part sizes.
+
+Not FastAPI's own ``max_body_size``: it needs a newer FastAPI than we require, answers a bare
+"Content Too Large" where ours names the limit, and does not close the connection, so the
+client may go on sending the rest; /v1 also needs the size to answer in Segment's format.
 
     HTTPException
     └── BodyTooLarge   413 with ``Connection: close``: the rest of the upload is never read
@@ -64,21 +68,25 @@ async def read_form(request: Request, limit: int, max_fields: int) -> dict[str, 
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
             f"expected a form (application/x-www-form-urlencoded), got {media}",
         )
-    _refuse_declared(request, limit)
-    stream = _capped(request, limit)
+    # The whole (capped) body first: past the cap is always a 413, whatever the parts.
+    body = await read_body(request, limit)
+
+    async def whole_body() -> AsyncGenerator[bytes, None]:
+        yield body
+
     parser: FormParser | MultiPartParser
     if media == "multipart/form-data":
         parser = MultiPartParser(
-            request.headers, stream, max_files=0, max_fields=max_fields, max_part_size=limit
+            request.headers, whole_body(), max_files=0, max_fields=max_fields, max_part_size=limit
         )
     else:
-        parser = FormParser(request.headers, stream, max_fields=max_fields, max_part_size=limit)
+        parser = FormParser(
+            request.headers, whole_body(), max_fields=max_fields, max_part_size=limit
+        )
     try:
         form = await parser.parse()
     except MultiPartException as error:
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST, f"the form cannot be read: {error.message}"
         ) from None
-    finally:
-        await stream.aclose()
     return {name: value for name, value in form.multi_items() if isinstance(value, str)}

@@ -1,13 +1,11 @@
 """What endpoints depend on, read from ``app.state`` so nothing is built at import time."""
 
-import contextlib
 import hmac
-import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Response, status
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -15,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from temporalio.client import Client
 
+from hilo import strict_json
 from hilo.catalog import JourneyCatalog
 from hilo.channels.config import ChannelSettings
 from hilo.dispatcher import Dispatcher
@@ -198,8 +197,8 @@ def _query_names(dependant: Dependant) -> set[str]:
 
 
 async def storable_text(request: Request) -> None:
-    """A 422 naming each parameter or body field whose text the database cannot hold,
-    rather than a 500 from the database."""
+    """A 422 naming each path or query parameter whose text the database cannot hold,
+    rather than a 500 from the database (StrictJSONRequest checks the body's)."""
     places: list[tuple[tuple[str | int, ...], str]] = [
         (("path", name), problem)
         for name, value in request.path_params.items()
@@ -213,12 +212,7 @@ async def storable_text(request: Request) -> None:
         for name, value in request.query_params.multi_items()
         if name in declared and (problem := text_problem(value))
     ]
-    if "json" in request.headers.get("content-type", ""):
-        body = await request.body()
-        if _UNSTORABLE_ESCAPE.search(body):
-            # Not JSON: FastAPI's own validation says so.
-            with contextlib.suppress(ValueError):
-                places += unstorable_places(json.loads(body), ("body",))
+    # The body's text is checked where it is read: StrictJSONRequest.json.
     if places:
         raise RequestValidationError(
             [
@@ -231,3 +225,42 @@ async def storable_text(request: Request) -> None:
 # For APIRouter(dependencies=...): every route added to such a router is admin-only by default,
 # and refuses text the database cannot store.
 ADMIN_ONLY = [Depends(require_admin), Depends(storable_text)]
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body is read by :func:`hilo.strict_json.loads`, as /v1's is, and
+    whose text is checked to be storable (no NUL, no lone surrogate)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                value = strict_json.loads(body)
+            except strict_json.NotStorableJSON as error:
+                # Shaped as FastAPI's own validation errors, so clients read one format.
+                detail = [
+                    {"type": "value_error", "loc": ["body", *error.path], "msg": error.message}
+                ]
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from None
+            # Only an escape makes text that cannot be stored: look for it when there is one.
+            if _UNSTORABLE_ESCAPE.search(body):
+                places = [
+                    {"type": "unstorable_text", "loc": list(map(_readable, loc)), "msg": problem}
+                    for loc, problem in unstorable_places(value, ("body",))
+                ]
+                if places:
+                    raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, places)
+            self._json = value
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """The route class of every router whose routes take a JSON body: one JSON policy."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler

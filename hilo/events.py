@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from hilo.ids import customer_id_problem
+from hilo.ids import MAX_ID_CHARS, customer_id_problem
 
 # What pydantic reads as a datetime, as the JSON Schema says it: an ISO-8601 string, or Unix
 # time (seconds; milliseconds past 2e10) from the year 1 to the end of 9999.
@@ -26,7 +26,7 @@ class CustomerEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, examples=["Cart Abandoned"])
-    customer_id: str = Field(min_length=1, max_length=200, examples=["42"])
+    customer_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, examples=["42"])
     properties: dict[str, Any] = Field(default_factory=dict)
     timestamp: Annotated[datetime, WithJsonSchema(DATE_TIME_OR_UNIX_TIME)] = Field(
         default_factory=lambda: datetime.now(UTC),

@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 from urllib.parse import quote
 
+# A customer id (userId, anonymousId, profiles.customer_id): the column's size, and the
+# limit of every route that takes one.
+MAX_ID_CHARS = 200
+
 # Temporal refuses a workflow id over 1,000 bytes of UTF-8 (its dynamic config
 # ``limit.maxIDLength``; the dev server answers INVALID_ARGUMENT), so a journey's id is built to
 # fit: "journey/" + key (JOURNEY_KEY: at most 63) + "/" + customer + "/" + instance key, the

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import DateTime, Integer, String, bindparam, inspect, text
 from sqlmodel import Session, col, select
 
+from hilo.ids import MAX_ID_CHARS
 from hilo.ingest import CONSENT_CHANNELS
 from hilo.storage import (
     ConsentChange,
@@ -64,7 +65,6 @@ __all__ = [
 MAX_TIMELINE = 1000
 # Merges chain at most a few times (anonymous -> known -> alias); never loop on bad data.
 _MAX_HOPS = 5
-_MAX_ID_CHARS = 200  # Profile.customer_id
 # RFC 8291: an uncompressed P-256 public key and a 16-byte authentication secret.
 _P256DH_BYTES = 65
 _AUTH_BYTES = 16
@@ -639,8 +639,8 @@ def record_consent(
 
     Raises :class:`ConsentError` naming the field at fault.
     """
-    if not customer_id or len(customer_id) > _MAX_ID_CHARS:
-        raise ConsentError("customer_id", f"must be 1 to {_MAX_ID_CHARS} characters")
+    if not customer_id or len(customer_id) > MAX_ID_CHARS:
+        raise ConsentError("customer_id", f"must be 1 to {MAX_ID_CHARS} characters")
     _check_consent(channel, granted, source, topic, detail)
     address, data = _device_address(channel, device)
     now = utcnow()

@@ -22,7 +22,6 @@ import base64
 import binascii
 import dataclasses
 import json
-import math
 import re
 import uuid
 import zlib
@@ -37,8 +36,9 @@ from annotated_types import MaxLen
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from hilo import strict_json
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED
-from hilo.ids import customer_id_problem
+from hilo.ids import MAX_ID_CHARS, customer_id_problem
 
 __all__ = [
     "CALL_MODELS",
@@ -78,7 +78,6 @@ MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_CALLS = 2500
 # Segment asks for message ids of "fewer than 100 characters".
 MAX_MESSAGE_ID_CHARS = 99
-MAX_ID_CHARS = 200
 # Far deeper than any real call; keeps every later step (JSON encoding, storage) off the
 # recursion limit.
 MAX_NESTING = 64
@@ -458,18 +457,6 @@ def _gunzip(body: bytes, limit: int, too_large: str) -> bytes:
         ) from None
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        # 1e400 would be stored as Infinity, which is not JSON either.
-        raise ValueError(f"number {text[:30]} is out of range")
-    return number
-
-
 def _json_object(text: str) -> tuple[dict[str, Any], int]:
     """The body's JSON object, and how many floats it holds."""
     floats = 0
@@ -477,10 +464,12 @@ def _json_object(text: str) -> tuple[dict[str, Any], int]:
     def counted_float(number: str) -> float:
         nonlocal floats
         floats += 1
-        return _finite_float(number)
+        return float(number)
 
     try:
-        payload = json.loads(text, parse_constant=_reject_constant, parse_float=counted_float)
+        payload = strict_json.loads(text, parse_float=counted_float)
+    except strict_json.NotStorableJSON as exc:
+        raise _reject(RejectionStatus.BAD_REQUEST, _json_path(exc.path), exc.message) from None
     except json.JSONDecodeError as exc:
         raise _reject(
             RejectionStatus.BAD_REQUEST,
@@ -491,7 +480,7 @@ def _json_object(text: str) -> tuple[dict[str, Any], int]:
         raise _reject(
             RejectionStatus.BAD_REQUEST, "body", f"nests deeper than {MAX_NESTING} levels"
         ) from None
-    except ValueError as exc:  # our hooks, and integers longer than Python will parse
+    except ValueError as exc:  # integers longer than Python will parse
         raise _reject(RejectionStatus.BAD_REQUEST, "body", f"is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise _reject(
@@ -572,6 +561,13 @@ def text_problem(text: str) -> str | None:
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]*")
+
+
+def _json_path(path: strict_json.JSONPath) -> str:
+    text = ""
+    for part in path:
+        text = f"{text}[{part}]" if isinstance(part, int) else _key_path(text, part)
+    return text or "body"
 
 
 def _key_path(path: str, key: str) -> str:

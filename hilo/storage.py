@@ -36,6 +36,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.expression import Executable
 from sqlmodel import Field, Session, SQLModel, col, create_engine, select, update
 
+from hilo.ids import MAX_ID_CHARS
+
 if TYPE_CHECKING:
     from hilo.driver_sends import DriverSends
 
@@ -78,7 +80,7 @@ class Profile(SQLModel, table=True):
 
     __tablename__ = "profiles"
 
-    customer_id: str = Field(primary_key=True, max_length=200)
+    customer_id: str = Field(primary_key=True, max_length=MAX_ID_CHARS)
     traits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     consent: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     timezone: str | None = Field(default=None, max_length=64)

@@ -779,6 +779,10 @@ async def test_signed_webhooks_of_an_unexpected_shape_are_refused_with_400(
         ([{**good, "timestamp": 10**30}], "event 0.timestamp"),
         ([{**good, "event": "bounce", "status": [5]}], "event 0.status"),
     ]
+    nan = json.dumps([good]).replace(f'"timestamp": {good["timestamp"]}', '"timestamp": NaN')
+    await refused(
+        "/webhooks/sendgrid", nan.encode(), sendgrid.headers(nan.encode()), "0.timestamp: NaN"
+    )
     for events, named in sendgrid_cases:
         body = json.dumps(events).encode()
         await refused("/webhooks/sendgrid", body, sendgrid.headers(body), named)

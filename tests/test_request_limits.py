@@ -3,12 +3,16 @@ endpoint is refused with 413 at once, and the API goes on answering everyone els
 
 The big bodies go to a real uvicorn server in its own process over a real socket, as an
 attacker would send them, while another thread times ``/health``.
+
+Every JSON body is read by one policy (no NaN or Infinity, which no database reads back) and
+every customer id has one limit, on the admin routes as on /v1.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
+import json
 import os
 import socket
 import subprocess
@@ -16,20 +20,25 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from pydantic import SecretStr
+from sqlmodel import select
 
 from api.app import create_app
+from api.deps import StrictJSONRoute
 from hilo.channels.config import ChannelSettings
+from hilo.ids import MAX_ID_CHARS
 from hilo.settings import Settings
-from hilo.storage import Store
+from hilo.storage import Store, StoredEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = "https://hilo.shop.example"
@@ -108,42 +117,57 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 # --- the attacker and the bystander ----------------------------------------------------------
 
 
-@dataclass
+# Times GET /health over and over on one connection until its stdin closes, then prints the
+# times as JSON. In its own process, so that the uploading thread's GIL cannot slow it.
+PROBE = """
+import http.client, json, sys, threading, time
+
+stopped = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stopped.set()), daemon=True).start()
+connection = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=60)
+
+
+def get():
+    started = time.perf_counter()
+    connection.request("GET", "/health")
+    response = connection.getresponse()
+    response.read()
+    assert response.status == 200, response.status
+    return time.perf_counter() - started
+
+
+get()  # connecting is not what is timed
+print("ready", flush=True)
+latencies = []
+while not stopped.is_set():
+    latencies.append(get())
+    time.sleep(0.005)
+print(json.dumps(latencies), flush=True)
+"""
+
+
 class HealthProbe:
-    """Times GET /health over and over on its own connection until stopped."""
+    """GET /health timed from another process while the body is being sent."""
 
-    port: int
-    latencies: list[float] = field(default_factory=list)
-    stopped: threading.Event = field(default_factory=threading.Event)
-    connected: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _get(self, connection: http.client.HTTPConnection) -> float:
-        started = time.perf_counter()
-        connection.request("GET", "/health")
-        response = connection.getresponse()
-        response.read()
-        assert response.status == 200
-        return time.perf_counter() - started
-
-    def _run(self) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        self._get(connection)  # connecting is not what is timed
-        self.connected.set()
-        while not self.stopped.is_set():
-            self.latencies.append(self._get(connection))
-            time.sleep(0.005)
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.latencies: list[float] = []
 
     def __enter__(self) -> HealthProbe:
-        self.thread.start()
-        assert self.connected.wait(timeout=60), "/health did not answer before the upload"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", PROBE, str(self.port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "ready", "/health did not answer"
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=60)
+        output, _errors = self.process.communicate(timeout=60)
+        assert self.process.returncode == 0, "the /health probe failed"
+        self.latencies = json.loads(output)
 
 
 @dataclass
@@ -266,8 +290,11 @@ def _assert_health_kept_answering(probe: HealthProbe) -> None:
     # 2-core machine is not taken for a stall.
     assert probe.latencies, "/health was never answered during the upload"
     ordered = sorted(probe.latencies)
+    times = ", ".join(f"{latency * 1000:.0f}" for latency in probe.latencies)
     typical = ordered[int(len(ordered) * 0.9) - 1] if len(ordered) >= 10 else ordered[-1]
-    assert typical < 0.1, f"/health took {typical * 1000:.0f} ms (p90) during the upload"
+    assert typical < 0.1, (
+        f"/health took {typical * 1000:.0f} ms (p90) during the upload ({times} ms)"
+    )
     assert ordered[-1] < 0.5, f"/health took {ordered[-1] * 1000:.0f} ms during the upload"
 
 
@@ -404,3 +431,105 @@ async def test_segment_endpoints_keep_their_413_in_segments_format(api: httpx.As
     )
     assert response.status_code == 413
     assert "500 KB per batch" in response.text
+
+
+# --- one JSON policy, one id limit ------------------------------------------------------------
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def admin_api(any_store: Store) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(_env_file=None, admin_token=ADMIN_TOKEN), any_store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC) as client:
+        yield client
+
+
+def stored_events(store: Store) -> list[StoredEvent]:
+    with store.session() as session:
+        return list(session.exec(select(StoredEvent)))
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("NaN", "NaN is not valid JSON"),
+        ("Infinity", "Infinity is not valid JSON"),
+        ("-Infinity", "-Infinity is not valid JSON"),
+        ("1e400", "out of range"),
+    ],
+)
+async def test_admin_json_refuses_numbers_no_database_reads_back(
+    admin_api: httpx.AsyncClient, any_store: Store, value: str, problem: str
+) -> None:
+    body = '{"traits": {"first_name": "Ana", "scores": [1, VALUE]}}'.replace("VALUE", value)
+    response = await admin_api.put("/profiles/cus_ana", content=body, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "traits", "scores", 1]
+    assert problem in error["msg"]
+    assert any_store.get_profile("cus_ana") is None
+
+    event = '{"name": "Order Completed", "customer_id": "cus_ana", "properties": {"total": VALUE}}'
+    response = await admin_api.post("/events", content=event.replace("VALUE", value), headers=ADMIN)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "properties", "total"]
+    assert problem in error["msg"]
+    assert stored_events(any_store) == []
+
+    # The same bodies with a number are taken.
+    ok = await admin_api.put("/profiles/cus_ana", content=body.replace(value, "2"), headers=ADMIN)
+    assert ok.status_code == 200, ok.text
+    assert any_store.get_profile("cus_ana") is not None
+
+
+async def test_a_customer_id_has_one_limit_on_every_route(
+    admin_api: httpx.AsyncClient, any_store: Store
+) -> None:
+    too_long = "c" * (MAX_ID_CHARS + 1)
+    response = await admin_api.put(f"/profiles/{too_long}", json={"traits": {}}, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["path", "customer_id"]
+    assert str(MAX_ID_CHARS) in error["msg"]
+    assert any_store.get_profile(too_long) is None
+
+    longest = "c" * MAX_ID_CHARS
+    response = await admin_api.put(f"/profiles/{longest}", json={"traits": {}}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+
+    # /v1 takes the same ids, and refuses the same ones.
+    write_keys = {"wk_limits": {"name": "shop", "kind": "server"}}
+    app = create_app(Settings(_env_file=None, write_keys=write_keys), any_store)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=PUBLIC) as segment:
+        identify = {"userId": too_long, "traits": {}}
+        response = await segment.post("/v1/identify", json=identify, auth=("wk_limits", ""))
+        assert response.status_code == 400, response.text
+        assert "userId" in response.text and str(MAX_ID_CHARS) in response.text
+        identify = {"userId": longest, "traits": {}}
+        response = await segment.post("/v1/identify", json=identify, auth=("wk_limits", ""))
+        assert response.status_code == 200, response.text
+
+
+def _api_routes(routes: list[Any]) -> Iterator[APIRoute]:
+    """Every APIRoute, inside included routers too (FastAPI keeps those as routers)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _api_routes(included.routes)
+        elif isinstance(route, APIRoute):
+            yield route
+
+
+def test_every_route_that_takes_a_json_body_reads_it_by_the_one_policy() -> None:
+    app = create_app(Settings(_env_file=None, admin_token=ADMIN_TOKEN))
+    body_routes = [route for route in _api_routes(app.routes) if route.body_field]
+    assert len(body_routes) >= 5  # profiles, events, journeys, policy, promotions at least
+    outside = [
+        f"{route.methods} {route.path}"
+        for route in body_routes
+        if not isinstance(route, StrictJSONRoute)
+    ]
+    assert outside == []

@@ -9,12 +9,16 @@ from fastapi import APIRouter, Request, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from api.deps import ADMIN_ONLY, IngestorDep, SettingsDep, get_dispatcher
+from api.deps import ADMIN_ONLY, IngestorDep, SettingsDep, StrictJSONRoute, get_dispatcher
 from api.openapi import NOT_JSON, UNAUTHORIZED
 from hilo.events import CustomerEvent
 
 router = APIRouter(
-    prefix="/events", tags=["events"], dependencies=ADMIN_ONLY, responses=UNAUTHORIZED
+    prefix="/events",
+    tags=["events"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
 
 

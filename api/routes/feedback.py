@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.bodies import read_body, read_form
 from api.deps import StoreDep, get_channel_settings
-from api.openapi import SETTINGS_INVALID, Responses, message
+from api.openapi import MESSAGE_SCHEMA, SETTINGS_INVALID, Responses, message
 from hilo.channels.config import ChannelSettings
 from hilo.channels.feedback import (
     DeliveryEvent,
@@ -135,6 +135,7 @@ ChannelSettingsDep = Annotated[ChannelSettings, Depends(get_channel_settings)]
 
 # What the schema says besides each route's success.
 FORM_ONLY = message(415, "Not a form: send application/x-www-form-urlencoded or multipart.")
+TOO_LARGE = message(413, "The body is over this endpoint's limit; nothing past it was read.")
 HTML = {"text/html": {"schema": {"type": "string"}}}
 INVALID_LINK: Responses = {
     404: {
@@ -167,6 +168,7 @@ webhooks = APIRouter(
     responses={
         **message(403, "The provider's signature does not verify; nothing was stored."),
         **SETTINGS_INVALID,
+        **TOO_LARGE,
     },
 )
 NOT_READABLE = message(400, "Signed, but not the provider's format; nothing was stored.")
@@ -308,10 +310,16 @@ links = APIRouter(tags=["links"], responses={**INVALID_LINK, **SETTINGS_INVALID}
 # The page's form posted back, or RFC 8058's one click.
 FORM_REFUSED: Responses = {
     400: {
-        "content": {**HTML, "text/plain": {"schema": {"type": "string"}}},
-        "description": "The form cannot be read: the page again, saying what was wrong.",
+        "content": {
+            **HTML,
+            "text/plain": {"schema": {"type": "string"}},
+            "application/json": {"schema": MESSAGE_SCHEMA},
+        },
+        "description": "The form cannot be read: the page again, saying what was wrong "
+        "(JSON when it has more fields than a form of ours, or a file).",
     },
     **FORM_ONLY,
+    **TOO_LARGE,
 }
 
 

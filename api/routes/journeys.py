@@ -9,7 +9,14 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response, 
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ADMIN_ONLY, CatalogDep, ClientDep, StoreDep, unstorable_places
+from api.deps import (
+    ADMIN_ONLY,
+    CatalogDep,
+    ClientDep,
+    StoreDep,
+    StrictJSONRoute,
+    unstorable_places,
+)
 from api.openapi import (
     SETTINGS_INVALID,
     UNAUTHORIZED,
@@ -181,9 +188,13 @@ DefinitionDep = Annotated[JourneyDefinition, Depends(definition_body)]
 
 # Public so editors can fetch the schema; included before `router` so that
 # /journeys/schema is not taken for a journey key.
-public_router = APIRouter(prefix="/journeys", tags=["journeys"])
+public_router = APIRouter(prefix="/journeys", tags=["journeys"], route_class=StrictJSONRoute)
 router = APIRouter(
-    prefix="/journeys", tags=["journeys"], dependencies=ADMIN_ONLY, responses=UNAUTHORIZED
+    prefix="/journeys",
+    tags=["journeys"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from api.deps import ADMIN_ONLY, StoreDep
+from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
 from api.openapi import (
     NOT_JSON,
     TIME_ZONES,
@@ -31,7 +31,11 @@ from hilo.journeys import CHANNELS
 from hilo.storage import utcnow
 
 router = APIRouter(
-    prefix="/policy", tags=["policy"], dependencies=ADMIN_ONLY, responses=UNAUTHORIZED
+    prefix="/policy",
+    tags=["policy"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
 
 ACTOR_HEADER = "X-Hilo-Actor"

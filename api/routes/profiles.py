@@ -14,8 +14,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from api.deps import ADMIN_ONLY, StoreDep
+from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
 from api.openapi import NOT_BLANK, NOT_JSON, SPACE, TIME_ZONES, UNAUTHORIZED, DateTimeText, message
+from hilo.ids import MAX_ID_CHARS
 from hilo.profiles import (
     MAX_TIMELINE,
     ConsentError,
@@ -28,7 +29,11 @@ from hilo.profiles import (
 )
 
 router = APIRouter(
-    prefix="/profiles", tags=["profiles"], dependencies=ADMIN_ONLY, responses=UNAUTHORIZED
+    prefix="/profiles",
+    tags=["profiles"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
 
 
@@ -36,7 +41,7 @@ NOT_FOUND = message(404, "Hilo has seen no call with this userId or anonymousId.
 
 
 # The profile's key column: a longer id could never have been stored.
-CustomerId = Annotated[str, Path(min_length=1, max_length=200)]
+CustomerId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 
 
 class ProfileUpdate(BaseModel):

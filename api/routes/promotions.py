@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Response, status
 
-from api.deps import ADMIN_ONLY, StoreDep
+from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
 from api.openapi import NOT_JSON, UNAUTHORIZED, message
 from hilo.promotions import (
     PROMOTION_KEY,
@@ -21,7 +21,11 @@ from hilo.promotions import (
 )
 
 router = APIRouter(
-    prefix="/promotions", tags=["promotions"], dependencies=ADMIN_ONLY, responses=UNAUTHORIZED
+    prefix="/promotions",
+    tags=["promotions"],
+    dependencies=ADMIN_ONLY,
+    responses=UNAUTHORIZED,
+    route_class=StrictJSONRoute,
 )
 
 PromotionKey = Annotated[

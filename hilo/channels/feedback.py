@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hilo import strict_json
+
 __all__ = [
     "DeliveryEvent",
     "DeliveryStatus",
@@ -89,7 +91,9 @@ def _from_unix(value: Any, field: str) -> datetime:
 
 def _json(payload: bytes, provider: str) -> Any:
     try:
-        return json.loads(payload)
+        return strict_json.loads(payload)
+    except strict_json.NotStorableJSON as error:
+        raise ValueError(f"{provider}: {error}") from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{provider}: the webhook body is not JSON: {error}") from error
     except RecursionError:
