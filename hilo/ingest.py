@@ -33,6 +33,7 @@ from sqlmodel import col
 
 from hilo.events import CustomerEvent
 from hilo.storage import (
+    LIVE_STATUSES,
     ConsentChange,
     Device,
     Identity,
@@ -425,7 +426,7 @@ class Ingestor:
             session.scalars(
                 select(col(JourneyInstance.workflow_id)).where(
                     col(JourneyInstance.customer_id) == anonymous,
-                    col(JourneyInstance.status) == "active",
+                    col(JourneyInstance.status).in_(LIVE_STATUSES),
                 )
             )
         )
