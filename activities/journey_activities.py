@@ -106,6 +106,7 @@ class JourneyActivities:
             converted_at=request.converted_at,
             revenue=request.revenue,
             holdout=request.holdout,
+            trigger_message_id=request.trigger_message_id,
         )
 
     @activity.defn(name=NOTE)

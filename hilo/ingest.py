@@ -44,6 +44,7 @@ from sqlmodel import col
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
 from hilo.settings import WriteKeySource
 from hilo.storage import (
+    LIVE_STATUSES,
     ConsentChange,
     Device,
     Identity,
@@ -489,7 +490,7 @@ class Ingestor:
             session.scalars(
                 select(col(JourneyInstance.workflow_id)).where(
                     col(JourneyInstance.customer_id) == anonymous,
-                    col(JourneyInstance.status) == "active",
+                    col(JourneyInstance.status).in_(LIVE_STATUSES),
                 )
             )
         )

@@ -40,6 +40,10 @@ SIGNAL_EVENT = "event"
 SIGNAL_STOP = "stop"
 SIGNAL_IDENTIFIED = "identified"
 
+# The memo key naming the event that started an instance: a start retried after a crash
+# recognises its own workflow by it.
+TRIGGER_MEMO = "trigger_message_id"
+
 InstanceStatus = Literal["completed", "exited", "holdout", "archived"]
 
 
@@ -112,6 +116,8 @@ class FinishRequest(BaseModel):
     converted_at: datetime | None = None
     revenue: float | None = None
     holdout: bool = False
+    # The event that made this entry: the end is recorded on that entry alone.
+    trigger_message_id: str | None = None
 
 
 class NoteRequest(BaseModel):

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -22,9 +22,16 @@ from temporalio.service import RPCError, RPCStatusCode
 from hilo.conditions import key_text, lookup
 from hilo.events import CustomerEvent
 from hilo.ids import bounded_instance_key, journey_workflow_id
-from hilo.journey_runs import SIGNAL_EVENT, JourneyInput, workflow_event
-from hilo.journeys import JourneyDefinition, PublishedJourney
-from hilo.storage import Journey, JourneyVersion, Store
+from hilo.journey_runs import SIGNAL_EVENT, TRIGGER_MEMO, JourneyInput, workflow_event
+from hilo.journeys import Entry, JourneyDefinition, PublishedJourney
+from hilo.storage import (
+    ENTRY_STARTING,
+    LIVE_STATUSES,
+    Journey,
+    JourneyInstance,
+    JourneyVersion,
+    Store,
+)
 
 
 @dataclass
@@ -176,23 +183,61 @@ class EventRouter:
             # The key as the workflow id and the instance table hold it (long ones hashed).
             instance_key = bounded_instance_key(key_text(value))
         workflow_id = journey_workflow_id(journey.key, event.customer_id, instance_key)
-        previous = await asyncio.to_thread(self.store.get_instance, workflow_id)
-        entry = definition.entry
-        if previous is not None and previous.trigger_message_id == event.message_id:
-            result.not_entered[journey.key] = "already entered from this event"
-            return
-        if previous is not None and previous.status == "active":
+        latest = await asyncio.to_thread(self.store.get_instance, workflow_id)
+        if latest is not None and latest.trigger_message_id == event.message_id:
+            if latest.status != ENTRY_STARTING:
+                result.not_entered[journey.key] = "already entered from this event"
+                return
+            entry: JourneyInstance | None = latest
+            recorded_now = False
+        else:
+            refusal = _refusal(definition.entry, latest, event)
+            if refusal is not None:
+                result.not_entered[journey.key] = refusal
+                return
+            # The entry is recorded before the start, so that no workflow runs without it.
+            entry, recorded_now = await asyncio.to_thread(
+                self.store.record_entry,
+                workflow_id,
+                journey.key,
+                version.version,
+                event.customer_id,
+                instance_key,
+                event.message_id,
+            )
+        if entry is None:
             result.not_entered[journey.key] = "already in this journey"
             return
-        if previous is not None and entry.reentry == "once":
-            result.not_entered[journey.key] = "re-entry is 'once' and the customer already entered"
+        if entry.status != ENTRY_STARTING:
+            result.not_entered[journey.key] = "already entered from this event"
             return
-        if previous is not None and entry.reentry == "after_cooldown" and previous.ended_at:
-            assert entry.cooldown is not None
-            ready_at = previous.ended_at + entry.cooldown
-            if _now(event) < ready_at:
-                result.not_entered[journey.key] = f"cooling down until {ready_at.isoformat()}"
-                return
+        # A starting entry found, not made now: an earlier delivery of this event recorded
+        # it and may have started its workflow before it died.
+        running = None if recorded_now else await self._started_by(workflow_id, event.message_id)
+        if running is None:
+            running = await self._start(
+                journey, version, definition, event, workflow_id, instance_key
+            )
+        if running is None:
+            await asyncio.to_thread(self.store.entry_refused, workflow_id, event.message_id)
+            result.not_entered[journey.key] = "already in this journey"
+            return
+        handle, run_id = running
+        await asyncio.to_thread(self.store.instance_started, workflow_id, event.message_id, run_id)
+        result.started.append(workflow_id)
+        result.handles[workflow_id] = handle
+
+    async def _start(
+        self,
+        journey: Journey,
+        version: JourneyVersion,
+        definition: JourneyDefinition,
+        event: CustomerEvent,
+        workflow_id: str,
+        instance_key: str | None,
+    ) -> tuple[WorkflowHandle, str] | None:
+        """Start the entry's workflow: its handle and run id; None when Temporal refuses
+        it for another entry's workflow."""
         from workflows.journey import JourneyWorkflow, start_search_attributes
 
         try:
@@ -215,7 +260,7 @@ class EventRouter:
                 task_timeout=self.task_timeout,
                 id_reuse_policy=(
                     WorkflowIDReusePolicy.REJECT_DUPLICATE
-                    if entry.reentry == "once"
+                    if definition.entry.reentry == "once"
                     else WorkflowIDReusePolicy.ALLOW_DUPLICATE
                 ),
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
@@ -228,22 +273,46 @@ class EventRouter:
                 ),
                 static_summary=f"{definition.name} v{version.version} · customer "
                 f"{event.customer_id}" + (f" · {instance_key}" if instance_key else ""),
+                memo={TRIGGER_MEMO: event.message_id},
             )
         except WorkflowAlreadyStartedError:
-            result.not_entered[journey.key] = "already in this journey"
-            return
-        await asyncio.to_thread(
-            self.store.instance_started,
-            workflow_id=workflow_id,
-            journey_key=journey.key,
-            version=version.version,
-            customer_id=event.customer_id,
-            instance_key=instance_key,
-            run_id=handle.result_run_id or handle.first_execution_run_id or workflow_id,
-            trigger_message_id=event.message_id,
-        )
-        result.started.append(workflow_id)
-        result.handles[workflow_id] = handle
+            # Started by this event already (the start of a delivery that then died), or
+            # by another event's entry.
+            return await self._started_by(workflow_id, event.message_id)
+        return handle, handle.result_run_id or handle.first_execution_run_id or workflow_id
+
+    async def _started_by(
+        self, workflow_id: str, message_id: str
+    ) -> tuple[WorkflowHandle, str] | None:
+        """The workflow ``message_id`` started as ``workflow_id`` (its handle and first
+        run's id), if the latest run is that one.
+
+        A run that closed without recording its end (terminated, timed out) gets Temporal's
+        word for it on its entry, which would otherwise stay starting."""
+        try:
+            described = await self.client.get_workflow_handle(workflow_id).describe()
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        if await described.memo_value(TRIGGER_MEMO, None) != message_id:
+            return None
+        info = described.raw_description.workflow_execution_info
+        run_id = info.first_run_id or described.run_id
+        handle = self.client.get_workflow_handle(workflow_id, run_id=described.run_id)
+        if described.status not in (None, WorkflowExecutionStatus.RUNNING):
+            await asyncio.to_thread(
+                self.store.instance_ended,
+                workflow_id,
+                run_id,
+                described.status.name.lower(),
+                "closed before its end was recorded",
+                described.close_time or datetime.now(UTC),
+                None,
+                None,
+                trigger_message_id=message_id,
+            )
+        return handle, run_id
 
     async def _signal(self, handle: WorkflowHandle, event: CustomerEvent) -> bool:
         try:
@@ -253,6 +322,22 @@ class EventRouter:
                 return False  # it ended between our read and the signal
             raise
         return True
+
+
+def _refusal(entry: Entry, latest: JourneyInstance | None, event: CustomerEvent) -> str | None:
+    """Why the entry rules keep the customer out, given their latest entry; None to enter."""
+    if latest is None:
+        return None
+    if latest.status in LIVE_STATUSES:
+        return "already in this journey"
+    if entry.reentry == "once":
+        return "re-entry is 'once' and the customer already entered"
+    if entry.reentry == "after_cooldown" and latest.ended_at:
+        assert entry.cooldown is not None
+        ready_at = latest.ended_at + entry.cooldown
+        if _now(event) < ready_at:
+            return f"cooling down until {ready_at.isoformat()}"
+    return None
 
 
 def _now(event: CustomerEvent) -> datetime:

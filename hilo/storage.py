@@ -25,6 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     bindparam,
+    case,
     delete,
     event,
     func,
@@ -235,23 +236,37 @@ class StoredEvent(SQLModel, table=True):
     routed_at: datetime | None = None
 
 
+# An entry recorded before its workflow starts, and a started one: both hear their events.
+ENTRY_STARTING = "starting"
+LIVE_STATUSES = (ENTRY_STARTING, "active")
+
+
 class JourneyInstance(SQLModel, table=True):
     """One entry of a customer into a journey: the router's map of running workflows.
 
-    Keyed by the first run id of the workflow, so a customer who re-enters (same workflow
-    id) gets a new row and the earlier entry keeps its history.
+    Recorded (``starting``) before its workflow starts and ``active`` once the start is
+    known, so no workflow runs without its row. An entry is its workflow id and number (a
+    customer who re-enters gets the next number, and the earlier entry keeps its history)
+    and, as one event makes one entry at most, its workflow id and triggering event: the
+    workflow's end finds its own entry that way, whenever it comes.
     """
 
     __tablename__ = "journey_instances"
+    __table_args__ = (
+        UniqueConstraint("workflow_id", "trigger_message_id", name="uq_journey_instances_trigger"),
+    )
 
-    run_id: str = Field(primary_key=True, max_length=64)
-    workflow_id: str = Field(index=True, max_length=1000)
-    entry: int = 1
+    workflow_id: str = Field(primary_key=True, max_length=1000)
+    entry: int = Field(default=1, primary_key=True)
+    # The first run's id, once the start (or the workflow's end) has told it.
+    run_id: str | None = Field(default=None, max_length=64, unique=True, index=True)
     journey_key: str = Field(index=True, max_length=63)
     version: int
     customer_id: str = Field(index=True, max_length=200)
     instance_key: str | None = Field(default=None, max_length=200)
     trigger_message_id: str | None = Field(default=None, max_length=200, index=True)
+    # starting | active | the end the workflow recorded (completed, exited, holdout, archived)
+    # | how Temporal closed a workflow that recorded none (terminated, failed, ...)
     status: str = Field(default="active", max_length=20, index=True)
     holdout: bool = False
     started_at: datetime = Field(default_factory=utcnow)
@@ -452,7 +467,10 @@ class EntryStatements:
     stored_event: Executable
     routed: Executable
     latest_entry: Executable
+    entry_of_trigger: Executable
+    entering: Executable
     started: Executable
+    refused: Executable
     ended: Executable
 
     @classmethod
@@ -464,18 +482,10 @@ class EntryStatements:
             .where(instances.c.workflow_id == bindparam("workflow_id"))
             .scalar_subquery()
         )
-        started = insert(instances).values(
-            run_id=bindparam("run_id"),
-            workflow_id=bindparam("workflow_id"),
-            entry=entries_so_far,
-            journey_key=bindparam("journey_key"),
-            version=bindparam("version"),
-            customer_id=bindparam("customer_id"),
-            instance_key=bindparam("instance_key"),
-            trigger_message_id=bindparam("trigger_message_id"),
-            status="active",
-            holdout=bindparam("holdout"),
-            started_at=bindparam("started_at"),
+        # ``the_`` names: those of columns are the insert's and the update's own.
+        this_entry = and_(
+            instances.c.workflow_id == bindparam("the_workflow_id"),
+            instances.c.trigger_message_id == bindparam("the_trigger_message_id"),
         )
         return cls(
             event=insert(events)
@@ -489,16 +499,49 @@ class EntryStatements:
             .where(instances.c.workflow_id == bindparam("workflow_id"))
             .order_by(instances.c.entry.desc())
             .limit(1),
-            # The router and a retry of it may both record an entry: the second changes
-            # nothing but a holdout flag the first did not have.
-            started=started.on_conflict_do_update(
-                index_elements=["run_id"],
-                set_={"holdout": or_(instances.c.holdout, started.excluded.holdout)},
-            ),
-            ended=update(instances)
-            .where(instances.c.run_id == bindparam("the_run_id"))
+            entry_of_trigger=select(instances).where(this_entry),
+            # Nothing when this event made an entry already, or when another entry took
+            # the number meanwhile (either unique key): the caller reads which.
+            entering=insert(instances)
             .values(
-                holdout=or_(instances.c.holdout, bindparam("new_holdout")),
+                workflow_id=bindparam("workflow_id"),
+                entry=entries_so_far,
+                journey_key=bindparam("journey_key"),
+                version=bindparam("version"),
+                customer_id=bindparam("customer_id"),
+                instance_key=bindparam("instance_key"),
+                trigger_message_id=bindparam("trigger_message_id"),
+                status=ENTRY_STARTING,
+                holdout=False,
+                started_at=bindparam("started_at"),
+            )
+            .on_conflict_do_nothing()
+            .returning(*instances.c),
+            # An end the workflow wrote first stays: only a starting entry becomes active.
+            started=update(instances)
+            .where(this_entry)
+            .values(
+                run_id=bindparam("the_run_id"),
+                status=case(
+                    (instances.c.status == ENTRY_STARTING, "active"),
+                    else_=instances.c.status,
+                ),
+            ),
+            refused=delete(instances).where(this_entry, instances.c.status == ENTRY_STARTING),
+            # The workflow's own entry, by its trigger (or, for an entry recorded without
+            # one, its run id); written once, so a retried or late end changes nothing.
+            ended=update(instances)
+            .where(
+                instances.c.workflow_id == bindparam("the_workflow_id"),
+                or_(
+                    instances.c.trigger_message_id == bindparam("the_trigger_message_id"),
+                    instances.c.run_id == bindparam("the_run_id"),
+                ),
+                instances.c.status.in_(LIVE_STATUSES),
+            )
+            .values(
+                run_id=bindparam("the_run_id"),
+                holdout=bindparam("new_holdout"),
                 status=bindparam("new_status"),
                 exit_reason=bindparam("new_exit_reason"),
                 ended_at=bindparam("new_ended_at"),
@@ -987,33 +1030,60 @@ class Store:
             ).first()
         return JourneyInstance.model_validate(dict(row._mapping)) if row else None
 
-    def instance_started(
+    def record_entry(
         self,
         workflow_id: str,
         journey_key: str,
         version: int,
         customer_id: str,
         instance_key: str | None,
-        run_id: str,
-        holdout: bool = False,
-        trigger_message_id: str | None = None,
-    ) -> None:
-        """Record an entry, numbered after the instance's earlier ones; recording it again
-        changes nothing (but for a holdout flag)."""
+        trigger_message_id: str,
+    ) -> tuple[JourneyInstance | None, bool]:
+        """Record an entry made by an event, ``starting``, before its workflow starts,
+        numbered after the instance's earlier ones: (the entry, whether recorded now).
+
+        An entry this event made before comes back as it is; (None, False) when another
+        event's entry took the number meanwhile."""
         with self.engine.begin() as connection:
-            connection.execute(
-                self.entry_sql.started,
+            row = connection.execute(
+                self.entry_sql.entering,
                 {
-                    "run_id": run_id,
                     "workflow_id": workflow_id,
+                    "trigger_message_id": trigger_message_id,
                     "journey_key": journey_key,
                     "version": version,
                     "customer_id": customer_id,
                     "instance_key": instance_key,
-                    "trigger_message_id": trigger_message_id,
-                    "holdout": holdout,
                     "started_at": utcnow(),
                 },
+            ).first()
+            if row is not None:
+                return JourneyInstance.model_validate(dict(row._mapping)), True
+            row = connection.execute(
+                self.entry_sql.entry_of_trigger,
+                {"the_workflow_id": workflow_id, "the_trigger_message_id": trigger_message_id},
+            ).first()
+        return (JourneyInstance.model_validate(dict(row._mapping)) if row else None), False
+
+    def instance_started(self, workflow_id: str, trigger_message_id: str, run_id: str) -> None:
+        """The entry's workflow runs as ``run_id``: a starting entry becomes active (an end
+        the workflow recorded already stays)."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                self.entry_sql.started,
+                {
+                    "the_workflow_id": workflow_id,
+                    "the_trigger_message_id": trigger_message_id,
+                    "the_run_id": run_id,
+                },
+            )
+
+    def entry_refused(self, workflow_id: str, trigger_message_id: str) -> None:
+        """Temporal refused the start (another entry runs): forget the starting entry."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                self.entry_sql.refused,
+                {"the_workflow_id": workflow_id, "the_trigger_message_id": trigger_message_id},
             )
 
     def instance_ended(
@@ -1026,11 +1096,16 @@ class Store:
         converted_at: datetime | None,
         revenue: float | None,
         holdout: bool = False,
+        trigger_message_id: str | None = None,
     ) -> None:
+        """Record the end of the entry ``trigger_message_id`` made (or, without one, of
+        the entry of ``run_id``), once: a repeated end changes nothing."""
         with self.engine.begin() as connection:
             connection.execute(
                 self.entry_sql.ended,
                 {
+                    "the_workflow_id": workflow_id,
+                    "the_trigger_message_id": trigger_message_id,
                     "the_run_id": run_id,
                     "new_holdout": holdout,
                     "new_status": status,
@@ -1049,7 +1124,7 @@ class Store:
                 session.exec(
                     select(JourneyInstance).where(
                         JourneyInstance.customer_id == customer_id,
-                        JourneyInstance.status == "active",
+                        col(JourneyInstance.status).in_(LIVE_STATUSES),
                         JourneyInstance.journey_key.in_(sorted(journey_keys)),  # type: ignore[attr-defined]
                     )
                 )
@@ -1061,7 +1136,7 @@ class Store:
                 session.exec(
                     select(JourneyInstance).where(
                         JourneyInstance.journey_key == journey_key,
-                        JourneyInstance.status == "active",
+                        col(JourneyInstance.status).in_(LIVE_STATUSES),
                     )
                 )
             )

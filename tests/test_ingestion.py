@@ -803,7 +803,9 @@ async def test_a_customers_events_reach_the_journey_in_the_order_accepted(
         waiting = list(session.exec(select(OutboxEntry).order_by(OutboxEntry.id)))  # type: ignore[arg-type]
     assert [(e.customer_id, e.attempts) for e in waiting] == [("o-1", 1), ("o-1", 0)]
     assert waiting[0].last_error
-    assert lab.store.instances_of_customer("o-1") == []
+    # Recorded before its start, the entry waits as starting for the delivery to be retried.
+    waiting_entries = lab.store.instances_of_customer("o-1")
+    assert [(i.status, i.run_id) for i in waiting_entries] == [("starting", None)]
 
     dispatcher.router = working
     await asyncio.sleep(0.3)  # the first retry's backoff
@@ -811,12 +813,14 @@ async def test_a_customers_events_reach_the_journey_in_the_order_accepted(
     result = await lab.result("journey/abandoned_cart/o-1/c1")
     assert (result.status, result.reason) == ("exited", "purchased")
     assert lab.store.outbox_size() == 0
+    [entry] = lab.store.instances_of_customer("o-1")
+    assert (entry.status, entry.run_id is not None) == ("exited", True)
 
 
 def test_an_events_entry_and_end_are_recorded_once_on_either_database(any_store: Store) -> None:
     """The router's bookkeeping: an event stored once (and again only while unrouted), each
-    entry of an instance numbered after the earlier ones, a repeated record changing nothing
-    but a holdout flag, and the end written on the entry."""
+    entry of an instance recorded before its start and numbered after the earlier ones, one
+    entry per event, and the end written once on the entry its event made."""
     moment = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
     assert any_store.record_event("e1", "ana", "Cart Abandoned", {"cart_id": "c1"}, moment, "t")
     assert any_store.record_event("e1", "ana", "Cart Abandoned", {}, moment, "t")  # unrouted
@@ -825,11 +829,27 @@ def test_an_events_entry_and_end_are_recorded_once_on_either_database(any_store:
 
     workflow_id = "journey/abandoned_cart/ana/c1"
     assert any_store.get_instance(workflow_id) is None
-    for _ in range(2):  # the router's retry records the same entry again
-        any_store.instance_started(workflow_id, "abandoned_cart", 1, "ana", "c1", "run-1")
-    any_store.instance_started(workflow_id, "abandoned_cart", 1, "ana", "c1", "run-1", True)
-    any_store.instance_ended(workflow_id, "run-1", "completed", None, moment, moment, 80.0)
-    any_store.instance_started(workflow_id, "abandoned_cart", 2, "ana", "c1", "run-2")
+    entry = ("abandoned_cart", 1, "ana", "c1")
+    first, recorded_now = any_store.record_entry(workflow_id, *entry, "e1")
+    assert first is not None and recorded_now
+    assert (first.entry, first.status, first.run_id) == (1, "starting", None)
+    again, recorded_now = any_store.record_entry(workflow_id, *entry, "e1")  # a redelivery
+    assert again == first and not recorded_now
+    # The workflow's end may come before the start is recorded: it finds the entry by event.
+    any_store.instance_ended(
+        workflow_id, "run-1", "holdout", None, moment, moment, 80.0, True, "e1"
+    )
+    any_store.instance_started(workflow_id, "e1", "run-1")
+    any_store.instance_ended(
+        workflow_id, "run-1", "completed", "late", moment, None, None, False, "e1"
+    )  # a repeated end changes nothing
+
+    second, _ = any_store.record_entry(workflow_id, "abandoned_cart", 2, "ana", "c1", "e2")
+    assert second is not None and second.entry == 2
+    any_store.instance_started(workflow_id, "e2", "run-2")
+    refused, _ = any_store.record_entry(workflow_id, "abandoned_cart", 2, "ana", "c1", "e3")
+    assert refused is not None and refused.entry == 3
+    any_store.entry_refused(workflow_id, "e3")  # Temporal refused its start
 
     latest = any_store.get_instance(workflow_id)
     assert latest is not None
@@ -839,8 +859,14 @@ def test_an_events_entry_and_end_are_recorded_once_on_either_database(any_store:
         2,
         "active",
     )
+    assert any_store.active_instances("ana", {"abandoned_cart"}) == [latest]
     with any_store.session() as session:
-        first = session.get(JourneyInstance, "run-1")
-    assert first is not None
-    assert (first.entry, first.holdout, first.status, first.revenue) == (1, True, "completed", 80.0)
-    assert first.converted_at is not None and first.ended_at is not None
+        ended = session.get(JourneyInstance, (workflow_id, 1))
+    assert ended is not None
+    assert (ended.run_id, ended.holdout, ended.status, ended.revenue) == (
+        "run-1",
+        True,
+        "holdout",
+        80.0,
+    )
+    assert ended.converted_at is not None and ended.ended_at is not None

@@ -655,6 +655,7 @@ class JourneyWorkflow:
                 converted_at=self.state.converted_at,
                 revenue=self.state.revenue,
                 holdout=status == "holdout",
+                trigger_message_id=self.input.trigger.message_id,
             ),
             summary=self._summary(f"{status}" + (f": {reason}" if reason else "")),
         )
