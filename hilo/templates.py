@@ -53,7 +53,7 @@ from liquid.exceptions import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
-    from hilo.journeys import JourneyDefinition, JourneyProblem, SendStep
+    from hilo.journeys import AnyStep, JourneyDefinition, JourneyProblem, SendStep
 
 # A message needs far less than these; they stop a template (or a customer's data) from
 # holding a worker or the API: a 5,000,000-step loop took 3.6 s to validate without them.
@@ -320,8 +320,22 @@ def sample_messages(definition: JourneyDefinition) -> Iterator[SampleMessage]:
 # ---------------------------------------------------------------- publish checks
 
 
+def template_sources(
+    definition: JourneyDefinition,
+) -> Iterator[tuple[AnyStep, str, dict[str, str]]]:
+    """Each step that holds templates (sends, hand-off notes): the step, its path, and its
+    templates by field."""
+    from hilo.journeys import HandoffStep, SendStep, walk_steps
+
+    for step, path in walk_steps(definition.steps):
+        if isinstance(step, SendStep):
+            yield step, path, step.content()
+        elif isinstance(step, HandoffStep):
+            yield step, path, {"note": step.note}
+
+
 def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
-    from hilo.journeys import HandoffStep, JourneyProblem, SendStep, walk_steps
+    from hilo.journeys import JourneyProblem, SendStep
 
     problems: list[JourneyProblem] = []
     context = sample_context(definition)
@@ -351,14 +365,8 @@ def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
             )
             return None
 
-    for step, path in walk_steps(definition.steps):
+    for step, path, sources in template_sources(definition):
         label = f"{path} ({step.id})"
-        if isinstance(step, SendStep):
-            sources = step.content()
-        elif isinstance(step, HandoffStep):
-            sources = {"note": step.note}
-        else:
-            continue
         rendered: dict[str, str] = {}
         for field, source in sources.items():
             if isinstance(step, SendStep) and step.channel == "whatsapp" and field == "body":
@@ -498,7 +506,7 @@ def sample_gaps(definition: JourneyDefinition) -> list[JourneyProblem]:
     over an empty list, a ``default``), so a field that would render blank for a real event
     shaped otherwise (``product_name`` where Segment sends ``products[].name``) is named.
     """
-    from hilo.journeys import HandoffStep, JourneyProblem, SendStep, walk_steps
+    from hilo.journeys import JourneyProblem
 
     context = sample_context(definition)
     hint = (
@@ -507,13 +515,7 @@ def sample_gaps(definition: JourneyDefinition) -> list[JourneyProblem]:
         else "the journey has no sample: add one shaped as your events and profiles"
     )
     warnings: list[JourneyProblem] = []
-    for step, path in walk_steps(definition.steps):
-        if isinstance(step, SendStep):
-            sources = step.content()
-        elif isinstance(step, HandoffStep):
-            sources = {"note": step.note}
-        else:
-            continue
+    for step, path, sources in template_sources(definition):
         for field, source in sources.items():
             missing = [
                 name
