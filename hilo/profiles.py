@@ -309,13 +309,19 @@ def timeline(
     return entries[:limit]
 
 
+def _latest(session: Session, query: Any, moment: Any, limit: int, before: datetime | None) -> Any:
+    """One timeline source's page: the newest ``limit`` rows of ``query`` by ``moment``,
+    older than ``before`` when it is given."""
+    if before is not None:
+        query = query.where(moment < before)
+    return session.exec(query.order_by(moment.desc()).limit(limit))
+
+
 def _events(
     session: Session, ids: Sequence[str], limit: int, before: datetime | None
 ) -> list[TimelineEntry]:
     query = select(StoredEvent).where(col(StoredEvent.customer_id).in_(ids))
-    if before is not None:
-        query = query.where(col(StoredEvent.timestamp) < before)
-    rows = session.exec(query.order_by(col(StoredEvent.timestamp).desc()).limit(limit))
+    rows = _latest(session, query, col(StoredEvent.timestamp), limit, before)
     entries = []
     for row in rows:
         identify = row.type == "identify"
@@ -362,9 +368,7 @@ def _journey_entries(
     session: Session, ids: Sequence[str], limit: int, before: datetime | None
 ) -> list[TimelineEntry]:
     query = select(JourneyInstance).where(col(JourneyInstance.customer_id).in_(ids))
-    if before is not None:
-        query = query.where(col(JourneyInstance.started_at) < before)
-    rows = session.exec(query.order_by(col(JourneyInstance.started_at).desc()).limit(limit))
+    rows = _latest(session, query, col(JourneyInstance.started_at), limit, before)
     return [
         TimelineEntry(
             kind="journey_entry",
@@ -384,9 +388,7 @@ def _journey_exits(
     query = select(JourneyInstance).where(
         col(JourneyInstance.customer_id).in_(ids), col(JourneyInstance.ended_at).is_not(None)
     )
-    if before is not None:
-        query = query.where(col(JourneyInstance.ended_at) < before)
-    rows = session.exec(query.order_by(col(JourneyInstance.ended_at).desc()).limit(limit))
+    rows = _latest(session, query, col(JourneyInstance.ended_at), limit, before)
     entries = []
     for row in rows:
         assert row.ended_at is not None
@@ -414,9 +416,7 @@ def _journey_notes(
     session: Session, ids: Sequence[str], limit: int, before: datetime | None
 ) -> list[TimelineEntry]:
     query = select(JourneyNote).where(col(JourneyNote.customer_id).in_(ids))
-    if before is not None:
-        query = query.where(col(JourneyNote.noted_at) < before)
-    rows = session.exec(query.order_by(col(JourneyNote.noted_at).desc()).limit(limit))
+    rows = _latest(session, query, col(JourneyNote.noted_at), limit, before)
     return [
         TimelineEntry(
             kind="journey_note",
@@ -437,9 +437,7 @@ def _messages(
     session: Session, ids: Sequence[str], limit: int, before: datetime | None
 ) -> list[TimelineEntry]:
     query = select(Message).where(col(Message.customer_id).in_(ids))
-    if before is not None:
-        query = query.where(col(Message.scheduled_at) < before)
-    rows = session.exec(query.order_by(col(Message.scheduled_at).desc()).limit(limit))
+    rows = _latest(session, query, col(Message.scheduled_at), limit, before)
     entries = []
     for row in rows:
         summary = f"{row.channel} {row.template} {row.status}"
@@ -472,9 +470,7 @@ def _consent_changes(
     session: Session, ids: Sequence[str], limit: int, before: datetime | None
 ) -> list[TimelineEntry]:
     query = select(ConsentChange).where(col(ConsentChange.customer_id).in_(ids))
-    if before is not None:
-        query = query.where(col(ConsentChange.changed_at) < before)
-    rows = session.exec(query.order_by(col(ConsentChange.changed_at).desc()).limit(limit))
+    rows = _latest(session, query, col(ConsentChange.changed_at), limit, before)
     entries = []
     for row in rows:
         what = f"{row.channel} {row.topic}" if row.topic else row.channel
@@ -499,9 +495,7 @@ def _profile_changes(
     session: Session, ids: Sequence[str], limit: int, before: datetime | None
 ) -> list[TimelineEntry]:
     query = select(ProfileChange).where(col(ProfileChange.customer_id).in_(ids))
-    if before is not None:
-        query = query.where(col(ProfileChange.changed_at) < before)
-    rows = session.exec(query.order_by(col(ProfileChange.changed_at).desc()).limit(limit))
+    rows = _latest(session, query, col(ProfileChange.changed_at), limit, before)
     return [
         TimelineEntry(
             kind="profile_change",
@@ -527,9 +521,7 @@ def _dead_letters(
         .join(StoredEvent, col(StoredEvent.message_id) == col(OutboxEntry.message_id), isouter=True)
         .where(col(OutboxEntry.customer_id).in_(ids), col(OutboxEntry.parked_at).is_not(None))
     )
-    if before is not None:
-        query = query.where(col(OutboxEntry.parked_at) < before)
-    rows = session.exec(query.order_by(col(OutboxEntry.parked_at).desc()).limit(limit))
+    rows = _latest(session, query, col(OutboxEntry.parked_at), limit, before)
     entries = []
     for row, name in rows:
         assert row.parked_at is not None
