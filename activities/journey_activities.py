@@ -19,13 +19,20 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.providers import CaptureProvider
-from hilo import promotions, templates
+from hilo import promotions
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
 from hilo.channels.config import DEV_LINK_SECRET
-from hilo.channels.links import LinkSigner, rewrite_links
-from hilo.consent import ADDRESS_TRAITS, CONSENT_DEFAULTS, DEVICE_CHANNELS, PREFERENCES_TRAIT
-from hilo.contact_policy import ContactPolicyService, SendIntent, left_topic
-from hilo.journey_runs import (
+from hilo.customers.consent import (
+    ADDRESS_TRAITS,
+    CONSENT_DEFAULTS,
+    DEVICE_CHANNELS,
+    PREFERENCES_TRAIT,
+)
+from hilo.db.store import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, Store, utcnow
+from hilo.feedback.links import LinkSigner, rewrite_links
+from hilo.journeys import templates
+from hilo.journeys.definitions import WEEKDAYS, TimeWindow
+from hilo.journeys.runs import (
     BEST_SEND_TIME,
     FINISH,
     LEAVE_AUDIENCES,
@@ -49,8 +56,7 @@ from hilo.journey_runs import (
     WindowRequest,
     only_paths,
 )
-from hilo.journeys import WEEKDAYS, TimeWindow
-from hilo.storage import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, Store, utcnow
+from hilo.policy.service import ContactPolicyService, SendIntent, left_topic
 
 # Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
 # audience syncs are not messages to the customer.

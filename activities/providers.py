@@ -7,7 +7,7 @@ exactly what a customer would receive. Real providers live in :mod:`hilo.channel
 from __future__ import annotations
 
 from hilo.channels.base import ChannelProvider, Delivery
-from hilo.storage import Store, utcnow
+from hilo.db.store import Store, utcnow
 
 __all__ = ["CaptureProvider", "ChannelProvider"]
 

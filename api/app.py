@@ -13,11 +13,11 @@ from temporalio.client import Client
 
 from api.openapi import method_not_allowed
 from api.routes import api_router
-from hilo.dispatcher import Dispatcher
-from hilo.ingest import Ingestor
-from hilo.routing import EventRouter
+from hilo.db.store import Store
+from hilo.intake.acceptance import Ingestor
+from hilo.intake.dispatcher import Dispatcher
+from hilo.intake.routing import EventRouter
 from hilo.settings import Settings
-from hilo.storage import Store
 
 DOCS_ASSETS = "/docs/assets"
 

@@ -13,16 +13,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from temporalio.client import Client
 
-from hilo import strict_json
 from hilo.catalog import JourneyCatalog
 from hilo.channels.config import ChannelSettings
-from hilo.dispatcher import Dispatcher
-from hilo.ingest import Ingestor
+from hilo.db.store import Store
+from hilo.intake import strict_json
+from hilo.intake.acceptance import Ingestor
+from hilo.intake.dispatcher import Dispatcher
+from hilo.intake.routing import EventRouter
+from hilo.intake.segment_api import text_problem
 from hilo.playbook import load_playbook
-from hilo.routing import EventRouter
-from hilo.segment import text_problem
 from hilo.settings import Settings
-from hilo.storage import Store
 
 Source = TypeVar("Source")
 
@@ -228,7 +228,7 @@ ADMIN_ONLY = [Depends(require_admin), Depends(storable_text)]
 
 
 class StrictJSONRequest(Request):
-    """A request whose JSON body is read by :func:`hilo.strict_json.loads`, as /v1's is, and
+    """A request whose JSON body is read by :func:`hilo.intake.strict_json.loads`, as /v1's is, and
     whose text is checked to be storable (no NUL, no lone surrogate)."""
 
     async def json(self) -> Any:

@@ -42,9 +42,9 @@ if __name__ in ("__main__", "__mp_main__"):  # a script, or a process it spawned
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from hilo.contact_policy import ContactPolicyService, SendIntent  # noqa: E402
-from hilo.postgres_server import PostgresServer  # noqa: E402
-from hilo.storage import Profile, Store  # noqa: E402
+from hilo.db.store import Profile, Store  # noqa: E402
+from hilo.policy.service import ContactPolicyService, SendIntent  # noqa: E402
+from tests.helpers.postgres import PostgresServer  # noqa: E402
 
 POLICY = {
     "default_timezone": "America/New_York",

@@ -63,7 +63,7 @@ import httpx  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 
 from bench.common import cpu_seconds, percentile, run_async  # noqa: E402
-from hilo.devserver import free_port, stop_process_group  # noqa: E402
+from hilo.devtools.devserver import free_port, stop_process_group  # noqa: E402
 from hilo.settings import DEV_WRITE_KEY  # noqa: E402
 
 TRACK_EVENTS = ("Product Viewed", "Product Added", "Checkout Started", "Coupon Applied")
@@ -354,8 +354,8 @@ class Bench:
 
     async def setup(self, stack: contextlib.AsyncExitStack) -> None:
         from hilo.catalog import JourneyCatalog
-        from hilo.devserver import DevServer
-        from hilo.storage import Store
+        from hilo.db.store import Store
+        from hilo.devtools.devserver import DevServer
 
         self.store = Store(self.database_url)
         self.store.migrate()
@@ -481,7 +481,7 @@ class Bench:
         from temporalio.api.enums.v1 import EventType
 
         from hilo.ids import journey_workflow_id
-        from hilo.journey_runs import SIGNAL_EVENT
+        from hilo.journeys.runs import SIGNAL_EVENT
 
         args = self.args
         customers = [(f"member-{n}", str(uuid.uuid4())) for n in range(args.instances)]
@@ -538,7 +538,7 @@ class Bench:
 
 
 def latency_journey() -> Any:
-    from hilo.journeys import JourneyDefinition
+    from hilo.journeys.definitions import JourneyDefinition
 
     return JourneyDefinition.model_validate(
         {

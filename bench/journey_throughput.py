@@ -4,8 +4,9 @@ One Temporal dev server (in memory) and one SQLite store serve both sides:
 
 * **hilo**: the abandoned-cart journey from ``examples/journeys`` with every wait cut to
   ``--wait`` seconds, published through the catalog, N customers with email and push consent,
-  N ``Cart Abandoned`` events routed by :class:`~hilo.routing.EventRouter` and run by the real
-  worker (:func:`worker.main.build_worker`) with the production client (``worker.main.connect``).
+  N ``Cart Abandoned`` events routed by :class:`~hilo.intake.routing.EventRouter` and run by
+  the real worker (:func:`worker.main.build_worker`) with the production client
+  (``worker.main.connect``).
 * **bare**: a minimal workflow defined here that schedules exactly the activities and timers one
   Hilo journey did (read from its history), in the same order, with activities that do nothing,
   started with ``client.start_workflow`` on its own task queue and worker.
@@ -64,13 +65,13 @@ with workflow.unsafe.imports_passed_through():
 
     from bench.common import cpu_seconds, run_async
     from hilo.catalog import JourneyCatalog
-    from hilo.devserver import DevServer
+    from hilo.db.store import Store
+    from hilo.devtools.devserver import DevServer
     from hilo.events import CustomerEvent
-    from hilo.journey_runs import SEND_MESSAGE
-    from hilo.journeys import JourneyDefinition, parse_journey
-    from hilo.routing import EventRouter
+    from hilo.intake.routing import EventRouter
+    from hilo.journeys.definitions import JourneyDefinition, parse_journey
+    from hilo.journeys.runs import SEND_MESSAGE
     from hilo.settings import PROJECT_ROOT, Settings
-    from hilo.storage import Store
     from worker.main import build_worker, connect
 
 T = TypeVar("T")

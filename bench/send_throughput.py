@@ -60,9 +60,9 @@ from activities.journey_activities import JourneyActivities  # noqa: E402
 from bench.common import cpu_seconds, percentile  # noqa: E402
 from hilo.channels.base import Delivery  # noqa: E402
 from hilo.channels.webhook import SignedWebhook, verify_signature  # noqa: E402
-from hilo.devserver import free_port, stop_process_group  # noqa: E402
-from hilo.journey_runs import SendRequest  # noqa: E402
-from hilo.storage import Store  # noqa: E402
+from hilo.db.store import Store  # noqa: E402
+from hilo.devtools.devserver import free_port, stop_process_group  # noqa: E402
+from hilo.journeys.runs import SendRequest  # noqa: E402
 
 SIDES = ("plain", "provider", "activity")
 SECRET = "bench-webhook-signing-secret"

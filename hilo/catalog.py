@@ -1,13 +1,13 @@
 """The journey catalog: validate, publish immutable versions, pause, resume, archive.
 
-Publishing checks what a definition alone cannot tell (:func:`~hilo.journeys.check_journey`
-already ran when it was parsed): the brand playbook, the unsubscribe link of marketing
-email, the promotions its templates name, as they are in the store now, and the preference
-topics its sends name (those the preference page offers). Problems refuse
-the version (:class:`~hilo.journeys.JourneyInvalid`); warnings come back with the version
-number: a promotion that expired or has not started (its sends will be skipped), an event
-name nothing produces (Hilo does not emit it, Segment's specs do not name it, no event has
-carried it yet), a template variable the sample does not have.
+Publishing checks what a definition alone cannot tell
+(:func:`~hilo.journeys.definitions.check_journey` already ran when it was parsed): the brand
+playbook, the unsubscribe link of marketing email, the promotions its templates name, as they are
+in the store now, and the preference topics its sends name (those the preference page offers).
+Problems refuse the version (:class:`~hilo.journeys.definitions.JourneyInvalid`); warnings come
+back with the version number: a promotion that expired or has not started (its sends will be
+skipped), an event name nothing produces (Hilo does not emit it, Segment's specs do not name it,
+no event has carried it yet), a template variable the sample does not have.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from hilo.channels.preferences import FREQUENCIES
-from hilo.consent import PREFERENCES_TRAIT
+from hilo.customers.consent import PREFERENCES_TRAIT
+from hilo.db.store import Journey, Store, utcnow
 from hilo.events import EMITTED_EVENTS, SEGMENT_SPEC_EVENTS, SPEC_NAME_FOR
-from hilo.journey_runs import SIGNAL_STOP, StopRequest
-from hilo.journeys import (
+from hilo.feedback.preferences import FREQUENCIES
+from hilo.journeys.definitions import (
     JourneyDefinition,
     JourneyInvalid,
     JourneyProblem,
@@ -35,10 +35,10 @@ from hilo.journeys import (
     load_journey_yaml,
     walk_steps,
 )
+from hilo.journeys.runs import SIGNAL_STOP, StopRequest
+from hilo.journeys.templates import check_unsubscribe_links, sample_gaps
 from hilo.playbook import Playbook, check_playbook
 from hilo.promotions import check_promotions
-from hilo.storage import Journey, Store, utcnow
-from hilo.templates import check_unsubscribe_links, sample_gaps
 
 SPEC_NAMES = sorted(SEGMENT_SPEC_EVENTS)
 

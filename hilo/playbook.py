@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hilo.templates import sample_messages, whatsapp_template
+from hilo.journeys.templates import sample_messages, whatsapp_template
 
 if TYPE_CHECKING:
-    from hilo.journeys import JourneyDefinition, JourneyProblem
-    from hilo.templates import SampleMessage
+    from hilo.journeys.definitions import JourneyDefinition, JourneyProblem
+    from hilo.journeys.templates import SampleMessage
 
 __all__ = ["Playbook", "PlaybookInvalid", "RequiredElement", "check_playbook", "load_playbook"]
 
@@ -189,7 +189,7 @@ def check_playbook(
     definition: JourneyDefinition, playbook: Playbook | None
 ) -> list[JourneyProblem]:
     """Every send step that breaks ``playbook``, each problem naming the step and field."""
-    from hilo.journeys import JourneyProblem
+    from hilo.journeys.definitions import JourneyProblem
 
     if playbook is None:
         return []

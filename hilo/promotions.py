@@ -29,11 +29,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel, col, select
 
+from hilo.db.store import Store, utcnow
 from hilo.events import DATE_TIME_OR_UNIX_TIME
-from hilo.storage import Store, utcnow
 
 if TYPE_CHECKING:
-    from hilo.journeys import JourneyDefinition, JourneyProblem
+    from hilo.journeys.definitions import JourneyDefinition, JourneyProblem
 
 __all__ = [
     "PROMOTION_KEY",
@@ -55,7 +55,7 @@ __all__ = [
 
 # A Liquid identifier, so that ``promotions.<key>`` works without brackets.
 PROMOTION_KEY = r"^[a-z][a-z0-9_]{0,62}$"
-# The channels of hilo.journeys.CHANNELS.
+# The channels of hilo.journeys.definitions.CHANNELS.
 ChannelName = Literal["email", "sms", "whatsapp", "push", "webpush", "webhook", "audience"]
 
 
@@ -240,7 +240,7 @@ def promotions_used(sources: Iterable[str]) -> set[str]:
     """
     from liquid.exceptions import LiquidError
 
-    from hilo.templates import parsed
+    from hilo.journeys.templates import parsed
 
     keys: set[str] = set()
     for source in sources:
@@ -308,7 +308,7 @@ def check_promotions(
 ) -> tuple[list[JourneyProblem], list[JourneyProblem]]:
     """Problems (unknown promotion, not offered on the channel) and warnings (expired or
     not started yet at ``now``: those sends will be skipped) of every send step."""
-    from hilo.journeys import JourneyProblem, SendStep, walk_steps
+    from hilo.journeys.definitions import JourneyProblem, SendStep, walk_steps
 
     uses: list[tuple[str, str, str]] = []  # (field path, channel, key)
     for step, path in walk_steps(definition.steps):

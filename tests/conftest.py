@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from hilo.journeys import JourneyDefinition, load_journey_yaml
-from hilo.postgres_server import PostgresServer
+from hilo.db.store import Store
+from hilo.devtools.simulation import JourneyLab, start_time_skipping
+from hilo.journeys.definitions import JourneyDefinition, load_journey_yaml
 from hilo.settings import PROJECT_ROOT
-from hilo.simulation import JourneyLab, start_time_skipping
-from hilo.storage import Store
+from tests.helpers.postgres import PostgresServer
 
 EXAMPLES = PROJECT_ROOT / "examples"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from temporalio import workflow
 
 with workflow.unsafe.imports_passed_through():
-    from hilo.journey_runs import JourneyInput, JourneyResult
+    from hilo.journeys.runs import JourneyInput, JourneyResult
     from workflows.journey import JourneyWorkflow
 
 

@@ -12,8 +12,8 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
-from hilo.simulation import JourneyLab, start_time_skipping
-from hilo.storage import Store
+from hilo.db.store import Store
+from hilo.devtools.simulation import JourneyLab, start_time_skipping
 from tests.conftest import example
 
 HISTORIES = Path(__file__).parent / "histories"

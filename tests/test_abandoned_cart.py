@@ -11,9 +11,9 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.converter import decode_typed_search_attributes
 
-from hilo import search_attributes as attrs
-from hilo.journeys import JourneyDefinition
-from hilo.simulation import JourneyLab
+from hilo.devtools.simulation import JourneyLab
+from hilo.journeys import search_attributes as attrs
+from hilo.journeys.definitions import JourneyDefinition
 from tests.conftest import example
 
 CART = {"cart_id": "c1", "cart_value": 80, "product_name": "Mug"}
@@ -249,7 +249,7 @@ async def test_v2_published_while_v1_waits_leaves_that_instance_on_v1(lab: Journ
 async def test_continue_as_new_keeps_position_and_message_ids(
     time_env: object, store: object, max_steps_per_run: int
 ) -> None:
-    from hilo.storage import Store
+    from hilo.db.store import Store
 
     assert isinstance(store, Store)
     async with JourneyLab.open(

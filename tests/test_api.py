@@ -20,11 +20,11 @@ import uvicorn
 import yaml
 
 from api.app import create_app
+from hilo.db.store import Store
+from hilo.devtools.simulation import JourneyLab
 from hilo.events import CustomerEvent
-from hilo.routing import EventRouter, RouteResult
+from hilo.intake.routing import EventRouter, RouteResult
 from hilo.settings import Settings
-from hilo.simulation import JourneyLab
-from hilo.storage import Store
 from tests.conftest import EXAMPLES
 from tests.provider_servers import free_port
 

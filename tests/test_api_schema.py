@@ -30,10 +30,10 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from hilo.channels.config import ChannelSettings
-from hilo.dispatcher import Dispatcher
+from hilo.db.store import Store
+from hilo.devtools.simulation import JourneyLab
+from hilo.intake.dispatcher import Dispatcher
 from hilo.settings import Settings
-from hilo.simulation import JourneyLab
-from hilo.storage import Store
 from tests.conftest import EXAMPLES as EXAMPLE_FILES
 from tests.provider_servers import free_port
 

@@ -27,17 +27,17 @@ from hilo.channels.audiences import (
 from hilo.channels.base import ChannelProvider
 from hilo.channels.config import ChannelSettings
 from hilo.channels.fcm import FcmPush, ServiceAccount
-from hilo.channels.links import LinkClaims
-from hilo.channels.preferences import PreferenceChange
 from hilo.channels.webpush import WebPush, vapid_public_key
-from hilo.contact_policy import ContactPolicyService
-from hilo.delivery_feedback import apply_preferences, unsubscribe
-from hilo.dispatcher import Dispatcher
-from hilo.journey_runs import LeaveAudiencesResult
-from hilo.journeys import parse_journey
-from hilo.profiles import record_consent
-from hilo.simulation import JourneyLab
-from hilo.storage import Device, Store
+from hilo.customers.profiles import record_consent
+from hilo.db.store import Device, Store
+from hilo.devtools.simulation import JourneyLab
+from hilo.feedback.deliveries import apply_preferences, unsubscribe
+from hilo.feedback.links import LinkClaims
+from hilo.feedback.preferences import PreferenceChange
+from hilo.intake.dispatcher import Dispatcher
+from hilo.journeys.definitions import parse_journey
+from hilo.journeys.runs import LeaveAudiencesResult
+from hilo.policy.service import ContactPolicyService
 from tests.provider_servers import (
     FakeFirebase,
     FakeGoogleAds,

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from hilo.cli import app
+from hilo.cli.app import app
+from hilo.db.store import Store
 from hilo.settings import Settings
-from hilo.storage import Store
 from tests.conftest import EXAMPLES
 
 runner = CliRunner()
@@ -164,7 +164,7 @@ def test_expectations_compare_offsets_as_durations(env: Path) -> None:
 
 
 def test_zero_offsets_are_the_same_moment() -> None:
-    from hilo.simulation import SimulationReport
+    from hilo.devtools.simulation import SimulationReport
 
     report = SimulationReport(
         timeline=["+0s email hello"], results={}, expected=["+0m email hello"]

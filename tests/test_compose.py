@@ -18,7 +18,7 @@ import typer.main
 import yaml
 
 from hilo.channels.config import ChannelSettings, build_providers
-from hilo.search_attributes import CLI_TYPES
+from hilo.journeys.search_attributes import CLI_TYPES
 from hilo.settings import PROJECT_ROOT, Settings, WriteKeySource
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.temporal.yml"
@@ -205,7 +205,7 @@ def test_dockerfile() -> None:
 def test_commands_are_hilo_cli_commands(services: dict[str, Any]) -> None:
     scripts = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["hilo"] == "hilo.cli:app"
-    from hilo.cli import app
+    from hilo.cli.app import app
 
     cli = typer.main.get_command(app)
     names = set(getattr(cli, "commands", {}))

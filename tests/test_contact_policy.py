@@ -20,8 +20,12 @@ from sqlmodel import select
 from typer.testing import CliRunner
 
 from api.routes.policy import router as policy_router
-from hilo.channels.preferences import PreferenceChange
-from hilo.contact_policy import (
+from hilo.cli.policy import policy_app
+from hilo.db.store import Store
+from hilo.devtools.devserver import free_port
+from hilo.feedback.deliveries import apply_preferences
+from hilo.feedback.preferences import PreferenceChange
+from hilo.policy.service import (
     ContactPolicyService,
     ContactReservation,
     PolicyDecisionRecord,
@@ -31,11 +35,7 @@ from hilo.contact_policy import (
     _lock_key,
     parse_policy,
 )
-from hilo.delivery_feedback import apply_preferences
-from hilo.devserver import free_port
-from hilo.policy_cli import policy_app
 from hilo.settings import Settings
-from hilo.storage import Store
 
 NEW_YORK = ZoneInfo("America/New_York")
 TOKEN = "policy-token"

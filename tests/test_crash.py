@@ -35,12 +35,12 @@ from aiosmtpd.smtp import Envelope
 from temporalio.client import Client
 
 from hilo.catalog import JourneyCatalog
-from hilo.devserver import DevServer
+from hilo.db.store import Store
+from hilo.devtools.devserver import DevServer
 from hilo.events import CustomerEvent
-from hilo.journeys import parse_journey
-from hilo.routing import EventRouter
+from hilo.intake.routing import EventRouter
+from hilo.journeys.definitions import parse_journey
 from hilo.settings import PROJECT_ROOT
-from hilo.storage import Store
 from tests.provider_servers import (
     FakeSmtpServer,
     FakeWebhookReceiver,
@@ -62,7 +62,7 @@ import asyncio
 from datetime import timedelta
 
 from hilo.settings import Settings
-from hilo.storage import Store
+from hilo.db.store import Store
 from worker.main import build_worker, configured_activities, connect
 
 

@@ -22,9 +22,10 @@ from temporalio.service import RPCError, RPCStatusCode
 from typer.testing import CliRunner
 
 from api.app import create_app
-from hilo.cli import app as cli
-from hilo.devserver import DevServer
-from hilo.dispatcher import parking_reason
+from hilo.cli.app import app as cli
+from hilo.db.store import JourneyVersion, OutboxEntry, Store
+from hilo.devtools.devserver import DevServer
+from hilo.devtools.simulation import JourneyLab
 from hilo.ids import (
     MAX_CUSTOMER_ID_BYTES,
     MAX_INSTANCE_KEY_BYTES,
@@ -32,11 +33,10 @@ from hilo.ids import (
     bounded_instance_key,
     journey_workflow_id,
 )
-from hilo.journey_runs import JourneyResult
-from hilo.journeys import JourneyDefinition
+from hilo.intake.dispatcher import parking_reason
+from hilo.journeys.definitions import JourneyDefinition
+from hilo.journeys.runs import JourneyResult
 from hilo.settings import Settings
-from hilo.simulation import JourneyLab
-from hilo.storage import JourneyVersion, OutboxEntry, Store
 from tests.conftest import example
 from tests.test_ingestion import SOURCES, asgi, basic, counts, hilo_app
 from worker.main import build_worker, connect

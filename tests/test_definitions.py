@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from hilo.journeys import (
+from hilo.journeys.definitions import (
     STEP_TYPES,
     JourneyDefinition,
     JourneyInvalid,

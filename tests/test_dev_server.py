@@ -17,12 +17,12 @@ import pytest
 from sqlmodel import select
 
 from hilo.catalog import JourneyCatalog
-from hilo.devserver import DevServer, tool_path
+from hilo.db.store import CapturedMessage, Store
+from hilo.devtools.devserver import DevServer, tool_path
 from hilo.events import CustomerEvent
-from hilo.journey_runs import JourneyResult
-from hilo.journeys import JourneyDefinition
-from hilo.routing import EventRouter
-from hilo.storage import CapturedMessage, Store
+from hilo.intake.routing import EventRouter
+from hilo.journeys.definitions import JourneyDefinition
+from hilo.journeys.runs import JourneyResult
 from worker.main import connect
 
 TASK_QUEUE = "hilo-restart-test"

@@ -17,22 +17,22 @@ from api.app import create_app
 from api.routes.feedback import feedback_router
 from hilo.catalog import JourneyCatalog
 from hilo.channels.config import DEV_LINK_SECRET, ChannelSettings
-from hilo.channels.links import LinkSigner
-from hilo.cli import app as cli
-from hilo.contact_policy import ContactPolicyService, SendIntent
-from hilo.delivery_feedback import (
+from hilo.cli.app import app as cli
+from hilo.db.store import Message, Store, utcnow
+from hilo.devtools.simulation import JourneyLab
+from hilo.events import EMITTED_EVENTS, PREFERENCES_UPDATED, UNSUBSCRIBED
+from hilo.feedback.deliveries import (
     DELIVERY_EVENTS,
     ENGAGEMENT_EVENTS,
     ENGAGEMENT_FALLBACK,
     current_preferences,
 )
-from hilo.dispatcher import Dispatcher
-from hilo.events import EMITTED_EVENTS, PREFERENCES_UPDATED, UNSUBSCRIBED
-from hilo.ingest import EVENT_NAMES
-from hilo.journeys import parse_journey
+from hilo.feedback.links import LinkSigner
+from hilo.intake.acceptance import EVENT_NAMES
+from hilo.intake.dispatcher import Dispatcher
+from hilo.journeys.definitions import parse_journey
+from hilo.policy.service import ContactPolicyService, SendIntent
 from hilo.settings import PROJECT_ROOT, Settings
-from hilo.simulation import JourneyLab
-from hilo.storage import Message, Store, utcnow
 from tests.conftest import EXAMPLES, example
 
 # Where the workers of a lab sign their links (no settings: the development secret).

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hilo.journeys import load_journey_yaml
-from hilo.simulation import JourneyLab, Scenario, run_scenario
+from hilo.devtools.simulation import JourneyLab, Scenario, run_scenario
+from hilo.journeys.definitions import load_journey_yaml
 from tests.conftest import EXAMPLES, example
 
 JOURNEYS = sorted((EXAMPLES / "journeys").glob("*.yaml"))

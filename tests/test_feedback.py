@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hilo.channels.feedback import (
+from hilo.feedback.webhooks import (
     SignatureRejected,
     parse_sendgrid,
     parse_twilio,

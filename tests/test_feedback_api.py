@@ -32,13 +32,13 @@ from api.routes.feedback import (
     feedback_router,
 )
 from hilo.channels.config import DEV_LINK_SECRET, ChannelSettings
-from hilo.channels.feedback import parse_sendgrid, twilio_signature
-from hilo.channels.links import LinkRejected, LinkSigner
-from hilo.channels.preferences import Topic
-from hilo.contact_policy import Suppression
-from hilo.delivery_feedback import record_delivery_events
+from hilo.db.store import ConsentChange, Message, OutboxEntry, Store, StoredEvent
+from hilo.feedback.deliveries import record_delivery_events
+from hilo.feedback.links import LinkRejected, LinkSigner
+from hilo.feedback.preferences import Topic
+from hilo.feedback.webhooks import parse_sendgrid, twilio_signature
+from hilo.policy.service import Suppression
 from hilo.settings import Settings
-from hilo.storage import ConsentChange, Message, OutboxEntry, Store, StoredEvent
 
 PUBLIC = "https://hilo.shop.example"
 LINK_SECRET = "a-link-secret-for-tests-only-0123456789"

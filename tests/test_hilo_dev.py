@@ -20,12 +20,12 @@ import httpx
 import pytest
 
 from hilo.channels.config import DEV_LINK_SECRET
-from hilo.channels.links import LinkRejected, LinkSigner
+from hilo.cli.dev import port_problems
 from hilo.client import HiloClient
-from hilo.dev import port_problems
-from hilo.devserver import free_port, process_command_line
+from hilo.db.store import Store
+from hilo.devtools.devserver import free_port, process_command_line
+from hilo.feedback.links import LinkRejected, LinkSigner
 from hilo.settings import DEV_WRITE_KEY, Settings
-from hilo.storage import Store
 from worker.main import connect
 
 
@@ -310,7 +310,7 @@ def test_killing_hilo_dev_takes_its_temporal_server_with_it(tmp_path: Path) -> N
 ORPHAN = """
 import os, subprocess, sys
 from pathlib import Path
-from hilo.devserver import DevServer
+from hilo.devtools.devserver import DevServer
 
 state = Path(sys.argv[1])
 state.mkdir(parents=True, exist_ok=True)

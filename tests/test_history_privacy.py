@@ -10,12 +10,12 @@ from typing import Any
 from temporalio.client import WorkflowHistory
 
 from activities.journey_activities import JourneyActivities
+from hilo.db.store import Store
+from hilo.devtools.simulation import JourneyLab
 from hilo.events import CustomerEvent
-from hilo.journey_runs import ProfileRequest, only_paths, workflow_event
-from hilo.journeys import JourneyDefinition, load_journey_yaml
+from hilo.journeys.definitions import JourneyDefinition, load_journey_yaml
+from hilo.journeys.runs import ProfileRequest, only_paths, workflow_event
 from hilo.settings import PROJECT_ROOT
-from hilo.simulation import JourneyLab
-from hilo.storage import Store
 from tests.conftest import example
 
 EMAIL = "ana.private@example.com"

@@ -29,13 +29,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RetryConfig
 
 from api.app import create_app
-from hilo.contact_policy import PolicyDecisionRecord
-from hilo.devserver import free_port
-from hilo.routing import EventRouter
-from hilo.segment import MAX_BATCH_BYTES, MAX_CALL_BYTES
-from hilo.settings import Settings
-from hilo.simulation import JourneyLab
-from hilo.storage import (
+from hilo.db.store import (
     ConsentChange,
     Device,
     Identity,
@@ -45,6 +39,12 @@ from hilo.storage import (
     Store,
     StoredEvent,
 )
+from hilo.devtools.devserver import free_port
+from hilo.devtools.simulation import JourneyLab
+from hilo.intake.routing import EventRouter
+from hilo.intake.segment_api import MAX_BATCH_BYTES, MAX_CALL_BYTES
+from hilo.policy.service import PolicyDecisionRecord
+from hilo.settings import Settings
 from tests.conftest import example
 from tests.test_api import LabRouter
 

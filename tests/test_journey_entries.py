@@ -25,11 +25,11 @@ from sqlmodel import col, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
+from hilo.db.store import MIGRATIONS_DIR, JourneyInstance, Store
+from hilo.devtools.simulation import JourneyLab, start_time_skipping
 from hilo.events import CustomerEvent
-from hilo.journey_runs import SIGNAL_EVENT
-from hilo.journeys import JourneyDefinition
-from hilo.simulation import JourneyLab, start_time_skipping
-from hilo.storage import MIGRATIONS_DIR, JourneyInstance, Store
+from hilo.journeys.definitions import JourneyDefinition
+from hilo.journeys.runs import SIGNAL_EVENT
 from tests.conftest import example
 from tests.test_ingestion import asgi, basic, hilo_app
 

@@ -11,8 +11,8 @@ from html.parser import HTMLParser
 import pytest
 
 from hilo.channels.base import b64url, b64url_decode
-from hilo.channels.links import LinkKind, LinkRejected, LinkSigner, rewrite_links
-from hilo.channels.preferences import (
+from hilo.feedback.links import LinkKind, LinkRejected, LinkSigner, rewrite_links
+from hilo.feedback.preferences import (
     PreferenceChange,
     PreferenceFormError,
     PreferenceState,

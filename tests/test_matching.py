@@ -10,11 +10,11 @@ import pytest
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from hilo.conditions import Condition, key_text, same_value
-from hilo.journeys import EventMatch, JourneyDefinition, check_journey
-from hilo.profiles import timeline
-from hilo.simulation import JourneyLab
-from hilo.storage import Store
+from hilo.customers.profiles import timeline
+from hilo.db.store import Store
+from hilo.devtools.simulation import JourneyLab
+from hilo.journeys.conditions import Condition, key_text, same_value
+from hilo.journeys.definitions import EventMatch, JourneyDefinition, check_journey
 from tests.conftest import example
 from workflows.journey import JourneyWorkflow
 

@@ -12,11 +12,11 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowHandle
 from temporalio.converter import PayloadConverter
 
-from hilo import search_attributes as attrs
-from hilo.contact_policy import ContactPolicyService
-from hilo.journey_runs import JourneyProgress
-from hilo.journeys import parse_journey
-from hilo.simulation import JourneyLab
+from hilo.devtools.simulation import JourneyLab
+from hilo.journeys import search_attributes as attrs
+from hilo.journeys.definitions import parse_journey
+from hilo.journeys.runs import JourneyProgress
+from hilo.policy.service import ContactPolicyService
 from tests.conftest import example
 
 WID = "journey/abandoned_cart/42/c1"

@@ -30,13 +30,13 @@ from temporalio.client import Client
 
 from api.app import create_app
 from hilo.catalog import JourneyCatalog
-from hilo.devserver import DevServer
+from hilo.db.store import Profile, Store, StoredEvent
+from hilo.devtools.devserver import DevServer
 from hilo.ids import journey_workflow_id
-from hilo.ingest import Ingestor, OwnEvent
-from hilo.journey_runs import SIGNAL_EVENT
-from hilo.journeys import JourneyDefinition
+from hilo.intake.acceptance import Ingestor, OwnEvent
+from hilo.journeys.definitions import JourneyDefinition
+from hilo.journeys.runs import SIGNAL_EVENT
 from hilo.settings import DEV_WRITE_KEY, Settings, WriteKeySource
-from hilo.storage import Profile, Store, StoredEvent
 from worker.main import build_worker, connect
 
 JOURNEY = "outage_cart"

@@ -20,9 +20,9 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from hilo.contact_policy import ContactPolicyService
-from hilo.journeys import parse_journey
-from hilo.simulation import JourneyLab
+from hilo.devtools.simulation import JourneyLab
+from hilo.journeys.definitions import parse_journey
+from hilo.policy.service import ContactPolicyService
 
 NEW_YORK = ZoneInfo("America/New_York")
 UNSUBSCRIBE = ' <a href="{{ unsubscribe_url }}">Unsubscribe</a>'
@@ -193,8 +193,8 @@ async def test_a_send_about_a_topic_the_customer_left_is_skipped_in_the_journey(
 ) -> None:
     """The newsletter goes out; the promotion, about a topic Ana left, is skipped and says why."""
     from hilo.catalog import JourneyCatalog
-    from hilo.channels.preferences import PreferenceChange
-    from hilo.delivery_feedback import apply_preferences
+    from hilo.feedback.deliveries import apply_preferences
+    from hilo.feedback.preferences import PreferenceChange
 
     lab.store.upsert_profile("ana", traits={"email": "ana@example.com", "first_name": "Ana"})
     apply_preferences(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hilo.devserver import free_port
+from hilo.devtools.devserver import free_port
 from hilo.settings import Settings
 
 ENTRY_POINTS = {

@@ -9,7 +9,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from hilo.simulation import JourneyLab
+from hilo.devtools.simulation import JourneyLab
 from tests.conftest import example
 from tests.incompatible_journey import SendsBeforeWaiting
 from workflows.journey import JourneyWorkflow

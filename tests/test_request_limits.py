@@ -36,9 +36,9 @@ from sqlmodel import select
 from api.app import create_app
 from api.deps import StrictJSONRoute
 from hilo.channels.config import ChannelSettings
+from hilo.db.store import Store, StoredEvent
 from hilo.ids import MAX_ID_CHARS
 from hilo.settings import Settings
-from hilo.storage import Store, StoredEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = "https://hilo.shop.example"

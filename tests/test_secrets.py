@@ -14,9 +14,9 @@ import pytest
 
 from api import deps
 from hilo.channels.config import DEV_LINK_SECRET, LINK_SECRET_FILE
-from hilo.channels.links import LinkRejected, LinkSigner
+from hilo.db.store import Store
+from hilo.feedback.links import LinkRejected, LinkSigner
 from hilo.settings import Settings
-from hilo.storage import Store
 from tests.test_ingestion import asgi, basic, hilo_app
 
 # ---------------------------------------------------------------- the link secret

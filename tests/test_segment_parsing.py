@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from rudderstack.analytics.client import Client as RudderClient
 from segment.analytics import Client as SegmentClient
 
-from hilo.segment import (
+from hilo.intake.segment_api import (
     CALL_TYPES,
     KINDS,
     MAX_BATCH_BYTES,

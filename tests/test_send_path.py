@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from hilo.contact_policy import ContactPolicyService, SendIntent
-from hilo.storage import Store, utcnow
+from hilo.db.store import Store, utcnow
+from hilo.policy.service import ContactPolicyService, SendIntent
 
 SENT_AT = datetime(2026, 11, 24, 9, 30, 15, 123456, tzinfo=UTC)
 
@@ -145,8 +145,8 @@ def test_queue_capture_and_outcome_write_rows_the_models_read(any_store: Store) 
 
 
 def test_devices_reached_retired_and_audience_exits_on_both_databases(any_store: Store) -> None:
-    from hilo.profiles import record_consent
-    from hilo.storage import Message
+    from hilo.customers.profiles import record_consent
+    from hilo.db.store import Message
 
     record_consent(any_store, "42", "push", True, "app", device="token-phone-0000000000000000")
     record_consent(any_store, "42", "push", True, "app", device="token-tablet-000000000000000")

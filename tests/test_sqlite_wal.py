@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hilo.ingest import writer_lock
-from hilo.storage import WAL_AUTOCHECKPOINT_PAGES, Store
+from hilo.db.store import WAL_AUTOCHECKPOINT_PAGES, Store
+from hilo.intake.acceptance import writer_lock
 
 
 def profiles_in_main_file(database: Path, scratch: Path) -> int:

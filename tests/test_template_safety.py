@@ -18,14 +18,14 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.journey_activities import JourneyActivities
 from api.app import create_app
-from hilo.channels.links import LinkSigner, rewrite_links
 from hilo.channels.smtp import SmtpEmail
+from hilo.db.store import Store
 from hilo.events import CustomerEvent
-from hilo.journeys import JourneyInvalid, parse_journey
-from hilo.routing import EventRouter
+from hilo.feedback.links import LinkSigner, rewrite_links
+from hilo.intake.routing import EventRouter
+from hilo.journeys.definitions import JourneyInvalid, parse_journey
+from hilo.journeys.templates import email_parts, render_content
 from hilo.settings import Settings
-from hilo.storage import Store
-from hilo.templates import email_parts, render_content
 from tests.provider_servers import FakeSmtpServer
 from worker.main import build_worker
 
@@ -342,7 +342,7 @@ async def test_an_email_sent_over_smtp_escapes_the_name_and_signs_only_its_links
     time_env: WorkflowEnvironment, store: Store
 ) -> None:
     from hilo.catalog import JourneyCatalog
-    from hilo.journeys import load_journey_yaml
+    from hilo.journeys.definitions import load_journey_yaml
 
     smtp = FakeSmtpServer().start()
     queue = f"template-safety-{uuid.uuid4().hex[:8]}"

@@ -15,7 +15,16 @@ from pydantic import ValidationError
 
 from api.routes.promotions import router as promotions_router
 from hilo.catalog import JourneyCatalog
-from hilo.journeys import JourneyInvalid, JourneyProblem, Sample, parse_journey
+from hilo.db.store import Store
+from hilo.journeys.definitions import JourneyInvalid, JourneyProblem, Sample, parse_journey
+from hilo.journeys.templates import (
+    SAMPLE_UNSUBSCRIBE_URL,
+    check_templates,
+    render,
+    render_content,
+    sample_gaps,
+    sample_messages,
+)
 from hilo.playbook import Playbook, PlaybookInvalid, check_playbook, load_playbook
 from hilo.promotions import (
     PromotionIn,
@@ -28,15 +37,6 @@ from hilo.promotions import (
     upsert_promotion,
 )
 from hilo.settings import Settings
-from hilo.storage import Store
-from hilo.templates import (
-    SAMPLE_UNSUBSCRIBE_URL,
-    check_templates,
-    render,
-    render_content,
-    sample_gaps,
-    sample_messages,
-)
 from tests.conftest import EXAMPLES, example
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)

@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from activities.journey_activities import next_opening
-from hilo.journeys import JourneyDefinition, TimeWindow
-from hilo.simulation import JourneyLab
+from hilo.devtools.simulation import JourneyLab
+from hilo.journeys.definitions import JourneyDefinition, TimeWindow
 
 NEW_YORK = ZoneInfo("America/New_York")
 DAYTIME = TimeWindow(start="09:00", end="21:00")

@@ -15,9 +15,9 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.journey_activities import UNSIGNED_WEBHOOK, JourneyActivities
 from hilo.channels.config import ChannelSettings, build_providers
-from hilo.journeys import JourneyDefinition, SendStep, walk_steps
+from hilo.db.store import Store
+from hilo.journeys.definitions import JourneyDefinition, SendStep, walk_steps
 from hilo.settings import Settings
-from hilo.storage import Store
 from workflows.audiences import LeaveAudiencesWorkflow
 from workflows.journey import JourneyWorkflow
 

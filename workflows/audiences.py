@@ -12,7 +12,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from hilo.journey_runs import (
+    from hilo.journeys.runs import (
         LEAVE_AUDIENCES,
         LEAVE_AUDIENCES_WORKFLOW,
         LeaveAudiencesRequest,

@@ -21,12 +21,30 @@ from temporalio.common import (
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from hilo import search_attributes as attrs
-    from hilo.conditions import Condition, SameValue, exact_equal, lookup, same_value
-    from hilo.durations import format_duration
     from hilo.events import CustomerEvent
     from hilo.ids import message_id, stable_fraction
-    from hilo.journey_runs import (
+    from hilo.journeys import search_attributes as attrs
+    from hilo.journeys.conditions import Condition, SameValue, exact_equal, lookup, same_value
+    from hilo.journeys.definitions import (
+        AnyStep,
+        BranchStep,
+        EventMatch,
+        ExitStep,
+        Goal,
+        HandoffStep,
+        JourneyDefinition,
+        Node,
+        SendStep,
+        SplitStep,
+        UpdateProfileStep,
+        WaitForStep,
+        WaitStep,
+        compile_steps,
+        first_of,
+        walk_steps,
+    )
+    from hilo.journeys.durations import format_duration
+    from hilo.journeys.runs import (
         BEST_SEND_TIME,
         FINISH,
         LEAVE_AUDIENCES,
@@ -59,24 +77,6 @@ with workflow.unsafe.imports_passed_through():
         WindowOpening,
         WindowRequest,
         profile_paths,
-    )
-    from hilo.journeys import (
-        AnyStep,
-        BranchStep,
-        EventMatch,
-        ExitStep,
-        Goal,
-        HandoffStep,
-        JourneyDefinition,
-        Node,
-        SendStep,
-        SplitStep,
-        UpdateProfileStep,
-        WaitForStep,
-        WaitStep,
-        compile_steps,
-        first_of,
-        walk_steps,
     )
 
 QUICK = timedelta(seconds=30)
@@ -213,7 +213,7 @@ class JourneyWorkflow:
     # ------------------------------------------------------------ the run
 
     def _by_rule(self, check: Callable[[SameValue], bool]) -> bool:
-        """``check`` under the comparison rule of this instance (hilo.conditions).
+        """``check`` under the comparison rule of this instance (hilo.journeys.conditions).
 
         Instances started before :func:`same_value` keep ``==``. The patch is asked only
         when the two rules disagree, so a journey that never meets 555 against "555" pays

@@ -31,7 +31,23 @@ from api.bodies import read_body, read_form
 from api.deps import StoreDep, get_channel_settings
 from api.openapi import MESSAGE_SCHEMA, SETTINGS_INVALID, Responses, message
 from hilo.channels.config import ChannelSettings
-from hilo.channels.feedback import (
+from hilo.db.store import Store
+from hilo.feedback.deliveries import (
+    apply_preferences,
+    current_preferences,
+    record_delivery_events,
+    tracked_click,
+    tracked_open,
+    unsubscribe,
+)
+from hilo.feedback.links import LINK_PATHS, LinkClaims, LinkKind, LinkRejected, LinkSigner
+from hilo.feedback.preferences import (
+    PreferenceFormError,
+    parse_preference_form,
+    render_confirmation,
+    render_preference_page,
+)
+from hilo.feedback.webhooks import (
     DeliveryEvent,
     SignatureRejected,
     parse_sendgrid,
@@ -42,22 +58,6 @@ from hilo.channels.feedback import (
     verify_whatsapp,
     whatsapp_challenge,
 )
-from hilo.channels.links import LINK_PATHS, LinkClaims, LinkKind, LinkRejected, LinkSigner
-from hilo.channels.preferences import (
-    PreferenceFormError,
-    parse_preference_form,
-    render_confirmation,
-    render_preference_page,
-)
-from hilo.delivery_feedback import (
-    apply_preferences,
-    current_preferences,
-    record_delivery_events,
-    tracked_click,
-    tracked_open,
-    unsubscribe,
-)
-from hilo.storage import Store
 
 __all__ = [
     "ONE_CLICK_SOURCE",

@@ -24,7 +24,8 @@ from api.openapi import (
     ValidationProblems,
     message,
 )
-from hilo.journeys import (
+from hilo.db.store import Journey
+from hilo.journeys.definitions import (
     JourneyDefinition,
     JourneyInvalid,
     JourneyProblem,
@@ -33,7 +34,6 @@ from hilo.journeys import (
     parse_journey,
     walk_steps,
 )
-from hilo.storage import Journey
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
 JSON_TYPES = ("application/json",)

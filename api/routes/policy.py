@@ -19,7 +19,9 @@ from api.openapi import (
     Responses,
     ValidationProblems,
 )
-from hilo.contact_policy import (
+from hilo.db.store import utcnow
+from hilo.journeys.definitions import CHANNELS
+from hilo.policy.service import (
     ContactPolicy,
     ContactPolicyService,
     PolicyDecision,
@@ -27,8 +29,6 @@ from hilo.contact_policy import (
     PolicyProblem,
     SendIntent,
 )
-from hilo.journeys import CHANNELS
-from hilo.storage import utcnow
 
 router = APIRouter(
     prefix="/policy",

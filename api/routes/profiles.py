@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
 from api.openapi import NOT_BLANK, NOT_JSON, SPACE, TIME_ZONES, UNAUTHORIZED, DateTimeText, message
-from hilo.ids import MAX_ID_CHARS
-from hilo.profiles import (
+from hilo.customers.profiles import (
     MAX_TIMELINE,
     ConsentError,
     ProfileView,
@@ -27,6 +26,7 @@ from hilo.profiles import (
     resolve_customer,
     timeline,
 )
+from hilo.ids import MAX_ID_CHARS
 
 router = APIRouter(
     prefix="/profiles",

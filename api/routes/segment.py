@@ -18,8 +18,9 @@ from pydantic import BaseModel
 from api.bodies import BodyTooLarge, read_body
 from api.deps import SettingsDep, get_dispatcher, get_ingestor, source_for_write_key
 from api.openapi import NOT_BLANK
-from hilo.ingest import Accepted
-from hilo.segment import (
+from hilo.db.store import utcnow
+from hilo.intake.acceptance import Accepted
+from hilo.intake.segment_api import (
     CALL_MODELS,
     CALL_TYPES,
     KINDS,
@@ -34,7 +35,6 @@ from hilo.segment import (
     segment_error_body,
     segment_success_body,
 )
-from hilo.storage import utcnow
 
 # Only for the schema: parse_request reads the write key itself, from this header or from
 # the body's writeKey, and answers Segment's own 401.

@@ -29,14 +29,14 @@ from hilo.channels.audiences import (
 )
 from hilo.channels.base import DEFAULT_TIMEOUT_SECONDS, ChannelProvider
 from hilo.channels.fcm import FcmPush, ServiceAccount
-from hilo.channels.links import MIN_SECRET_LENGTH, LinkSigner
-from hilo.channels.preferences import Topic
 from hilo.channels.sendgrid import SendGridEmail
 from hilo.channels.smtp import SmtpEmail
 from hilo.channels.twilio import TwilioMessages
 from hilo.channels.webhook import SignedWebhook
 from hilo.channels.webpush import WebPush
 from hilo.channels.whatsapp_cloud import WhatsAppCloud
+from hilo.feedback.links import MIN_SECRET_LENGTH, LinkSigner
+from hilo.feedback.preferences import Topic
 
 __all__ = ["DEV_LINK_SECRET", "ChannelSettings", "build_providers", "state_link_secret"]
 

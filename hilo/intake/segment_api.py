@@ -36,9 +36,9 @@ from annotated_types import MaxLen
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from hilo import strict_json
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED
 from hilo.ids import MAX_ID_CHARS, customer_id_problem
+from hilo.intake import strict_json
 
 __all__ = [
     "CALL_MODELS",

@@ -29,14 +29,14 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 from temporalio.testing import WorkflowEnvironment
 
-from hilo import search_attributes
-from hilo.devserver import tool_path
-from hilo.durations import Duration, format_duration, parse_duration
+from hilo.db.store import Store
+from hilo.devtools.devserver import tool_path
 from hilo.events import CustomerEvent
-from hilo.journey_runs import JourneyResult
-from hilo.journeys import JourneyDefinition
-from hilo.routing import EventRouter, RouteResult
-from hilo.storage import Store
+from hilo.intake.routing import EventRouter, RouteResult
+from hilo.journeys import search_attributes
+from hilo.journeys.definitions import JourneyDefinition
+from hilo.journeys.durations import Duration, format_duration, parse_duration
+from hilo.journeys.runs import JourneyResult
 
 _quiet_runtime: Runtime | None = None
 

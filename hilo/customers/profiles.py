@@ -28,9 +28,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import DateTime, Integer, String, bindparam, inspect, text
 from sqlmodel import Session, col, select
 
-from hilo.ids import MAX_ID_CHARS
-from hilo.ingest import CONSENT_CHANNELS
-from hilo.storage import (
+from hilo.db.store import (
     ConsentChange,
     Device,
     Identity,
@@ -45,6 +43,8 @@ from hilo.storage import (
     queue_audience_exit,
     utcnow,
 )
+from hilo.ids import MAX_ID_CHARS
+from hilo.intake.acceptance import CONSENT_CHANNELS
 
 __all__ = [
     "CONSENT_CHANNELS",

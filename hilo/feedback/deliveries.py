@@ -1,14 +1,14 @@
 """What happened after a send, written down once: provider callbacks, our tracked opens and
 clicks, unsubscribes and the preference page.
 
-:func:`record_delivery_events` takes verified :class:`~hilo.channels.feedback.DeliveryEvent`
+:func:`record_delivery_events` takes verified :class:`~hilo.feedback.webhooks.DeliveryEvent`
 objects and, in one transaction per call:
 
 * stores each in ``delivery_events`` once (by ``raw_id``): a replayed callback changes nothing;
-* moves the message's ledger row forward only (:data:`~hilo.storage.MESSAGE_PROGRESS`), so a
+* moves the message's ledger row forward only (:data:`~hilo.db.store.MESSAGE_PROGRESS`), so a
   late "delivered" never hides an "opened", while bounced and complained always win;
 * suppresses the address of a hard bounce or a complaint and revokes the channel's consent,
-  with a :class:`~hilo.storage.ConsentChange` saying which provider told us;
+  with a :class:`~hilo.db.store.ConsentChange` saying which provider told us;
 * revokes the channel's consent when the provider says the customer unsubscribed there;
 * stores what the customer did or met as their event (and queues it for the journeys):
   opens and clicks, which Envío Inteligente learns the customer's best hour from, and
@@ -34,11 +34,19 @@ from sqlalchemy import or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from hilo.channels.feedback import DeliveryEvent
-from hilo.channels.links import LinkClaims
-from hilo.channels.preferences import PreferenceChange, PreferenceState
-from hilo.consent import PREFERENCE_CHANNEL, PREFERENCES_TRAIT
-from hilo.contact_policy import Suppression
+from hilo.customers.consent import PREFERENCE_CHANNEL, PREFERENCES_TRAIT
+from hilo.db.store import (
+    MESSAGE_PROGRESS,
+    ConsentChange,
+    DeliveryEventRow,
+    Message,
+    OutboxEntry,
+    Profile,
+    Store,
+    StoredEvent,
+    queue_audience_exit,
+    utcnow,
+)
 from hilo.events import (
     EMAIL_BOUNCED,
     EMAIL_DELIVERED,
@@ -54,18 +62,10 @@ from hilo.events import (
     WHATSAPP_LINK_CLICKED,
     WHATSAPP_MESSAGE_READ,
 )
-from hilo.storage import (
-    MESSAGE_PROGRESS,
-    ConsentChange,
-    DeliveryEventRow,
-    Message,
-    OutboxEntry,
-    Profile,
-    Store,
-    StoredEvent,
-    queue_audience_exit,
-    utcnow,
-)
+from hilo.feedback.links import LinkClaims
+from hilo.feedback.preferences import PreferenceChange, PreferenceState
+from hilo.feedback.webhooks import DeliveryEvent
+from hilo.policy.service import Suppression
 
 __all__ = [
     "ENGAGEMENT_EVENTS",

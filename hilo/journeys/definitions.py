@@ -28,8 +28,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from hilo.conditions import Condition, SameValue, same_value
-from hilo.durations import Duration
+from hilo.journeys.conditions import Condition, SameValue, same_value
+from hilo.journeys.durations import Duration
 
 STEP_ID = r"^[a-z][a-z0-9_]{0,62}$"
 JOURNEY_KEY = r"^[a-z][a-z0-9_]{0,62}$"
@@ -653,7 +653,7 @@ def _readable_path(loc: tuple[Any, ...], raw: Any) -> str:
 
 def check_journey(definition: JourneyDefinition) -> list[JourneyProblem]:
     """What the schema cannot see: ids, reachability, paths, templates."""
-    from hilo.templates import check_templates
+    from hilo.journeys.templates import check_templates
 
     problems: list[JourneyProblem] = []
     seen: dict[str, str] = {}

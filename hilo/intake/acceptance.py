@@ -41,9 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
-from hilo.settings import WriteKeySource
-from hilo.storage import (
+from hilo.db.store import (
     LIVE_STATUSES,
     ConsentChange,
     Device,
@@ -57,6 +55,8 @@ from hilo.storage import (
     StoredEvent,
     utcnow,
 )
+from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
+from hilo.settings import WriteKeySource
 
 # Segment's page and screen calls reach journeys under the names its destinations use.
 EVENT_NAMES = {"page": PAGE_VIEWED, "screen": SCREEN_VIEWED}

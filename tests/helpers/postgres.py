@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hilo.devserver import free_port
+from hilo.devtools.devserver import free_port
 
 
 def postgres_bin_dir() -> Path | None:

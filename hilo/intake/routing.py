@@ -19,12 +19,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from hilo.conditions import key_text, lookup
-from hilo.events import CustomerEvent
-from hilo.ids import bounded_instance_key, journey_workflow_id
-from hilo.journey_runs import SIGNAL_EVENT, TRIGGER_MEMO, JourneyInput, workflow_event
-from hilo.journeys import Entry, JourneyDefinition, PublishedJourney
-from hilo.storage import (
+from hilo.db.store import (
     ENTRY_STARTING,
     LIVE_STATUSES,
     Journey,
@@ -32,6 +27,11 @@ from hilo.storage import (
     JourneyVersion,
     Store,
 )
+from hilo.events import CustomerEvent
+from hilo.ids import bounded_instance_key, journey_workflow_id
+from hilo.journeys.conditions import key_text, lookup
+from hilo.journeys.definitions import Entry, JourneyDefinition, PublishedJourney
+from hilo.journeys.runs import SIGNAL_EVENT, TRIGGER_MEMO, JourneyInput, workflow_event
 
 
 @dataclass
@@ -99,8 +99,8 @@ class EventRouter:
     async def route(self, event: CustomerEvent) -> RouteResult:
         """Store the event once, then start and signal what it concerns, in this call.
 
-        The API stores events through :mod:`hilo.ingest` and the dispatcher delivers them;
-        this shortcut serves embedded use (simulations, benchmarks).
+        The API stores events through :mod:`hilo.intake.acceptance` and the dispatcher
+        delivers them; this shortcut serves embedded use (simulations, benchmarks).
         """
         stored = await asyncio.to_thread(
             self.store.record_event,

@@ -27,7 +27,7 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
-from hilo import search_attributes
+from hilo.journeys import search_attributes
 
 # The frontend and the UI listen here; the server picks its other ports itself.
 HOST = "127.0.0.1"

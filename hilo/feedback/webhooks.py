@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hilo import strict_json
+from hilo.intake import strict_json
 
 __all__ = [
     "DeliveryEvent",

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from hilo.events import CustomerEvent
-from hilo.journeys import (
+from hilo.journeys.definitions import (
     BranchStep,
     EventMatch,
     Goal,
@@ -301,7 +301,7 @@ def workflow_event(
 
 
 def only_paths(data: Mapping[str, Any], paths: list[str]) -> dict[str, Any]:
-    """The part of ``data`` the dotted ``paths`` reach, as :func:`hilo.conditions.lookup`
+    """The part of ``data`` the dotted ``paths`` reach, as :func:`hilo.journeys.conditions.lookup`
     follows them: a path that ends on an object keeps it whole; one that finds nothing
     keeps nothing."""
     kept: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import uvicorn
 
-from hilo.devserver import HOST, DevServer
+from hilo.devtools.devserver import HOST, DevServer
 from hilo.settings import Settings
 
 
@@ -118,8 +118,8 @@ async def run_dev(settings: Settings, publish_examples: bool = True) -> None:
     # Imported after the check, so a refusal comes in a moment, not after seconds of imports.
     from api.app import create_app
     from hilo.catalog import JourneyCatalog
+    from hilo.db.store import Store
     from hilo.playbook import load_playbook
-    from hilo.storage import Store
     from worker.main import build_worker, configured_activities, connect
 
     state.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,7 @@ def _beside_python(program: str) -> str:
     relative to the current folder when it is inside it, as ``.venv/bin/hilo``."""
     path = Path(sys.executable).parent / program
     if not path.exists():
-        return program if shutil.which(program) else f"{sys.executable} -m hilo.cli"
+        return program if shutil.which(program) else f"{sys.executable} -m hilo.cli.app"
     with contextlib.suppress(ValueError):
         return str(path.absolute().relative_to(Path.cwd()))
     return str(path.absolute())

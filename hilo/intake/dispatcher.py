@@ -42,16 +42,16 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from hilo.db.store import Store, utcnow
 from hilo.events import CustomerEvent
-from hilo.ingest import writer_lock
-from hilo.journey_runs import (
+from hilo.intake.acceptance import writer_lock
+from hilo.intake.routing import EventRouter, RouteResult
+from hilo.journeys.runs import (
     LEAVE_AUDIENCES_WORKFLOW,
     SIGNAL_IDENTIFIED,
     IdentifiedSignal,
     LeaveAudiencesRequest,
 )
-from hilo.routing import EventRouter, RouteResult
-from hilo.storage import Store, utcnow
 
 log = logging.getLogger(__name__)
 

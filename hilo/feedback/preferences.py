@@ -18,7 +18,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hilo.channels.links import LinkClaims
+from hilo.feedback.links import LinkClaims
 
 __all__ = [
     "PAUSE_DAYS",

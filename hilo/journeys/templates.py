@@ -25,7 +25,7 @@ Any other body is a text message, for replies inside the window.
 HTML. An email body whose template has markup is HTML, and every value it outputs is
 escaped: a customer's name holding ``<a href=...>`` reads as that text, and never becomes a
 link (click tracking signs only the template's own links, see
-:func:`hilo.channels.links.rewrite_links`). A trusted fragment is marked with ``| safe``.
+:func:`hilo.feedback.links.rewrite_links`). A trusted fragment is marked with ``| safe``.
 Everything else (subjects, plain-text bodies, SMS, WhatsApp, push) is text and is not escaped.
 """
 
@@ -53,7 +53,7 @@ from liquid.exceptions import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
-    from hilo.journeys import AnyStep, JourneyDefinition, JourneyProblem, SendStep
+    from hilo.journeys.definitions import AnyStep, JourneyDefinition, JourneyProblem, SendStep
 
 # A message needs far less than these; they stop a template (or a customer's data) from
 # holding a worker or the API: a 5,000,000-step loop took 3.6 s to validate without them.
@@ -294,7 +294,7 @@ class SampleMessage:
 
 def sample_messages(definition: JourneyDefinition) -> Iterator[SampleMessage]:
     """Every send step with readable content, rendered leniently with the sample."""
-    from hilo.journeys import SendStep, walk_steps
+    from hilo.journeys.definitions import SendStep, walk_steps
 
     context = sample_context(definition)
     for step, path in walk_steps(definition.steps):
@@ -325,7 +325,7 @@ def template_sources(
 ) -> Iterator[tuple[AnyStep, str, dict[str, str]]]:
     """Each step that holds templates (sends, hand-off notes): the step, its path, and its
     templates by field."""
-    from hilo.journeys import HandoffStep, SendStep, walk_steps
+    from hilo.journeys.definitions import HandoffStep, SendStep, walk_steps
 
     for step, path in walk_steps(definition.steps):
         if isinstance(step, SendStep):
@@ -335,7 +335,7 @@ def template_sources(
 
 
 def check_templates(definition: JourneyDefinition) -> list[JourneyProblem]:
-    from hilo.journeys import JourneyProblem, SendStep
+    from hilo.journeys.definitions import JourneyProblem, SendStep
 
     problems: list[JourneyProblem] = []
     context = sample_context(definition)
@@ -409,7 +409,7 @@ def _check_whatsapp(
 ) -> str | None:
     """A WhatsApp body: a text message renders as any template; an approved template has
     numbered placeholders 1..n, one param each, each param rendering to one line."""
-    from hilo.journeys import JourneyProblem
+    from hilo.journeys.definitions import JourneyProblem
 
     body = step.body or ""
     try:
@@ -506,7 +506,7 @@ def sample_gaps(definition: JourneyDefinition) -> list[JourneyProblem]:
     over an empty list, a ``default``), so a field that would render blank for a real event
     shaped otherwise (``product_name`` where Segment sends ``products[].name``) is named.
     """
-    from hilo.journeys import JourneyProblem
+    from hilo.journeys.definitions import JourneyProblem
 
     context = sample_context(definition)
     hint = (
@@ -577,7 +577,7 @@ def _in_sample(context: Mapping[str, Any], name: str) -> bool:
 
 def check_unsubscribe_links(definition: JourneyDefinition) -> list[JourneyProblem]:
     """Every marketing email must show the customer's unsubscribe link in its body."""
-    from hilo.journeys import JourneyProblem
+    from hilo.journeys.definitions import JourneyProblem
 
     problems: list[JourneyProblem] = []
     for message in sample_messages(definition):

@@ -97,17 +97,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel, col, select, update
 
-from hilo.consent import (
+from hilo.customers.consent import (
     ADDRESS_TRAITS,
     CONSENT_DEFAULTS,
     FREQUENCY_SPACING_DAYS,
     PREFERENCE_CHANNEL,
     PREFERENCES_TRAIT,
 )
-from hilo.durations import Duration, format_duration, parse_duration
-from hilo.ingest import writer_lock
-from hilo.journeys import CHANNELS, JOURNEY_KEY, WEEKDAYS
-from hilo.storage import NAMED_PARAMETER, Store, pyformat, utcnow
+from hilo.db.store import NAMED_PARAMETER, Store, pyformat, utcnow
+from hilo.intake.acceptance import writer_lock
+from hilo.journeys.definitions import CHANNELS, JOURNEY_KEY, WEEKDAYS
+from hilo.journeys.durations import Duration, format_duration, parse_duration
 
 __all__ = [
     "ENGAGEMENT_LOOKBACK",
@@ -2260,7 +2260,7 @@ class ContactPolicyService:
         return result
 
     def _engagement(self, customer_id: str, now: datetime) -> list[tuple[datetime, str]]:
-        from hilo.storage import StoredEvent
+        from hilo.db.store import StoredEvent
 
         with self.store.session() as session:
             rows = session.exec(

@@ -1,7 +1,7 @@
 """The database: journeys and their versions, profiles, events, instances, the message ledger.
 
 SQLite (WAL) is the embedded default and PostgreSQL the production database. Tables come
-from the Alembic migrations in ``hilo/migrations``; :meth:`Store.migrate` applies them.
+from the Alembic migrations in ``hilo/db/migrations``; :meth:`Store.migrate` applies them.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from sqlmodel import Field, Session, SQLModel, col, create_engine, select, updat
 from hilo.ids import MAX_ID_CHARS
 
 if TYPE_CHECKING:
-    from hilo.driver_sends import DriverSends
+    from hilo.db.fastpath import DriverSends
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # A ``:name`` parameter of driver-level SQL (not a ``::type`` cast, nor the minutes of a time).
@@ -637,8 +637,8 @@ class Store:
 
     @cached_property
     def sends(self) -> DriverSends:
-        """The send path, on the driver's connection (:mod:`hilo.driver_sends`)."""
-        from hilo.driver_sends import DriverSends
+        """The send path, on the driver's connection (:mod:`hilo.db.fastpath`)."""
+        from hilo.db.fastpath import DriverSends
 
         return DriverSends(self.engine)
 

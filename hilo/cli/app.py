@@ -10,8 +10,13 @@ from typing import Annotated, Any
 
 import typer
 
-from hilo.journeys import JourneyDefinition, JourneyInvalid, journey_json_schema, load_journey_yaml
-from hilo.policy_cli import policy_app
+from hilo.cli.policy import policy_app
+from hilo.journeys.definitions import (
+    JourneyDefinition,
+    JourneyInvalid,
+    journey_json_schema,
+    load_journey_yaml,
+)
 from hilo.settings import Settings
 
 app = typer.Typer(help="Hilo: every channel, one conversation.", no_args_is_help=True)
@@ -56,7 +61,7 @@ def _load(path: Path) -> JourneyDefinition:
 
 
 def _store(settings: Settings) -> Any:
-    from hilo.storage import Store
+    from hilo.db.store import Store
 
     store = Store(settings.resolved_database_url)
     store.migrate()
@@ -73,7 +78,7 @@ def dev(
     ] = False,
 ) -> None:
     """Temporal dev server, worker, API and example journeys on this machine."""
-    from hilo.dev import run_dev
+    from hilo.cli.dev import run_dev
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_dev(_settings(), publish_examples=not no_examples))
@@ -340,7 +345,7 @@ def _journey_to_simulate(journey: str) -> JourneyDefinition:
 def _published(settings: Settings, key: str) -> JourneyDefinition | None:
     from sqlalchemy.engine import make_url
 
-    from hilo.journeys import parse_journey
+    from hilo.journeys.definitions import parse_journey
 
     url = make_url(settings.resolved_database_url)
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
@@ -367,7 +372,7 @@ def simulate(
     scenario: Annotated[Path, typer.Option("--scenario", "-s", help="Scenario YAML file.")],
 ) -> None:
     """Run a journey against a scripted customer on Temporal's time-skipping server."""
-    from hilo.simulation import Scenario, simulate_sync
+    from hilo.devtools.simulation import Scenario, simulate_sync
 
     definition = _journey_to_simulate(journey)
     if not scenario.is_file():
@@ -390,7 +395,3 @@ def simulate(
     typer.secho("expectations NOT met:", fg="red", err=True)
     typer.echo(report.mismatch(), err=True)
     raise typer.Exit(1)
-
-
-if __name__ == "__main__":
-    app()

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from hilo.storage import DeviceRow, EventRow, LedgerRow, ProfileRow, pyformat
+from hilo.db.store import DeviceRow, EventRow, LedgerRow, ProfileRow, pyformat
 
 _MOMENT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -83,7 +83,7 @@ _CAPTURED_ID_SQL = "SELECT id FROM captured_messages WHERE message_id = :message
 
 
 class DriverSends:
-    """:class:`hilo.storage.Store`'s send path on SQLite or PostgreSQL (see the module)."""
+    """:class:`hilo.db.store.Store`'s send path on SQLite or PostgreSQL (see the module)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -1,0 +1,3 @@
+from hilo.cli.app import app
+
+app()
