@@ -22,13 +22,15 @@ from activities.providers import CaptureProvider
 from hilo import promotions
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
 from hilo.channels.config import DEV_LINK_SECRET
+from hilo.clock import utcnow
 from hilo.customers.consent import (
     ADDRESS_TRAITS,
     CONSENT_DEFAULTS,
     DEVICE_CHANNELS,
     PREFERENCES_TRAIT,
 )
-from hilo.db.store import DeviceRow, EventRow, LedgerRow, Message, ProfileRow, Store, utcnow
+from hilo.db.models import Message
+from hilo.db.store import DeviceRow, EventRow, LedgerRow, ProfileRow, Store
 from hilo.feedback.links import LinkSigner, rewrite_links
 from hilo.journeys import templates
 from hilo.journeys.definitions import WEEKDAYS, TimeWindow

@@ -7,7 +7,8 @@ exactly what a customer would receive. Real providers live in :mod:`hilo.channel
 from __future__ import annotations
 
 from hilo.channels.base import ChannelProvider, Delivery
-from hilo.db.store import Store, utcnow
+from hilo.clock import utcnow
+from hilo.db.store import Store
 
 __all__ = ["CaptureProvider", "ChannelProvider"]
 

@@ -42,7 +42,8 @@ if __name__ in ("__main__", "__mp_main__"):  # a script, or a process it spawned
 
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from hilo.db.store import Profile, Store  # noqa: E402
+from hilo.db.models import Profile
+from hilo.db.store import Store
 from hilo.policy.service import ContactPolicyService, SendIntent  # noqa: E402
 from tests.helpers.postgres import PostgresServer  # noqa: E402
 

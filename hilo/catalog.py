@@ -21,8 +21,10 @@ from pathlib import Path
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from hilo.clock import utcnow
 from hilo.customers.consent import PREFERENCES_TRAIT
-from hilo.db.store import Journey, Store, utcnow
+from hilo.db.models import Journey
+from hilo.db.store import Store
 from hilo.events import EMITTED_EVENTS, SEGMENT_SPEC_EVENTS, SPEC_NAME_FOR
 from hilo.feedback.preferences import FREQUENCIES
 from hilo.journeys.definitions import (

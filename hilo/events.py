@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
+from hilo.clock import utcnow
 from hilo.ids import MAX_ID_CHARS, customer_id_problem
 
 # What pydantic reads as a datetime, as the JSON Schema says it: an ISO-8601 string, or Unix
@@ -29,7 +30,7 @@ class CustomerEvent(BaseModel):
     customer_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, examples=["42"])
     properties: dict[str, Any] = Field(default_factory=dict)
     timestamp: Annotated[datetime, WithJsonSchema(DATE_TIME_OR_UNIX_TIME)] = Field(
-        default_factory=lambda: datetime.now(UTC),
+        default_factory=lambda: utcnow(),
         description="ISO-8601 (without an offset it is UTC), or Unix time.",
     )
     message_id: str = Field(

@@ -24,12 +24,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlalchemy import JSON, Column
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field as SQLField
-from sqlmodel import SQLModel, col, select
+from sqlmodel import col, select
 
-from hilo.db.store import Store, utcnow
+from hilo.clock import as_utc, utcnow
+from hilo.db.models import Promotion
+from hilo.db.store import Store
 from hilo.events import DATE_TIME_OR_UNIX_TIME
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROMOTION_KEY",
-    "Promotion",
     "PromotionBase",
     "PromotionIn",
     "PromotionPublic",
@@ -57,21 +56,6 @@ __all__ = [
 PROMOTION_KEY = r"^[a-z][a-z0-9_]{0,62}$"
 # The channels of hilo.journeys.definitions.CHANNELS.
 ChannelName = Literal["email", "sms", "whatsapp", "push", "webpush", "webhook", "audience"]
-
-
-class Promotion(SQLModel, table=True):
-    __tablename__ = "promotions"
-
-    key: str = SQLField(primary_key=True, max_length=63)
-    code: str = SQLField(max_length=64)
-    description: str = SQLField(default="", max_length=500)
-    discount: str = SQLField(default="", max_length=100)
-    valid_from: datetime
-    valid_until: datetime
-    # Channels the offer may be sent on; empty means every channel.
-    channels: list[str] = SQLField(default_factory=list, sa_column=Column(JSON, nullable=False))
-    created_at: datetime = SQLField(default_factory=utcnow)
-    updated_at: datetime = SQLField(default_factory=utcnow)
 
 
 class PromotionBase(BaseModel):
@@ -217,7 +201,7 @@ def _as_context(promotion: Promotion, now: datetime) -> dict[str, Any]:
         "valid_until": promotion.valid_until.isoformat(),
         # Templates that pick a promotion from data (promotions[trigger.properties.offer])
         # cannot be checked before sending: this lets them fall back.
-        "active": promotion.valid_from <= _aware(now) < promotion.valid_until,
+        "active": promotion.valid_from <= as_utc(now) < promotion.valid_until,
     }
 
 
@@ -266,7 +250,7 @@ def unusable_promotions(
     if not wanted:
         return {}
     found = _promotions(store, wanted)
-    now = _aware(now)
+    now = as_utc(now)
     reasons: dict[str, str] = {}
     for key in wanted:
         promotion = found.get(key)
@@ -320,7 +304,7 @@ def check_promotions(
     if not uses:
         return [], []
     known = _promotions(store, {key for _, _, key in uses})
-    now = _aware(now)
+    now = as_utc(now)
     problems: list[JourneyProblem] = []
     warnings: list[JourneyProblem] = []
     for where, channel, key in uses:
@@ -365,18 +349,13 @@ def check_promotions(
 # ---------------------------------------------------------------- time
 
 
-def _aware(moment: datetime) -> datetime:
-    # SQLite gives back the UTC time it stored without its zone.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
 def _normalised(row: Promotion) -> Promotion:
-    row.valid_from = _aware(row.valid_from)
-    row.valid_until = _aware(row.valid_until)
-    row.created_at = _aware(row.created_at)
-    row.updated_at = _aware(row.updated_at)
+    row.valid_from = as_utc(row.valid_from)
+    row.valid_until = as_utc(row.valid_until)
+    row.created_at = as_utc(row.created_at)
+    row.updated_at = as_utc(row.updated_at)
     return row
 
 
 def _when(moment: datetime) -> str:
-    return _aware(moment).strftime("%Y-%m-%d %H:%M UTC")
+    return as_utc(moment).strftime("%Y-%m-%d %H:%M UTC")

@@ -29,7 +29,8 @@ from hilo.channels.config import ChannelSettings
 from hilo.channels.fcm import FcmPush, ServiceAccount
 from hilo.channels.webpush import WebPush, vapid_public_key
 from hilo.customers.profiles import record_consent
-from hilo.db.store import Device, Store
+from hilo.db.models import Device
+from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab
 from hilo.feedback.deliveries import apply_preferences, unsubscribe
 from hilo.feedback.links import LinkClaims

@@ -21,17 +21,15 @@ from typer.testing import CliRunner
 
 from api.routes.policy import router as policy_router
 from hilo.cli.policy import policy_app
+from hilo.db.models import ContactReservation, PolicyDecisionRecord, SendTimeChoice
 from hilo.db.store import Store
 from hilo.devtools.devserver import free_port
 from hilo.feedback.deliveries import apply_preferences
 from hilo.feedback.preferences import PreferenceChange
 from hilo.policy.service import (
     ContactPolicyService,
-    ContactReservation,
-    PolicyDecisionRecord,
     PolicyInvalid,
     SendIntent,
-    SendTimeChoice,
     _lock_key,
     parse_policy,
 )

@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from api.app import create_app
 from hilo.cli.app import app as cli
-from hilo.db.store import JourneyVersion, OutboxEntry, Store
+from hilo.db.models import JourneyVersion, OutboxEntry
+from hilo.db.store import Store
 from hilo.devtools.devserver import DevServer
 from hilo.devtools.simulation import JourneyLab
 from hilo.ids import (

@@ -17,7 +17,8 @@ import pytest
 from sqlmodel import select
 
 from hilo.catalog import JourneyCatalog
-from hilo.db.store import CapturedMessage, Store
+from hilo.db.models import CapturedMessage
+from hilo.db.store import Store
 from hilo.devtools.devserver import DevServer, tool_path
 from hilo.events import CustomerEvent
 from hilo.intake.routing import EventRouter

@@ -18,7 +18,9 @@ from api.routes.feedback import feedback_router
 from hilo.catalog import JourneyCatalog
 from hilo.channels.config import DEV_LINK_SECRET, ChannelSettings
 from hilo.cli.app import app as cli
-from hilo.db.store import Message, Store, utcnow
+from hilo.clock import utcnow
+from hilo.db.models import Message
+from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab
 from hilo.events import EMITTED_EVENTS, PREFERENCES_UPDATED, UNSUBSCRIBED
 from hilo.feedback.deliveries import (

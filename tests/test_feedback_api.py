@@ -32,12 +32,12 @@ from api.routes.feedback import (
     feedback_router,
 )
 from hilo.channels.config import DEV_LINK_SECRET, ChannelSettings
-from hilo.db.store import ConsentChange, Message, OutboxEntry, Store, StoredEvent
+from hilo.db.models import ConsentChange, Message, OutboxEntry, StoredEvent, Suppression
+from hilo.db.store import Store
 from hilo.feedback.deliveries import record_delivery_events
 from hilo.feedback.links import LinkRejected, LinkSigner
 from hilo.feedback.preferences import Topic
 from hilo.feedback.webhooks import parse_sendgrid, twilio_signature
-from hilo.policy.service import Suppression
 from hilo.settings import Settings
 
 PUBLIC = "https://hilo.shop.example"

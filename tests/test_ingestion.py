@@ -29,21 +29,21 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RetryConfig
 
 from api.app import create_app
-from hilo.db.store import (
+from hilo.db.models import (
     ConsentChange,
     Device,
     Identity,
     JourneyInstance,
     OutboxEntry,
+    PolicyDecisionRecord,
     Profile,
-    Store,
     StoredEvent,
 )
+from hilo.db.store import Store
 from hilo.devtools.devserver import free_port
 from hilo.devtools.simulation import JourneyLab
 from hilo.intake.routing import EventRouter
 from hilo.intake.segment_api import MAX_BATCH_BYTES, MAX_CALL_BYTES
-from hilo.policy.service import PolicyDecisionRecord
 from hilo.settings import Settings
 from tests.conftest import example
 from tests.test_api import LabRouter

@@ -25,7 +25,8 @@ from sqlmodel import col, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
-from hilo.db.store import MIGRATIONS_DIR, JourneyInstance, Store
+from hilo.db.models import JourneyInstance
+from hilo.db.store import MIGRATIONS_DIR, Store
 from hilo.devtools.simulation import JourneyLab, start_time_skipping
 from hilo.events import CustomerEvent
 from hilo.journeys.definitions import JourneyDefinition

@@ -30,7 +30,8 @@ from temporalio.client import Client
 
 from api.app import create_app
 from hilo.catalog import JourneyCatalog
-from hilo.db.store import Profile, Store, StoredEvent
+from hilo.db.models import Profile, StoredEvent
+from hilo.db.store import Store
 from hilo.devtools.devserver import DevServer
 from hilo.ids import journey_workflow_id
 from hilo.intake.acceptance import Ingestor, OwnEvent

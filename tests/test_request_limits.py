@@ -36,7 +36,8 @@ from sqlmodel import select
 from api.app import create_app
 from api.deps import StrictJSONRoute
 from hilo.channels.config import ChannelSettings
-from hilo.db.store import Store, StoredEvent
+from hilo.db.models import StoredEvent
+from hilo.db.store import Store
 from hilo.ids import MAX_ID_CHARS
 from hilo.settings import Settings
 

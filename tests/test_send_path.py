@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from hilo.db.store import Store, utcnow
+from hilo.clock import utcnow
+from hilo.db.store import Store
 from hilo.policy.service import ContactPolicyService, SendIntent
 
 SENT_AT = datetime(2026, 11, 24, 9, 30, 15, 123456, tzinfo=UTC)
@@ -146,7 +147,7 @@ def test_queue_capture_and_outcome_write_rows_the_models_read(any_store: Store) 
 
 def test_devices_reached_retired_and_audience_exits_on_both_databases(any_store: Store) -> None:
     from hilo.customers.profiles import record_consent
-    from hilo.db.store import Message
+    from hilo.db.models import Message
 
     record_consent(any_store, "42", "push", True, "app", device="token-phone-0000000000000000")
     record_consent(any_store, "42", "push", True, "app", device="token-tablet-000000000000000")

@@ -21,7 +21,8 @@ from sqlmodel import col, select
 from api.app import create_app
 from api.routes.feedback import ONE_CLICK_SOURCE, PREFERENCE_PAGE_SOURCE, feedback_router
 from hilo.channels.config import ChannelSettings
-from hilo.db.store import ConsentChange, Store, StoredEvent
+from hilo.db.models import ConsentChange, StoredEvent
+from hilo.db.store import Store
 from hilo.feedback.links import LinkSigner
 from hilo.settings import DEV_WRITE_KEY, Settings, WriteKeySource
 from tests.test_feedback_api import (

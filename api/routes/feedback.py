@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
@@ -31,6 +30,7 @@ from api.bodies import read_body, read_form
 from api.deps import StoreDep, get_channel_settings
 from api.openapi import MESSAGE_SCHEMA, SETTINGS_INVALID, Responses, message
 from hilo.channels.config import ChannelSettings
+from hilo.clock import utcnow
 from hilo.db.store import Store
 from hilo.feedback.deliveries import (
     apply_preferences,
@@ -486,7 +486,7 @@ async def _save_choices(
     keys = _topic_keys(settings)
     current = await run_in_threadpool(current_preferences, store, customer_id, keys)
     try:
-        change = parse_preference_form(form, datetime.now(UTC), current=current, known_topics=keys)
+        change = parse_preference_form(form, utcnow(), current=current, known_topics=keys)
     except PreferenceFormError as error:
         page = render_preference_page(claims, current, topics, action, errors=error.errors)
         return _page(page, status.HTTP_400_BAD_REQUEST)

@@ -24,7 +24,7 @@ from api.openapi import (
     ValidationProblems,
     message,
 )
-from hilo.db.store import Journey
+from hilo.db.models import Journey
 from hilo.journeys.definitions import (
     JourneyDefinition,
     JourneyInvalid,

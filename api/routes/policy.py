@@ -19,7 +19,7 @@ from api.openapi import (
     Responses,
     ValidationProblems,
 )
-from hilo.db.store import utcnow
+from hilo.clock import utcnow
 from hilo.journeys.definitions import CHANNELS
 from hilo.policy.service import (
     ContactPolicy,

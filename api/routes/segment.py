@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from api.bodies import BodyTooLarge, read_body
 from api.deps import SettingsDep, get_dispatcher, get_ingestor, source_for_write_key
 from api.openapi import NOT_BLANK
-from hilo.db.store import utcnow
+from hilo.clock import utcnow
 from hilo.intake.acceptance import Accepted
 from hilo.intake.segment_api import (
     CALL_MODELS,

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from hilo.clock import utcnow
+
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
     "ChannelProvider",
@@ -137,7 +139,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return max(0.0, (when - (now or utcnow())).total_seconds())
 
 
 def failure_for_response(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import smtplib
 import ssl
-from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 
@@ -20,6 +19,7 @@ from hilo.channels.base import (
     email_address,
     list_unsubscribe_headers,
 )
+from hilo.clock import utcnow
 
 __all__ = ["SmtpEmail", "build_email"]
 
@@ -87,7 +87,7 @@ def build_email(delivery: Delivery, *, sender: str, to: str) -> EmailMessage:
     message["From"] = sender
     message["To"] = to
     message["Subject"] = delivery.content.get("subject", "")
-    message["Date"] = format_datetime(datetime.now(UTC))
+    message["Date"] = format_datetime(utcnow())
     message["Message-ID"] = f"<{delivery.message_id}@{domain}>"
     for header, value in list_unsubscribe_headers(delivery).items():
         message[header] = value

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -28,7 +28,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import DateTime, Integer, String, bindparam, inspect, text
 from sqlmodel import Session, col, select
 
-from hilo.db.store import (
+from hilo.clock import as_utc, utcnow
+from hilo.db.models import (
     ConsentChange,
     Device,
     Identity,
@@ -38,11 +39,9 @@ from hilo.db.store import (
     OutboxEntry,
     Profile,
     ProfileChange,
-    Store,
     StoredEvent,
-    queue_audience_exit,
-    utcnow,
 )
+from hilo.db.store import Store, queue_audience_exit
 from hilo.ids import MAX_ID_CHARS
 from hilo.intake.acceptance import CONSENT_CHANNELS
 
@@ -239,7 +238,7 @@ def _view(session: Session, profile: Profile) -> ProfileView:
                 kind=row.kind,
                 value=row.value,
                 source=row.source,
-                created_at=_utc(row.created_at),
+                created_at=as_utc(row.created_at),
             )
             for row in identities
         ],
@@ -256,14 +255,14 @@ def _view(session: Session, profile: Profile) -> ProfileView:
                 address=row.address,
                 platform=row.platform,
                 active=row.active,
-                updated_at=_utc(row.updated_at),
+                updated_at=as_utc(row.updated_at),
             )
             for row in devices
         ],
         timezone=profile.timezone,
         locale=profile.locale,
-        created_at=_utc(profile.created_at),
-        updated_at=_utc(profile.updated_at),
+        created_at=as_utc(profile.created_at),
+        updated_at=as_utc(profile.updated_at),
     )
 
 
@@ -274,7 +273,7 @@ def _change_view(change: ConsentChange) -> ConsentChangeView:
         topic=change.topic,
         source=change.source,
         detail=change.detail,
-        changed_at=_utc(change.changed_at),
+        changed_at=as_utc(change.changed_at),
     )
 
 
@@ -288,7 +287,7 @@ def timeline(
     ``before`` when given (pass the last entry's ``at`` to read the next page)."""
     if not 1 <= limit <= MAX_TIMELINE:
         raise ValueError(f"limit must be between 1 and {MAX_TIMELINE}, not {limit}")
-    until = _utc(before) if before is not None else None
+    until = as_utc(before) if before is not None else None
     with store.session() as session:
         profile = _resolve(session, customer_id)
         ids = [customer_id]
@@ -335,7 +334,7 @@ def _events(
         entries.append(
             TimelineEntry(
                 kind="identify" if identify else "event",
-                at=_utc(row.timestamp),
+                at=as_utc(row.timestamp),
                 summary=summary,
                 data={
                     "message_id": row.message_id,
@@ -344,7 +343,7 @@ def _events(
                     "properties": row.properties,
                     "user_id": row.user_id,
                     "anonymous_id": row.anonymous_id,
-                    "received_at": _utc(row.received_at).isoformat(),
+                    "received_at": as_utc(row.received_at).isoformat(),
                 },
                 source=row.source,
             )
@@ -372,7 +371,7 @@ def _journey_entries(
     return [
         TimelineEntry(
             kind="journey_entry",
-            at=_utc(row.started_at),
+            at=as_utc(row.started_at),
             summary=f"entered {row.journey_key} v{row.version}"
             + (f" ({row.instance_key})" if row.instance_key else "")
             + (" as holdout" if row.holdout else ""),
@@ -398,7 +397,7 @@ def _journey_exits(
         entries.append(
             TimelineEntry(
                 kind="journey_exit",
-                at=_utc(row.ended_at),
+                at=as_utc(row.ended_at),
                 summary=summary,
                 data={
                     **_instance_data(row),
@@ -420,7 +419,7 @@ def _journey_notes(
     return [
         TimelineEntry(
             kind="journey_note",
-            at=_utc(row.noted_at),
+            at=as_utc(row.noted_at),
             summary=row.summary,
             data={
                 "journey_key": row.journey_key,
@@ -446,7 +445,7 @@ def _messages(
         entries.append(
             TimelineEntry(
                 kind="message",
-                at=_utc(row.scheduled_at),
+                at=as_utc(row.scheduled_at),
                 summary=summary,
                 data={
                     "message_id": row.message_id,
@@ -477,7 +476,7 @@ def _consent_changes(
         entries.append(
             TimelineEntry(
                 kind="consent",
-                at=_utc(row.changed_at),
+                at=as_utc(row.changed_at),
                 summary=f"{what} consent {'granted' if row.granted else 'withdrawn'}",
                 data={
                     "channel": row.channel,
@@ -499,7 +498,7 @@ def _profile_changes(
     return [
         TimelineEntry(
             kind="profile_change",
-            at=_utc(row.changed_at),
+            at=as_utc(row.changed_at),
             summary=row.summary,
             data={
                 **row.data,
@@ -532,7 +531,7 @@ def _dead_letters(
         entries.append(
             TimelineEntry(
                 kind="dead_letter",
-                at=_utc(row.parked_at),
+                at=as_utc(row.parked_at),
                 summary=summary,
                 data={
                     "message_id": row.message_id,
@@ -591,7 +590,7 @@ def _policy_decisions(
         entries.append(
             TimelineEntry(
                 kind="policy_decision",
-                at=_utc(row["decided_at"]),
+                at=as_utc(row["decided_at"]),
                 summary=summary,
                 data={
                     "message_id": row["message_id"],
@@ -769,10 +768,5 @@ def _base64url(value: str) -> bytes | None:
 # ---------------------------------------------------------------- time
 
 
-def _utc(moment: datetime) -> datetime:
-    """SQLite gives back naive datetimes, which Hilo always writes in UTC."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
 def _iso(moment: datetime | None) -> str | None:
-    return _utc(moment).isoformat() if moment is not None else None
+    return as_utc(moment).isoformat() if moment is not None else None

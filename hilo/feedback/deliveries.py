@@ -34,19 +34,19 @@ from sqlalchemy import or_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
+from hilo.clock import utcnow
 from hilo.customers.consent import PREFERENCE_CHANNEL, PREFERENCES_TRAIT
-from hilo.db.store import (
+from hilo.db.models import (
     MESSAGE_PROGRESS,
     ConsentChange,
     DeliveryEventRow,
     Message,
     OutboxEntry,
     Profile,
-    Store,
     StoredEvent,
-    queue_audience_exit,
-    utcnow,
+    Suppression,
 )
+from hilo.db.store import Store, queue_audience_exit
 from hilo.events import (
     EMAIL_BOUNCED,
     EMAIL_DELIVERED,
@@ -65,7 +65,6 @@ from hilo.events import (
 from hilo.feedback.links import LinkClaims
 from hilo.feedback.preferences import PreferenceChange, PreferenceState
 from hilo.feedback.webhooks import DeliveryEvent
-from hilo.policy.service import Suppression
 
 __all__ = [
     "ENGAGEMENT_EVENTS",

@@ -27,6 +27,7 @@ from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from hilo.channels.base import b64url, b64url_decode
+from hilo.clock import utcnow
 
 __all__ = [
     "LINK_PATHS",
@@ -215,7 +216,7 @@ class LinkSigner:
         **fields: str | None,
     ) -> str:
         """A bare token; the ``*_url`` methods are what messages use."""
-        issued = now or datetime.now(UTC)
+        issued = now or utcnow()
         claims: dict[str, Any] = {"k": kind, "iat": int(issued.timestamp())}
         if ttl is not None:
             claims["exp"] = int((issued + ttl).timestamp())
@@ -263,7 +264,7 @@ class LinkSigner:
             raise LinkRejected(f"link payload is unreadable: {error}") from error
         if claims.get("k") != kind:
             raise LinkRejected(f"this is a {claims.get('k')} link, not a {kind} link")
-        if expires_at is not None and (now or datetime.now(UTC)) >= expires_at:
+        if expires_at is not None and (now or utcnow()) >= expires_at:
             raise LinkRejected(f"link expired on {expires_at:%Y-%m-%d}: ask for a new one")
         result = LinkClaims(
             kind=kind,

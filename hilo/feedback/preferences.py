@@ -18,6 +18,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hilo.clock import utcnow
 from hilo.feedback.links import LinkClaims
 
 __all__ = [
@@ -240,7 +241,7 @@ def render_preference_page(
     ``errors`` (from PreferenceFormError.errors) shows the page again with what was wrong.
     """
     errors = errors or {}
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     channel = (claims.channel if claims else None) or "email"
     noun = _CHANNEL_NOUN.get(channel, "messages")
     paused = current.pause_until is not None and current.pause_until > now

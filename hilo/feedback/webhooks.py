@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hilo.clock import utcnow
 from hilo.intake import strict_json
 
 __all__ = [
@@ -183,7 +184,7 @@ def verify_sendgrid(
     if not (timestamp.isascii() and timestamp.isdigit()):
         raise SignatureRejected("sendgrid: timestamp header is missing or not unix seconds")
     sent_at = int(timestamp)
-    current = (now or datetime.now(UTC)).timestamp()
+    current = (now or utcnow()).timestamp()
     # The signature covers the timestamp, so an old timestamp means a replayed request.
     if abs(current - sent_at) > tolerance_seconds:
         raise SignatureRejected(
@@ -378,7 +379,7 @@ def parse_twilio(
         provider="twilio",
         provider_message_id=sid,
         status=status,
-        occurred_at=now or datetime.now(UTC),
+        occurred_at=now or utcnow(),
         # Twilio's WhatsApp numbers read "whatsapp:+1..."; the customer's number is the rest.
         address=(params.get("To") or "").removeprefix("whatsapp:") or None,
         reason=reason,

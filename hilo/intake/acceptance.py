@@ -41,7 +41,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlmodel import col
 
-from hilo.db.store import (
+from hilo.clock import utcnow
+from hilo.db.models import (
     LIVE_STATUSES,
     ConsentChange,
     Device,
@@ -51,10 +52,9 @@ from hilo.db.store import (
     OutboxEntry,
     Profile,
     ProfileChange,
-    Store,
     StoredEvent,
-    utcnow,
 )
+from hilo.db.store import Store
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
 from hilo.settings import WriteKeySource
 

@@ -33,7 +33,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Row
@@ -42,7 +42,8 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from hilo.db.store import Store, utcnow
+from hilo.clock import as_utc, utcnow
+from hilo.db.store import Store
 from hilo.events import CustomerEvent
 from hilo.intake.acceptance import writer_lock
 from hilo.intake.routing import EventRouter, RouteResult
@@ -214,7 +215,7 @@ class Dispatcher:
                 return name is None or not concerned[name]
 
             for queue in queues.values():
-                due = (_aware(queue[0].available_at) - now).total_seconds()
+                due = (as_utc(queue[0].available_at) - now).total_seconds()
                 if due > 0:
                     next_due = due if next_due is None else min(next_due, due)
                 elif all(concerns_nothing(entry) for entry in queue):
@@ -261,7 +262,7 @@ class Dispatcher:
                 name=entry.event_name,
                 customer_id=entry.event_customer_id,
                 properties=entry.event_properties,
-                timestamp=_aware(entry.event_timestamp),
+                timestamp=as_utc(entry.event_timestamp),
                 message_id=entry.message_id,
                 source=entry.event_source,
             )
@@ -356,9 +357,3 @@ class Dispatcher:
         for future in self._waiters.get(message_id, []):
             if not future.done():
                 future.set_result(result)
-
-
-def _aware(moment: datetime) -> datetime:
-    from datetime import UTC
-
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

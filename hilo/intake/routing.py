@@ -12,21 +12,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from hilo.db.store import (
-    ENTRY_STARTING,
-    LIVE_STATUSES,
-    Journey,
-    JourneyInstance,
-    JourneyVersion,
-    Store,
-)
+from hilo.clock import utcnow
+from hilo.db.models import ENTRY_STARTING, LIVE_STATUSES, Journey, JourneyInstance, JourneyVersion
+from hilo.db.store import Store
 from hilo.events import CustomerEvent
 from hilo.ids import bounded_instance_key, journey_workflow_id
 from hilo.journeys.conditions import key_text, lookup
@@ -307,7 +302,7 @@ class EventRouter:
                 run_id,
                 described.status.name.lower(),
                 "closed before its end was recorded",
-                described.close_time or datetime.now(UTC),
+                described.close_time or utcnow(),
                 None,
                 None,
                 trigger_message_id=message_id,
@@ -341,4 +336,4 @@ def _refusal(entry: Entry, latest: JourneyInstance | None, event: CustomerEvent)
 
 
 def _now(event: CustomerEvent) -> datetime:
-    return max(event.timestamp, datetime.now(UTC))
+    return max(event.timestamp, utcnow())

@@ -36,6 +36,7 @@ from annotated_types import MaxLen
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from hilo.clock import as_utc
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED
 from hilo.ids import MAX_ID_CHARS, customer_id_problem
 from hilo.intake import strict_json
@@ -350,7 +351,7 @@ def parse_request(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    received_at = _as_utc(received_at)
+    received_at = as_utc(received_at)
     lowered = {name.lower(): value for name, value in headers.items()}
     limit = MAX_BATCH_BYTES if kind == "batch" else MAX_CALL_BYTES
 
@@ -376,10 +377,6 @@ def parse_request(
 
 def _reject(status: RejectionStatus, field: str, message: str) -> SegmentRejected:
     return SegmentRejected(status, [FieldError(field=field, message=message)])
-
-
-def _as_utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _decoded_body(body: bytes, encoding: str, limit: int, kind: str) -> tuple[str, int]:

@@ -86,17 +86,11 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sqlalchemy import (
-    JSON,
-    Column,
-    Index,
-    UniqueConstraint,
-)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field as SQLField
-from sqlmodel import SQLModel, col, select, update
+from sqlmodel import col, select, update
 
+from hilo.clock import as_utc, utcnow
 from hilo.customers.consent import (
     ADDRESS_TRAITS,
     CONSENT_DEFAULTS,
@@ -104,7 +98,14 @@ from hilo.customers.consent import (
     PREFERENCE_CHANNEL,
     PREFERENCES_TRAIT,
 )
-from hilo.db.store import NAMED_PARAMETER, Store, pyformat, utcnow
+from hilo.db.models import (
+    ContactPolicyVersion,
+    ContactReservation,
+    PolicyDecisionRecord,
+    SendTimeChoice,
+    Suppression,
+)
+from hilo.db.store import NAMED_PARAMETER, Store, pyformat
 from hilo.intake.acceptance import writer_lock
 from hilo.journeys.definitions import CHANNELS, JOURNEY_KEY, WEEKDAYS
 from hilo.journeys.durations import Duration, format_duration, parse_duration
@@ -117,19 +118,14 @@ __all__ = [
     "Cap",
     "ContactPolicy",
     "ContactPolicyService",
-    "ContactPolicyVersion",
-    "ContactReservation",
     "CurrentPolicy",
     "JourneyRules",
     "PolicyDecision",
-    "PolicyDecisionRecord",
     "PolicyInvalid",
     "PolicyProblem",
     "QuietHours",
     "ScopeRules",
     "SendIntent",
-    "SendTimeChoice",
-    "Suppression",
     "left_topic",
     "parse_policy",
 ]
@@ -523,112 +519,10 @@ class CurrentPolicy(BaseModel):
 # ================================================================ tables
 
 
-class ContactPolicyVersion(SQLModel, table=True):
-    """One version of the policy document: the audit of who changed what, when and why."""
-
-    __tablename__ = "contact_policy_versions"
-
-    version: int = SQLField(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    document: dict[str, Any] = SQLField(sa_column=Column(JSON, nullable=False))
-    actor: str = SQLField(max_length=200)
-    note: str | None = SQLField(default=None, max_length=1000)
-    changes: list[dict[str, Any]] = SQLField(
-        default_factory=list, sa_column=Column(JSON, nullable=False)
-    )
-    summary: str = SQLField(max_length=2000)
-    created_at: datetime = SQLField(default_factory=utcnow)
-
-
-class ContactReservation(SQLModel, table=True):
-    """A slot an ALLOW reserved: counts towards caps while reserved or used."""
-
-    __tablename__ = "contact_reservations"
-    __table_args__ = (Index("ix_contact_reservations_customer_time", "customer_id", "reserved_at"),)
-
-    id: int | None = SQLField(default=None, primary_key=True)
-    message_id: str = SQLField(unique=True, max_length=200)
-    customer_id: str = SQLField(max_length=200)
-    journey_key: str = SQLField(max_length=63)
-    channel: str = SQLField(max_length=20)
-    category: str = SQLField(max_length=20)
-    priority: int = 0
-    counted: bool = True
-    reserved_at: datetime
-    status: str = SQLField(default="reserved", max_length=20)  # reserved | used | released
-    release_reason: str | None = SQLField(default=None, max_length=500)
-    updated_at: datetime = SQLField(default_factory=utcnow)
-
-
-# The send runs it with the ledger update, on the driver's connection (Store.message_outcome).
 _MARK_USED_SQL = """
     UPDATE contact_reservations SET status = 'used', updated_at = :now
     WHERE message_id = :message_id AND status IN ('reserved', 'used')
 """
-
-
-class PolicyDecisionRecord(SQLModel, table=True):
-    """Every answer the policy gave, for the profile timeline and the operators."""
-
-    __tablename__ = "policy_decisions"
-    # A customer's timeline, and the DEFERs still due (defer_until is set on DEFERs only).
-    __table_args__ = (Index("ix_policy_decisions_customer_due", "customer_id", "defer_until"),)
-
-    id: int | None = SQLField(default=None, primary_key=True)
-    message_id: str = SQLField(index=True, max_length=200)
-    customer_id: str = SQLField(max_length=200)
-    journey_key: str = SQLField(max_length=63)
-    channel: str = SQLField(max_length=20)
-    category: str = SQLField(max_length=20)
-    priority: int = 0
-    decision: str = SQLField(max_length=10)  # allow | defer | skip
-    reason: str = SQLField(max_length=500)
-    rule: str | None = SQLField(default=None, max_length=200)
-    defer_until: datetime | None = None
-    reservation_id: int | None = None
-    policy_version: int = 0
-    timezone: str | None = SQLField(default=None, max_length=64)
-    decided_at: datetime
-
-
-class Suppression(SQLModel, table=True):
-    """An address no message goes to on a channel (hard bounce, complaint, request)."""
-
-    __tablename__ = "suppressions"
-    __table_args__ = (UniqueConstraint("channel", "address"),)
-
-    id: int | None = SQLField(default=None, primary_key=True)
-    channel: str = SQLField(max_length=20)
-    address: str = SQLField(max_length=320)
-    reason: str = SQLField(max_length=500)
-    source: str = SQLField(max_length=100)
-    created_at: datetime = SQLField(default_factory=utcnow)
-
-
-class SendTimeChoice(SQLModel, table=True):
-    """What Envío Inteligente chose for a customer, and why."""
-
-    __tablename__ = "send_time_choices"
-
-    id: int | None = SQLField(default=None, primary_key=True)
-    customer_id: str = SQLField(index=True, max_length=200)
-    message_id: str | None = SQLField(default=None, max_length=200)
-    chosen_at: datetime
-    hour_of_week: int
-    timezone: str = SQLField(max_length=64)
-    reason: str = SQLField(max_length=500)
-    samples: int
-    fallback: bool
-    decided_at: datetime
-
-
-# ================================================================ time in the customer's zone
-
-
-def _utc(moment: datetime) -> datetime:
-    """Aware UTC; naive values (SQLite hands them back) are UTC already."""
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 def _zone_or_none(name: str | None) -> ZoneInfo | None:
@@ -1060,7 +954,7 @@ class _Backend:
             return None
         if isinstance(value, str):
             value = datetime.fromisoformat(value)
-        return _utc(value)
+        return as_utc(value)
 
     def json(self, value: Any) -> Any:
         return json.loads(value) if isinstance(value, str | bytes) else value
@@ -1567,7 +1461,7 @@ class ContactPolicyService:
             policy=ContactPolicy.model_validate(row.document),
             actor=row.actor,
             note=row.note,
-            created_at=_utc(row.created_at),
+            created_at=as_utc(row.created_at),
         )
 
     def set_policy(
@@ -1618,11 +1512,11 @@ class ContactPolicyService:
 
     def decide(self, intent: SendIntent, now: datetime) -> PolicyDecision:
         """ALLOW (with a reservation), DEFER until a time, or SKIP; stored, atomic, idempotent."""
-        return self._decide(intent, _utc(now), persist=True)
+        return self._decide(intent, as_utc(now), persist=True)
 
     def preview(self, intent: SendIntent, now: datetime) -> PolicyDecision:
         """What :meth:`decide` would answer, without reserving or storing anything."""
-        return self._decide(intent, _utc(now), persist=False)
+        return self._decide(intent, as_utc(now), persist=False)
 
     def _decide(self, intent: SendIntent, now: datetime, persist: bool) -> PolicyDecision:
         if persist and self._backend.optimistic:
@@ -1740,7 +1634,7 @@ class ContactPolicyService:
         backend = self._backend
         counted = backend.json(row[15]) or ()
         history = [
-            _Sent(_utc(datetime.fromisoformat(at)), channel, category, journey_key)
+            _Sent(as_utc(datetime.fromisoformat(at)), channel, category, journey_key)
             for at, channel, category, journey_key, _id in counted
         ]
         return _Snapshot(
@@ -1772,7 +1666,7 @@ class ContactPolicyService:
             backend.history_sql, {"customer": intent.customer_id, "since": backend.when(since)}
         )
         return [
-            _Sent(_utc(backend.moment(at) or since), channel, category, journey_key)
+            _Sent(as_utc(backend.moment(at) or since), channel, category, journey_key)
             for at, channel, category, journey_key in cursor.fetchall()
         ]
 
@@ -2154,7 +2048,7 @@ class ContactPolicyService:
             raise ValueError(f"fallback_hour: {fallback_hour} is not an hour; use 0-23")
         if max_delay < timedelta(0):
             raise ValueError("max_delay: must not be negative, e.g. timedelta(hours=24)")
-        now = _utc(now)
+        now = as_utc(now)
         policy = self.get_policy().policy
         profile = self.store.get_profile(customer_id)
         zone = (
@@ -2166,7 +2060,7 @@ class ContactPolicyService:
         by_day: dict[int, float] = defaultdict(float)
         samples = 0
         for moment, name in self._engagement(customer_id, now):
-            local = _utc(moment).astimezone(zone)
+            local = as_utc(moment).astimezone(zone)
             weight = self.engagement_weights[name]
             by_week[local.weekday() * 24 + local.hour] += weight
             by_day[local.hour] += weight
@@ -2260,7 +2154,7 @@ class ContactPolicyService:
         return result
 
     def _engagement(self, customer_id: str, now: datetime) -> list[tuple[datetime, str]]:
-        from hilo.db.store import StoredEvent
+        from hilo.db.models import StoredEvent
 
         with self.store.session() as session:
             rows = session.exec(

@@ -4,7 +4,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 from sqlmodel import SQLModel
 
-import hilo.db.store  # noqa: F401  (registers the tables on SQLModel.metadata)
+import hilo.db.models  # noqa: F401  (every table, on SQLModel.metadata)
 
 config = context.config
 target_metadata = SQLModel.metadata
