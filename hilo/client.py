@@ -7,10 +7,11 @@ from typing import Any
 
 import httpx
 
+from hilo.errors import HiloError
 from hilo.events import CustomerEvent
 
 
-class HiloError(RuntimeError):
+class ApiRefused(HiloError):
     """The API refused a request; ``detail`` carries its explanation."""
 
     def __init__(self, status_code: int, detail: Any) -> None:
@@ -61,6 +62,6 @@ class HiloClient:
                 detail = response.json().get("detail")
             except ValueError:
                 detail = response.text
-            raise HiloError(response.status_code, detail)
+            raise ApiRefused(response.status_code, detail)
         result: dict[str, Any] = response.json()
         return result

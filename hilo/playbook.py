@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hilo.errors import InvalidInput
 from hilo.journeys.templates import sample_messages, whatsapp_template
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class Playbook(_Strict):
         }
 
 
-class PlaybookInvalid(ValueError):
+class PlaybookInvalid(InvalidInput):
     """A playbook file that cannot be used, with every problem in it."""
 
     def __init__(self, source: str, problems: list[str]) -> None:

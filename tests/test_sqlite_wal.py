@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hilo.db.store import WAL_AUTOCHECKPOINT_PAGES, Store
-from hilo.intake.acceptance import writer_lock
+from hilo.db.writers import writer_turn
 
 
 def profiles_in_main_file(database: Path, scratch: Path) -> int:
@@ -62,7 +62,7 @@ def hold_the_writer_turn(url: str, held: Any, release: Any) -> None:
     """Another process: takes the turn to write, says so, keeps it until told."""
     store = Store(url)
     try:
-        with writer_lock(store):
+        with writer_turn(store.engine):
             held.set()
             release.wait(timeout=30)
     finally:
@@ -81,7 +81,7 @@ def test_the_turn_to_write_is_shared_with_other_processes(tmp_path: Path) -> Non
         got_it = threading.Event()
 
         def take_turn() -> None:
-            with writer_lock(store):
+            with writer_turn(store.engine):
                 got_it.set()
 
         waiter = threading.Thread(target=take_turn)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import httpx
 
 from hilo.clock import utcnow
+from hilo.errors import DeliveryFailure
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
@@ -76,12 +77,6 @@ class ChannelProvider(Protocol):
         Raises PermanentFailure or RetryableFailure.
         """
         ...
-
-
-class DeliveryFailure(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class PermanentFailure(DeliveryFailure):

@@ -247,7 +247,8 @@ def send_event(
     api_url: Annotated[str | None, typer.Option("--api", help="Hilo API base URL.")] = None,
 ) -> None:
     """Send an event through the API, as a service would."""
-    from hilo.client import HiloClient, HiloError
+    from hilo.client import HiloClient
+    from hilo.errors import HiloError
 
     settings = _settings()
     url = api_url or f"http://{settings.api_host}:{settings.api_port}"

@@ -42,6 +42,7 @@ from hilo.db.models import (
     StoredEvent,
 )
 from hilo.db.store import Store, queue_audience_exit
+from hilo.errors import InvalidInput
 from hilo.ids import MAX_ID_CHARS
 from hilo.intake.acceptance import CONSENT_CHANNELS
 
@@ -82,7 +83,7 @@ TimelineKind = Literal[
 ]
 
 
-class ConsentError(ValueError):
+class ConsentError(InvalidInput):
     """A consent change that cannot be recorded; ``field`` is the request's field at fault
     (``channel``, ``token``, ``subscription.keys.p256dh`` ...)."""
 

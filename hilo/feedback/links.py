@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from hilo.channels.base import b64url, b64url_decode
 from hilo.clock import utcnow
+from hilo.errors import Rejected
 
 __all__ = [
     "LINK_PATHS",
@@ -56,7 +57,7 @@ PAUSE_FRAGMENT = "#pause"
 MIN_SECRET_LENGTH = 32
 
 
-class LinkRejected(Exception):
+class LinkRejected(Rejected):
     """A link token we will not act on."""
 
     def __init__(self, reason: str) -> None:

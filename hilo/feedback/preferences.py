@@ -19,6 +19,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from hilo.clock import utcnow
+from hilo.errors import InvalidInput
 from hilo.feedback.links import LinkClaims
 
 __all__ = [
@@ -70,7 +71,7 @@ class PreferenceChange(BaseModel):
     opt_out: bool
 
 
-class PreferenceFormError(ValueError):
+class PreferenceFormError(InvalidInput):
     """The form could not be read; ``errors`` maps each field name to what was wrong."""
 
     def __init__(self, errors: Mapping[str, str]) -> None:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hilo.clock import utcnow
+from hilo.errors import Rejected
 from hilo.intake import strict_json
 
 __all__ = [
@@ -74,7 +75,7 @@ class DeliveryEvent:
     raw_id: str  # stable across provider retries: store each event once
 
 
-class SignatureRejected(Exception):
+class SignatureRejected(Rejected):
     """A webhook request that is not provably from the provider."""
 
     def __init__(self, reason: str) -> None:

@@ -24,11 +24,6 @@ so one refused change never costs a batch its page views.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-import threading
-import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +50,7 @@ from hilo.db.models import (
     StoredEvent,
 )
 from hilo.db.store import Store
+from hilo.db.writers import writer_turn
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
 from hilo.settings import WriteKeySource
 
@@ -193,62 +189,12 @@ class _Batch:
     audit: list[ProfileChange] = field(default_factory=list)
 
 
-class _WriterTurn:
-    """A turn to write one SQLite file: first among this process's threads, then among the
-    processes that share the file (an advisory lock on a file beside it). A waiter blocks
-    and is woken as soon as the turn is free, where SQLite's busy handler would sleep."""
-
-    def __init__(self, database: str | None) -> None:
-        self._threads = threading.Lock()
-        self._path = f"{database}-writer" if database and database != ":memory:" else None
-        self._file: int | None = None
-
-    def __enter__(self) -> None:
-        self._threads.acquire()
-        if self._path is None:
-            return
-        try:
-            if self._file is None:
-                self._file = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-                weakref.finalize(self, os.close, self._file)
-            fcntl.flock(self._file, fcntl.LOCK_EX)
-        except BaseException:
-            self._threads.release()
-            raise
-
-    def __exit__(self, *_exc: object) -> None:
-        try:
-            if self._file is not None:
-                fcntl.flock(self._file, fcntl.LOCK_UN)
-        finally:
-            self._threads.release()
-
-
-_writers: weakref.WeakKeyDictionary[Store, _WriterTurn] = weakref.WeakKeyDictionary()
-_writers_guard = threading.Lock()
-
-
-def writer_lock(store: Store) -> contextlib.AbstractContextManager[Any]:
-    """The turn to write to ``store``, for its busy writers (ingestion, the dispatcher, the
-    contact policy), across this process's threads and the processes sharing the file.
-    SQLite has one writer at a time anyway; waiting here, the next one goes as soon as the
-    turn is free, where SQLite's busy handler sleeps in steps of up to 100 ms and lets a
-    steady stream of requests starve the dispatcher. No lock on PostgreSQL."""
-    if store.engine.dialect.name != "sqlite":
-        return contextlib.nullcontext()
-    with _writers_guard:
-        turn = _writers.get(store)
-        if turn is None:
-            turn = _writers[store] = _WriterTurn(store.engine.url.database)
-        return turn
-
-
 class Ingestor:
     def __init__(self, store: Store) -> None:
         self.store = store
         dialect = store.engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        self._writer = writer_lock(store)
+        self._writer = writer_turn(store.engine)
 
     def accept_events(self, events: Sequence[CustomerEvent], source: str = "api") -> Accepted:
         # The caller holds the admin token: a server source (its name checked with the event).

@@ -44,8 +44,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from hilo.clock import as_utc, utcnow
 from hilo.db.store import Store
+from hilo.db.writers import writer_turn
 from hilo.events import CustomerEvent
-from hilo.intake.acceptance import writer_lock
 from hilo.intake.routing import EventRouter, RouteResult
 from hilo.journeys.runs import (
     LEAVE_AUDIENCES_WORKFLOW,
@@ -112,7 +112,7 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.parked = 0  # dead letters this process made
         self._renewal = min(LEASE_RENEWAL, lease_ttl.total_seconds() / 3)
-        self._writer = writer_lock(store)
+        self._writer = writer_turn(store.engine)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.running = False
         self._wake = asyncio.Event()
@@ -175,7 +175,7 @@ class Dispatcher:
         self._wake.clear()
 
     async def _write(self, write: Callable[..., T], *args: Any) -> T:
-        """A write, in a thread, in turn with ingestion's (see :func:`writer_lock`)."""
+        """A write, in a thread, in turn with ingestion's (see :mod:`hilo.db.writers`)."""
 
         def locked() -> T:
             with self._writer:

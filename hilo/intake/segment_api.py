@@ -37,6 +37,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.alias_generators import to_camel
 
 from hilo.clock import as_utc
+from hilo.errors import Rejected
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED
 from hilo.ids import MAX_ID_CHARS, customer_id_problem
 from hilo.intake import strict_json
@@ -123,7 +124,7 @@ _TITLES = {
 }
 
 
-class SegmentRejected(Exception):
+class SegmentRejected(Rejected):
     """The request as a whole is refused; ``errors`` lists every problem found in it."""
 
     def __init__(self, status: int, errors: list[FieldError]) -> None:

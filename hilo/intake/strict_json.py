@@ -13,12 +13,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from hilo.errors import InvalidInput
+
 __all__ = ["JSONPath", "NotStorableJSON", "loads"]
 
 JSONPath = tuple[str | int, ...]
 
 
-class NotStorableJSON(ValueError):
+class NotStorableJSON(InvalidInput):
     """Valid to Python's ``json``, but not JSON a database can read back."""
 
     def __init__(self, path: JSONPath, message: str) -> None:

@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from hilo.errors import InvalidInput
 from hilo.journeys.conditions import Condition, SameValue, same_value
 from hilo.journeys.durations import Duration
 
@@ -561,7 +562,7 @@ class JourneyProblem(BaseModel):
         return f"{self.path}: {self.message}"
 
 
-class JourneyInvalid(ValueError):
+class JourneyInvalid(InvalidInput):
     """A definition that must not be published, with every problem found."""
 
     def __init__(self, problems: list[JourneyProblem], source: str | None = None) -> None:

@@ -75,8 +75,7 @@ import hashlib
 import json
 import re
 import threading
-import weakref
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -106,7 +105,8 @@ from hilo.db.models import (
     Suppression,
 )
 from hilo.db.store import NAMED_PARAMETER, Store, pyformat
-from hilo.intake.acceptance import writer_lock
+from hilo.db.writers import writer_turn
+from hilo.errors import InvalidInput
 from hilo.journeys.definitions import CHANNELS, JOURNEY_KEY, WEEKDAYS
 from hilo.journeys.durations import Duration, format_duration, parse_duration
 
@@ -363,7 +363,7 @@ class PolicyProblem(BaseModel):
     problem: str
 
 
-class PolicyInvalid(ValueError):
+class PolicyInvalid(InvalidInput):
     """A policy document that does not validate; ``problems`` names every field."""
 
     def __init__(self, problems: list[PolicyProblem]) -> None:
@@ -977,57 +977,6 @@ class _Backend:
         pass
 
 
-class _InTurn:
-    """A lock its waiters get in the order they asked for it.
-
-    A ``threading.Lock`` goes to whichever thread runs first once it is free: most often the
-    one that just let it go, still holding the GIL, so a busy thread can take many turns in a
-    row while another waits. Here the holder hands it to the first waiter.
-    """
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._held = False
-        self._waiting: deque[threading.Lock] = deque()
-
-    def __enter__(self) -> None:
-        with self._guard:
-            if not self._held:
-                self._held = True
-                return
-            baton = threading.Lock()
-            baton.acquire()
-            self._waiting.append(baton)
-        try:
-            baton.acquire()  # released by the holder: the lock is ours
-        except BaseException:
-            with self._guard:
-                handed = baton not in self._waiting
-                if not handed:
-                    self._waiting.remove(baton)
-            if handed:
-                self.__exit__()
-            raise
-
-    def __exit__(self, *_exc: object) -> None:
-        with self._guard:
-            if self._waiting:
-                self._waiting.popleft().release()
-            else:
-                self._held = False
-
-
-_sqlite_turns: weakref.WeakKeyDictionary[Store, _InTurn] = weakref.WeakKeyDictionary()
-_sqlite_turns_guard = threading.Lock()
-
-
-def _turn_of(store: Store) -> _InTurn:
-    """This process's decisions on ``store`` write in the order they came (shared by all
-    the services of this process on it)."""
-    with _sqlite_turns_guard:
-        return _sqlite_turns.setdefault(store, _InTurn())
-
-
 class _SQLiteBackend(_Backend):
     aggregate = (
         "json_group_array(json_array(h.reserved_at, h.channel, h.category, h.journey_key, h.id))"
@@ -1041,8 +990,7 @@ class _SQLiteBackend(_Backend):
         # Decisions wait for the database's single writer here, in the order they came, and
         # then in turn with ingestion and the dispatcher; SQLite's busy handler would sleep
         # in steps of up to 100 ms instead.
-        self.turn = _turn_of(store)
-        self.writer = writer_lock(store)
+        self.writer = writer_turn(store.engine)
         super().__init__()
         self.reservation_insert = _RESERVATION_INSERT
         self.reservation_renew = _RESERVATION_RENEW
@@ -1051,7 +999,7 @@ class _SQLiteBackend(_Backend):
     @contextmanager
     def _writing(self) -> Iterator[None]:
         """The turn to write: first among this process's decisions, then among all writers."""
-        with self.turn, self.writer:
+        with self.writer:
             yield
 
     def when(self, moment: datetime | None) -> Any:
