@@ -304,16 +304,16 @@ def test_page_escapes_everything_it_did_not_write() -> None:
         None, PreferenceState(), topics, '/l/p/"><script>alert(1)</script>', now=NOW
     )
     assert "<script>" not in html and "<img" not in html
-    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html
     assert "Tom &amp; Jerry" in html
-    assert 'action="/l/p/&quot;&gt;&lt;script&gt;' in html
+    assert 'action="/l/p/&#34;&gt;&lt;script&gt;' in html
 
 
 def test_page_shows_errors_by_their_fields() -> None:
     errors = {"frequency": "'daily' is not one of normal, weekly or monthly"}
     html = render_preference_page(None, PreferenceState(), TOPICS, "/l/p/t", errors=errors, now=NOW)
     assert 'role="alert"' in html
-    assert '<a href="#frequency">frequency</a>: &#x27;daily&#x27; is not one of' in html
+    assert '<a href="#frequency">frequency</a>: &#39;daily&#39; is not one of' in html
     assert (
         '<fieldset id="frequency" aria-invalid="true" aria-describedby="frequency-error">' in html
     )

@@ -45,6 +45,7 @@ from hilo.feedback.preferences import (
     PreferenceFormError,
     parse_preference_form,
     render_confirmation,
+    render_invalid_link,
     render_preference_page,
 )
 from hilo.feedback.webhooks import (
@@ -108,24 +109,6 @@ PAGE_HEADERS = {
         "frame-ancestors 'none'; base-uri 'none'"
     ),
 }
-INVALID_LINK_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
-<meta name="robots" content="noindex, nofollow">
-<title>This link doesn't work</title>
-</head>
-<body>
-<main style="max-width:34rem;margin:0 auto;padding:2rem 1.25rem;font-family:system-ui,sans-serif">
-<h1>This link doesn't work</h1>
-<p>It may have expired or been changed on its way to you.
-The links in our most recent message to you will work.</p>
-</main>
-</body>
-</html>
-"""
 
 
 # ================================================================ dependencies
@@ -340,7 +323,7 @@ def _verified(signer: LinkSigner, token: str, kind: LinkKind) -> LinkClaims | No
 
 
 def _invalid_link() -> HTMLResponse:
-    return _page(INVALID_LINK_PAGE, status.HTTP_404_NOT_FOUND)
+    return _page(render_invalid_link(), status.HTTP_404_NOT_FOUND)
 
 
 async def _track(store: Store, event: DeliveryEvent) -> None:

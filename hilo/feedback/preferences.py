@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from datetime import UTC, datetime, timedelta
-from html import escape
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any, Literal, get_args
 
+from liquid import CachingFileSystemLoader, Environment
 from pydantic import BaseModel, ConfigDict, Field
 
 from hilo.clock import utcnow
@@ -31,6 +32,7 @@ __all__ = [
     "Topic",
     "parse_preference_form",
     "render_confirmation",
+    "render_invalid_link",
     "render_preference_page",
 ]
 
@@ -155,46 +157,22 @@ _FREQUENCY_SENTENCE: dict[Frequency, str] = {
     "monthly": "You'll hear from us at most once a month.",
 }
 
-_STYLE = """
-:root{color-scheme:light dark;--ink:#1d1d1f;--muted:#555;--paper:#fff;--line:#ccc;
---accent:#0b57d0;--error:#b3261e}
-@media (prefers-color-scheme:dark){:root{--ink:#f2f2f2;--muted:#c4c4c4;--paper:#161616;
---line:#555;--accent:#8ab4f8;--error:#f2b8b5}}
-*{box-sizing:border-box}
-body{margin:0;background:var(--paper);color:var(--ink);
-font:1rem/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
-main{max-width:34rem;margin:0 auto;padding:2rem 1.25rem}
-h1{font-size:1.5rem;line-height:1.25;margin:0 0 .5rem}
-p{margin:.5rem 0}
-.muted{color:var(--muted)}
-fieldset{border:1px solid var(--line);border-radius:.5rem;margin:1.25rem 0;padding:.75rem 1rem}
-legend{font-weight:600;padding:0 .25rem}
-label{display:flex;gap:.6rem;align-items:flex-start;padding:.35rem 0;cursor:pointer}
-input{width:1.15rem;height:1.15rem;margin:.2rem 0 0;accent-color:var(--accent);flex:none}
-.hint{display:block;color:var(--muted);font-size:.9rem}
-button{font:inherit;border-radius:.5rem;padding:.7rem 1.1rem;cursor:pointer;width:100%}
-.primary{background:var(--accent);color:var(--paper);border:2px solid var(--accent);
-font-weight:600}
-.quiet{background:transparent;color:var(--ink);border:1px solid var(--line);margin-top:.5rem}
-:focus-visible{outline:3px solid var(--accent);outline-offset:2px}
-.errors{border:2px solid var(--error);border-radius:.5rem;padding:.5rem 1rem;margin:1rem 0}
-.error{color:var(--error);font-weight:600;display:block}
-a{color:var(--accent)}
-hr{border:0;border-top:1px solid var(--line);margin:2rem 0 1rem}
-"""
+
+# The pages are Liquid templates in ``pages/`` (autoescaped), rendered with plain values here.
+_pages = Environment(
+    loader=CachingFileSystemLoader(Path(__file__).parent / "pages"), autoescape=True
+)
 
 
-def _page(title: str, body: str) -> str:
-    return (
-        "<!DOCTYPE html>\n"
-        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        # The signed token is in this page's URL: keep it out of Referer headers and indexes.
-        '<meta name="referrer" content="no-referrer">\n'
-        '<meta name="robots" content="noindex, nofollow">\n'
-        f"<title>{escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n"
-        f"<body>\n<main>\n{body}</main>\n</body>\n</html>\n"
+def _page(title: str, content: str, **values: Any) -> str:
+    return _pages.get_template("page.liquid").render(
+        title=title, content=f"{content}.liquid", **values
     )
+
+
+def render_invalid_link() -> str:
+    """The page for a link we will not act on: it says why in words a customer can use."""
+    return _page("This link doesn't work", "invalid_link")
 
 
 def _date(value: datetime) -> str:
@@ -203,29 +181,23 @@ def _date(value: datetime) -> str:
 
 def _choice(
     name: str, value: str, label: str, checked: bool, *, kind: str = "radio", hint: str = ""
-) -> str:
+) -> dict[str, Any]:
     element_id = f"{name}-{value}" if kind == "radio" else name.replace(":", "-")
-    hint_html = f'<span class="hint">{escape(hint)}</span>' if hint else ""
-    return (
-        f'<label for="{escape(element_id)}"><input type="{kind}" id="{escape(element_id)}" '
-        f'name="{escape(name)}" value="{escape(value)}"{" checked" if checked else ""}>'
-        f"<span>{escape(label)}{hint_html}</span></label>\n"
-    )
+    return {
+        "id": element_id,
+        "kind": kind,
+        "name": name,
+        "value": value,
+        "label": label,
+        "checked": checked,
+        "hint": hint,
+    }
 
 
-def _fieldset(name: str, legend: str, inner: str, errors: Mapping[str, str]) -> str:
-    field_id = escape(name)
-    error = errors.get(name)
-    if not error:
-        return (
-            f'<fieldset id="{field_id}">\n<legend>{escape(legend)}</legend>\n{inner}</fieldset>\n'
-        )
-    return (
-        f'<fieldset id="{field_id}" aria-invalid="true" aria-describedby="{field_id}-error">\n'
-        f"<legend>{escape(legend)}</legend>\n"
-        f'<span class="error" id="{field_id}-error">{escape(error)}</span>\n'
-        f"{inner}</fieldset>\n"
-    )
+def _fieldset(
+    name: str, legend: str, choices: list[dict[str, Any]], errors: Mapping[str, str]
+) -> dict[str, Any]:
+    return {"name": name, "legend": legend, "choices": choices, "error": errors.get(name)}
 
 
 def render_preference_page(
@@ -244,57 +216,32 @@ def render_preference_page(
     errors = errors or {}
     now = now or utcnow()
     channel = (claims.channel if claims else None) or "email"
-    noun = _CHANNEL_NOUN.get(channel, "messages")
     paused = current.pause_until is not None and current.pause_until > now
-    parts: list[str] = ["<h1>Choose what you hear from us</h1>\n"]
-    if claims is not None and claims.kind == "unsubscribe":
-        parts.append(
-            f"<p>Too many {escape(_CHANNEL_PLURAL.get(channel, 'messages'))}? "
-            "Before you go, a few gentler options. "
-            "Or leave with one click at the bottom.</p>\n"
-        )
-    else:
-        parts.append("<p>Change as much or as little as you like.</p>\n")
-    if current.opt_out:
-        parts.append(
-            f'<p class="muted">You\'re unsubscribed from marketing {escape(noun)} right now. '
-            "Saving your choices below subscribes you again.</p>\n"
-        )
-    if errors:
-        items = "".join(
-            f'<li><a href="#{escape(field.replace(":", "-"))}">{escape(field)}</a>: '
-            f"{escape(message)}</li>\n"
-            for field, message in errors.items()
-        )
-        parts.append(
-            '<div class="errors" role="alert">\n<p><strong>Please check these:</strong></p>\n'
-            f"<ul>\n{items}</ul>\n</div>\n"
-        )
-    parts.append(f'<form method="post" action="{escape(action_url, quote=True)}">\n')
-
-    frequency_inner = "".join(
+    frequency = [
         _choice("frequency", value, _FREQUENCY_LABEL[value], current.frequency == value)
         for value in FREQUENCIES
-    )
-    parts.append(_fieldset("frequency", "Receive less often", frequency_inner, errors))
-
-    pause_inner = _choice("pause", "no", "Keep them coming", not paused)
+    ]
+    pause = [_choice("pause", "no", "Keep them coming", not paused)]
     if paused and current.pause_until is not None:
-        pause_inner += _choice(
-            "pause", "keep", f"Stay paused until {_date(current.pause_until)}", True
+        pause.append(
+            _choice("pause", "keep", f"Stay paused until {_date(current.pause_until)}", True)
         )
-    pause_inner += _choice(
-        "pause",
-        "30d",
-        f"Pause for {PAUSE_DAYS} days",
-        False,
-        hint=f"We'll pick up again on {_date(now + timedelta(days=PAUSE_DAYS))}.",
+    pause.append(
+        _choice(
+            "pause",
+            "30d",
+            f"Pause for {PAUSE_DAYS} days",
+            False,
+            hint=f"We'll pick up again on {_date(now + timedelta(days=PAUSE_DAYS))}.",
+        )
     )
-    parts.append(_fieldset("pause", "Take a break", pause_inner, errors))
-
+    fieldsets = [
+        _fieldset("frequency", "Receive less often", frequency, errors),
+        _fieldset("pause", "Take a break", pause, errors),
+    ]
     if topics:
         chosen = set(current.topics)
-        topic_inner = "".join(
+        topic_choices = [
             _choice(
                 f"{TOPIC_FIELD}{topic.key}",
                 "yes",
@@ -304,25 +251,30 @@ def render_preference_page(
                 hint=topic.description,
             )
             for topic in topics
-        )
+        ]
         topic_messages = [
             f"{field[len(TOPIC_FIELD) :]}: {message}"
             for field, message in errors.items()
             if field.startswith(TOPIC_FIELD)
         ]
         topic_errors = {"topics": "; ".join(topic_messages)} if topic_messages else {}
-        parts.append(_fieldset("topics", "Only the topics you like", topic_inner, topic_errors))
-
-    parts.append('<button type="submit" class="primary">Save my choices</button>\n')
-    parts.append(
-        "<hr>\n"
-        f'<p class="muted">Rather leave? No hard feelings. Receipts and account messages '
-        "still arrive.</p>\n"
-        '<button type="submit" class="quiet" name="opt_out" value="yes">'
-        f"Unsubscribe from all marketing {escape(noun)}</button>\n"
-        "</form>\n"
+        fieldsets.append(
+            _fieldset("topics", "Only the topics you like", topic_choices, topic_errors)
+        )
+    return _page(
+        "Your preferences",
+        "preferences",
+        unsubscribing=claims is not None and claims.kind == "unsubscribe",
+        plural=_CHANNEL_PLURAL.get(channel, "messages"),
+        noun=_CHANNEL_NOUN.get(channel, "messages"),
+        opted_out=current.opt_out,
+        errors=[
+            {"anchor": field.replace(":", "-"), "field": field, "message": message}
+            for field, message in errors.items()
+        ],
+        action_url=action_url,
+        fieldsets=fieldsets,
     )
-    return _page("Your preferences", "".join(parts))
 
 
 def render_confirmation(
@@ -334,20 +286,14 @@ def render_confirmation(
 ) -> str:
     """What we'll do now, in a sentence or three, with a way back."""
     noun = _CHANNEL_NOUN.get(channel or "email", "messages")
-    back = (
-        f'<p><a href="{escape(preferences_url, quote=True)}">Changed your mind? '
-        "Update your choices</a></p>\n"
-        if preferences_url
-        else ""
-    )
     if change.opt_out:
-        body = (
-            "<h1>You're unsubscribed</h1>\n"
-            f"<p>You won't get marketing {escape(noun)} from us any more. "
-            "Receipts and account messages still arrive.</p>\n"
-            "<p>Thanks for having been with us.</p>\n"
+        return _page(
+            "You're unsubscribed",
+            "confirmation",
+            opted_out=True,
+            noun=noun,
+            preferences_url=preferences_url,
         )
-        return _page("You're unsubscribed", body + back)
     lines = [_FREQUENCY_SENTENCE[change.frequency]]
     if change.pause_until is not None:
         lines.insert(0, f"We're taking a break until {_date(change.pause_until)}.")
@@ -359,6 +305,11 @@ def render_confirmation(
             if chosen
             else f"No topics ticked, so no marketing {noun} until you pick one."
         )
-    items = "".join(f"<li>{escape(line)}</li>\n" for line in lines)
-    body = f"<h1>Saved. Thanks for telling us</h1>\n<ul>\n{items}</ul>\n"
-    return _page("Preferences saved", body + back)
+    return _page(
+        "Preferences saved",
+        "confirmation",
+        opted_out=False,
+        noun=noun,
+        lines=lines,
+        preferences_url=preferences_url,
+    )
