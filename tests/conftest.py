@@ -12,16 +12,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab, start_time_skipping
-from hilo.journeys.definitions import JourneyDefinition, load_journey_yaml
-from hilo.settings import PROJECT_ROOT
 from tests.helpers.postgres import PostgresServer
-
-EXAMPLES = PROJECT_ROOT / "examples"
-
-
-def example(key: str) -> JourneyDefinition:
-    path = EXAMPLES / "journeys" / f"{key}.yaml"
-    return load_journey_yaml(path.read_text(), source=path.name)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from hilo.journeys.definitions import (
     load_journey_yaml,
     parse_journey,
 )
-from tests.conftest import EXAMPLES
+from tests.helpers.examples import EXAMPLES
 
 Raw = dict[str, Any]
 

@@ -39,7 +39,7 @@ from hilo.intake.dispatcher import Dispatcher
 from hilo.journeys.definitions import parse_journey
 from hilo.journeys.runs import LeaveAudiencesResult
 from hilo.policy.service import ContactPolicyService
-from tests.provider_servers import (
+from tests.fakes.providers import (
     FakeFirebase,
     FakeGoogleAds,
     FakeMetaGraph,

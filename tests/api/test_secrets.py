@@ -17,7 +17,7 @@ from hilo.channels.config import DEV_LINK_SECRET, LINK_SECRET_FILE
 from hilo.db.store import Store
 from hilo.feedback.links import LinkRejected, LinkSigner
 from hilo.settings import Settings
-from tests.test_ingestion import asgi, basic, hilo_app
+from tests.api.test_ingestion import asgi, basic, hilo_app
 
 # ---------------------------------------------------------------- the link secret
 

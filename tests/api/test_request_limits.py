@@ -41,7 +41,7 @@ from hilo.db.store import Store
 from hilo.ids import MAX_ID_CHARS
 from hilo.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = "https://hilo.shop.example"
 LINK_SECRET = "a-link-secret-for-the-limits-tests-0123456789"
 ADMIN_TOKEN = "admin-token-for-the-limits-tests"
@@ -92,7 +92,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     port = _free_port()
     database = tmp_path_factory.mktemp("limits") / "hilo.db"
     env = {**os.environ, DATABASE_URL_VARIABLE: f"sqlite:///{database}"}
-    command = [sys.executable, "-m", "uvicorn", "--factory", "tests.test_request_limits:limits_app"]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "tests.api.test_request_limits:limits_app",
+    ]
     command += ["--host", "127.0.0.1", "--port", str(port), "--lifespan", "off"]
     command += ["--log-level", "warning", "--no-access-log"]
     process = subprocess.Popen(command, cwd=ROOT, env=env)

@@ -1,4 +1,4 @@
-"""Record journey histories for the replay test: ``python -m tests.record_histories``.
+"""Record journey histories for the replay test: ``python -m tests.tools.record_histories``.
 
 The recorded files are the proof that running journeys still replay on today's code. Keep
 them: a workflow change that breaks one must be guarded with ``workflow.patched``, and new
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab, start_time_skipping
-from tests.conftest import example
+from tests.helpers.examples import example
 
-HISTORIES = Path(__file__).parent / "histories"
+HISTORIES = Path(__file__).parents[1] / "histories"
 
 
 async def record() -> None:

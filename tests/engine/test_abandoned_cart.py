@@ -14,7 +14,7 @@ from temporalio.converter import decode_typed_search_attributes
 from hilo.devtools.simulation import JourneyLab
 from hilo.journeys import search_attributes as attrs
 from hilo.journeys.definitions import JourneyDefinition
-from tests.conftest import example
+from tests.helpers.examples import example
 
 CART = {"cart_id": "c1", "cart_value": 80, "product_name": "Mug"}
 WID = "journey/abandoned_cart/42/c1"

@@ -17,7 +17,7 @@ from hilo.journeys import search_attributes as attrs
 from hilo.journeys.definitions import parse_journey
 from hilo.journeys.runs import JourneyProgress
 from hilo.policy.service import ContactPolicyService
-from tests.conftest import example
+from tests.helpers.examples import example
 
 WID = "journey/abandoned_cart/42/c1"
 

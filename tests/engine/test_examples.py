@@ -8,7 +8,7 @@ import pytest
 
 from hilo.devtools.simulation import JourneyLab, Scenario, run_scenario
 from hilo.journeys.definitions import load_journey_yaml
-from tests.conftest import EXAMPLES, example
+from tests.helpers.examples import EXAMPLES, example
 
 JOURNEYS = sorted((EXAMPLES / "journeys").glob("*.yaml"))
 SCENARIOS = sorted((EXAMPLES / "scenarios").glob("*.yaml"))

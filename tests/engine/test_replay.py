@@ -10,11 +10,11 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from hilo.devtools.simulation import JourneyLab
-from tests.conftest import example
-from tests.incompatible_journey import SendsBeforeWaiting
+from tests.helpers.examples import example
+from tests.helpers.incompatible_journey import SendsBeforeWaiting
 from workflows.journey import JourneyWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+HISTORIES = sorted((Path(__file__).parents[1] / "histories").glob("*.json"))
 
 
 def history(path: Path) -> WorkflowHistory:

@@ -41,7 +41,7 @@ from hilo.events import CustomerEvent
 from hilo.intake.routing import EventRouter
 from hilo.journeys.definitions import parse_journey
 from hilo.settings import PROJECT_ROOT
-from tests.provider_servers import (
+from tests.fakes.providers import (
     FakeSmtpServer,
     FakeWebhookReceiver,
     Mailbox,
@@ -51,7 +51,7 @@ from tests.provider_servers import (
 from worker.main import connect
 
 # `make test` kills the worker 10 times; the acceptance run kills it 50 times:
-#     HILO_CRASH_KILLS=50 .venv/bin/python -m pytest -s tests/test_crash.py
+#     HILO_CRASH_KILLS=50 .venv/bin/python -m pytest -s tests/system/test_crash.py
 KILLS = int(os.environ.get("HILO_CRASH_KILLS", "10"))
 CUSTOMERS = max(4, KILLS // 5)
 SECRET = "whsec-crash-test-secret"

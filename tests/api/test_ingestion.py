@@ -45,8 +45,8 @@ from hilo.devtools.simulation import JourneyLab
 from hilo.intake.routing import EventRouter
 from hilo.intake.segment_api import MAX_BATCH_BYTES, MAX_CALL_BYTES
 from hilo.settings import Settings
-from tests.conftest import example
-from tests.test_api import LabRouter
+from tests.api.test_api import LabRouter
+from tests.helpers.examples import example
 
 TOKEN = "t"
 # The shop's backend holds a secret key; a page and an app ship theirs (client sources).

@@ -34,8 +34,8 @@ from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab
 from hilo.intake.dispatcher import Dispatcher
 from hilo.settings import Settings
-from tests.conftest import EXAMPLES as EXAMPLE_FILES
-from tests.provider_servers import free_port
+from tests.fakes.providers import free_port
+from tests.helpers.examples import EXAMPLES as EXAMPLE_FILES
 
 TOKEN = "schema-run-admin-token"
 WRITE_KEY = "schema-run-write-key"

@@ -25,8 +25,8 @@ from hilo.devtools.simulation import JourneyLab
 from hilo.events import CustomerEvent
 from hilo.intake.routing import EventRouter, RouteResult
 from hilo.settings import Settings
-from tests.conftest import EXAMPLES
-from tests.provider_servers import free_port
+from tests.fakes.providers import free_port
+from tests.helpers.examples import EXAMPLES
 
 TOKEN = "t"
 CART_YAML = (EXAMPLES / "journeys" / "abandoned_cart.yaml").read_text()

@@ -37,7 +37,7 @@ from hilo.promotions import (
     upsert_promotion,
 )
 from hilo.settings import Settings
-from tests.conftest import EXAMPLES, example
+from tests.helpers.examples import EXAMPLES, example
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 TOKEN = "promotions-test-token"

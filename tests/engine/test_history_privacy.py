@@ -16,7 +16,7 @@ from hilo.events import CustomerEvent
 from hilo.journeys.definitions import JourneyDefinition, load_journey_yaml
 from hilo.journeys.runs import ProfileRequest, only_paths, workflow_event
 from hilo.settings import PROJECT_ROOT
-from tests.conftest import example
+from tests.helpers.examples import example
 
 EMAIL = "ana.private@example.com"
 PHONE = "+34600111222"

@@ -38,8 +38,8 @@ from hilo.intake.dispatcher import parking_reason
 from hilo.journeys.definitions import JourneyDefinition
 from hilo.journeys.runs import JourneyResult
 from hilo.settings import Settings
-from tests.conftest import example
-from tests.test_ingestion import SOURCES, asgi, basic, counts, hilo_app
+from tests.api.test_ingestion import SOURCES, asgi, basic, counts, hilo_app
+from tests.helpers.examples import example
 from worker.main import build_worker, connect
 
 EMOJI_ID = "😀" * 200  # 200 characters: within the old cap, 2,400 bytes percent-encoded

@@ -25,7 +25,7 @@ from hilo.db.models import ConsentChange, StoredEvent
 from hilo.db.store import Store
 from hilo.feedback.links import LinkSigner
 from hilo.settings import DEV_WRITE_KEY, Settings, WriteKeySource
-from tests.test_feedback_api import (
+from tests.api.test_feedback_api import (
     LINK_SECRET,
     PUBLIC,
     TWILIO_TOKEN,

@@ -35,7 +35,7 @@ from hilo.intake.dispatcher import Dispatcher
 from hilo.journeys.definitions import parse_journey
 from hilo.policy.service import ContactPolicyService, SendIntent
 from hilo.settings import PROJECT_ROOT, Settings
-from tests.conftest import EXAMPLES, example
+from tests.helpers.examples import EXAMPLES, example
 
 # Where the workers of a lab sign their links (no settings: the development secret).
 LAB_LINKS = "http://127.0.0.1:8000"

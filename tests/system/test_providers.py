@@ -52,7 +52,7 @@ from hilo.channels.webpush import (
     vapid_public_key,
 )
 from hilo.channels.whatsapp_cloud import WhatsAppCloud
-from tests.provider_servers import (
+from tests.fakes.providers import (
     FakeFirebase,
     FakeGoogleAds,
     FakeMetaGraph,

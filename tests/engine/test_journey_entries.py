@@ -31,8 +31,8 @@ from hilo.devtools.simulation import JourneyLab, start_time_skipping
 from hilo.events import CustomerEvent
 from hilo.journeys.definitions import JourneyDefinition
 from hilo.journeys.runs import SIGNAL_EVENT
-from tests.conftest import example
-from tests.test_ingestion import asgi, basic, hilo_app
+from tests.api.test_ingestion import asgi, basic, hilo_app
+from tests.helpers.examples import example
 
 CART = {"cart_id": "c1", "cart_value": 80, "product_name": "Mug"}
 

@@ -26,7 +26,7 @@ from hilo.intake.routing import EventRouter
 from hilo.journeys.definitions import JourneyInvalid, parse_journey
 from hilo.journeys.templates import email_parts, render_content
 from hilo.settings import Settings
-from tests.provider_servers import FakeSmtpServer
+from tests.fakes.providers import FakeSmtpServer
 from worker.main import build_worker
 
 TOKEN = "admin-token-for-template-tests"

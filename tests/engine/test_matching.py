@@ -15,7 +15,7 @@ from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab
 from hilo.journeys.conditions import Condition, key_text, same_value
 from hilo.journeys.definitions import EventMatch, JourneyDefinition, check_journey
-from tests.conftest import example
+from tests.helpers.examples import example
 from workflows.journey import JourneyWorkflow
 
 # ---------------------------------------------------------------- the rule

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from hilo.cli.app import app
 from hilo.db.store import Store
 from hilo.settings import Settings
-from tests.conftest import EXAMPLES
+from tests.helpers.examples import EXAMPLES
 
 runner = CliRunner()
 
