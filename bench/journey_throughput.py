@@ -69,8 +69,9 @@ with workflow.unsafe.imports_passed_through():
     from hilo.devtools.devserver import DevServer
     from hilo.events import CustomerEvent
     from hilo.intake.routing import EventRouter
-    from hilo.journeys.definitions import JourneyDefinition, parse_journey
+    from hilo.journeys.definitions import JourneyDefinition
     from hilo.journeys.runs import SEND_MESSAGE
+    from hilo.journeys.validate import parse_journey
     from hilo.settings import PROJECT_ROOT, Settings
     from worker.main import build_worker, connect
 

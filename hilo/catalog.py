@@ -1,7 +1,7 @@
 """The journey catalog: validate, publish immutable versions, pause, resume, archive.
 
 Publishing checks what a definition alone cannot tell
-(:func:`~hilo.journeys.definitions.check_journey` already ran when it was parsed): the brand
+(:func:`~hilo.journeys.validate.check_journey` already ran when it was parsed): the brand
 playbook, the unsubscribe link of marketing email, the promotions its templates name, as they are
 in the store now, and the preference topics its sends name (those the preference page offers).
 Problems refuse the version (:class:`~hilo.journeys.definitions.JourneyInvalid`); warnings come
@@ -34,11 +34,11 @@ from hilo.journeys.definitions import (
     SendStep,
     UpdateProfileStep,
     WaitForStep,
-    load_journey_yaml,
     walk_steps,
 )
 from hilo.journeys.runs import SIGNAL_STOP, StopRequest
 from hilo.journeys.templates import check_unsubscribe_links, sample_gaps
+from hilo.journeys.validate import load_journey_yaml
 from hilo.playbook import Playbook, check_playbook
 from hilo.promotions import check_promotions
 

@@ -14,7 +14,6 @@ from typing import Any
 from temporalio import workflow
 from temporalio.common import (
     RetryPolicy,
-    SearchAttributePair,
     SearchAttributeUpdate,
     TypedSearchAttributes,
 )
@@ -32,7 +31,6 @@ with workflow.unsafe.imports_passed_through():
         ExitStep,
         Goal,
         HandoffStep,
-        JourneyDefinition,
         Node,
         SendStep,
         SplitStep,
@@ -47,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
     from hilo.journeys.runs import (
         BEST_SEND_TIME,
         FINISH,
+        JOURNEY_WORKFLOW,
         LEAVE_AUDIENCES,
         LOAD_PROFILE,
         NEXT_WINDOW_OPENING,
@@ -93,7 +92,7 @@ SEND_RETRY = RetryPolicy(
 )
 
 
-@workflow.defn(name="Journey")
+@workflow.defn(name=JOURNEY_WORKFLOW)
 class JourneyWorkflow:
     @workflow.init
     def __init__(self, input: JourneyInput) -> None:
@@ -567,7 +566,7 @@ class JourneyWorkflow:
         """The events the instance listens for now, as the progress query and the
         HiloWaitingFor attribute show them: its wait_for's and, until it ends, its exit
         rules'."""
-        return () if self.ended else _awaited(self.listening, self.definition)
+        return () if self.ended else attrs.awaited(self.listening, self.definition)
 
     def _details(self, details: str) -> None:
         self.details = details
@@ -686,54 +685,6 @@ def _number(properties: dict[str, Any], path: str) -> float | None:
         return None  # absent or not a number
 
 
-def start_search_attributes(
-    journey_key: str, customer_id: str, version: int, definition: JourneyDefinition
-) -> TypedSearchAttributes:
-    """Set at start, so an instance is findable before its first step runs.
-
-    A journey that opens with a timed wait or a ``wait_for`` (abandoned cart, support
-    follow-up) starts showing that step, so its first workflow task has nothing to upsert:
-    one visibility write less per journey.
-    """
-    pairs: list[SearchAttributePair[Any]] = [
-        SearchAttributePair(attrs.JOURNEY, journey_key),
-        SearchAttributePair(attrs.CUSTOMER, customer_id),
-        SearchAttributePair(attrs.JOURNEY_VERSION, version),
-    ]
-    opening = _opening(definition)
-    if opening is None:
-        pairs.append(SearchAttributePair(attrs.STATUS, "starting"))
-    else:
-        step, status, waiting = opening
-        pairs += [
-            SearchAttributePair(attrs.STEP, step),
-            SearchAttributePair(attrs.STATUS, status),
-            SearchAttributePair(attrs.WAITING_FOR, list(waiting)),
-        ]
-    return TypedSearchAttributes(pairs)
-
-
-def _opening(definition: JourneyDefinition) -> tuple[str, str, tuple[str, ...]] | None:
-    """What ``_show`` will write at the first step, when that is known before it runs: a wait
-    of a set duration or a ``wait_for`` (a wait for a time window or the best hour asks an
-    activity first)."""
-    if not definition.steps:
-        return None
-    first = definition.steps[0]
-    if isinstance(first, WaitStep) and first.duration is not None:
-        return first.id, "waiting", _awaited(set(), definition)
-    if isinstance(first, WaitForStep):
-        listening = {outcome.event for outcome in first.events}
-        return first.id, "waiting_for", _awaited(listening, definition)
-    return None
-
-
-def _awaited(listening: set[str], definition: JourneyDefinition) -> tuple[str, ...]:
-    """The events a running instance waits for: what it listens for at its step and what
-    its exit rules listen for all along."""
-    return tuple(sorted(listening | {rule.event for rule in definition.exit}))
-
-
 def _held(held: TypedSearchAttributes) -> tuple[str, str, tuple[str, ...]] | None:
     step, status = held.get(attrs.STEP), held.get(attrs.STATUS)
     if step is None or status is None:
@@ -741,4 +692,4 @@ def _held(held: TypedSearchAttributes) -> tuple[str, str, tuple[str, ...]] | Non
     return step, status, tuple(held.get(attrs.WAITING_FOR) or ())
 
 
-__all__ = ["JourneyWorkflow", "compile_steps", "start_search_attributes"]
+__all__ = ["JourneyWorkflow", "compile_steps"]

@@ -30,10 +30,9 @@ from hilo.journeys.definitions import (
     JourneyInvalid,
     JourneyProblem,
     journey_json_schema,
-    load_journey_yaml,
-    parse_journey,
     walk_steps,
 )
+from hilo.journeys.validate import load_journey_yaml, parse_journey
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
 JSON_TYPES = ("application/json",)

@@ -11,12 +11,8 @@ from typing import Annotated, Any
 import typer
 
 from hilo.cli.policy import policy_app
-from hilo.journeys.definitions import (
-    JourneyDefinition,
-    JourneyInvalid,
-    journey_json_schema,
-    load_journey_yaml,
-)
+from hilo.journeys.definitions import JourneyDefinition, JourneyInvalid, journey_json_schema
+from hilo.journeys.validate import load_journey_yaml
 from hilo.settings import Settings
 
 app = typer.Typer(help="Hilo: every channel, one conversation.", no_args_is_help=True)
@@ -346,7 +342,7 @@ def _journey_to_simulate(journey: str) -> JourneyDefinition:
 def _published(settings: Settings, key: str) -> JourneyDefinition | None:
     from sqlalchemy.engine import make_url
 
-    from hilo.journeys.definitions import parse_journey
+    from hilo.journeys.validate import parse_journey
 
     url = make_url(settings.resolved_database_url)
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():

@@ -26,7 +26,14 @@ from hilo.events import CustomerEvent
 from hilo.ids import bounded_instance_key, journey_workflow_id
 from hilo.journeys.conditions import key_text, lookup
 from hilo.journeys.definitions import Entry, JourneyDefinition, PublishedJourney
-from hilo.journeys.runs import SIGNAL_EVENT, TRIGGER_MEMO, JourneyInput, workflow_event
+from hilo.journeys.runs import (
+    JOURNEY_WORKFLOW,
+    SIGNAL_EVENT,
+    TRIGGER_MEMO,
+    JourneyInput,
+    workflow_event,
+)
+from hilo.journeys.search_attributes import start_search_attributes
 
 
 @dataclass
@@ -233,11 +240,9 @@ class EventRouter:
     ) -> tuple[WorkflowHandle, str] | None:
         """Start the entry's workflow: its handle and run id; None when Temporal refuses
         it for another entry's workflow."""
-        from workflows.journey import JourneyWorkflow, start_search_attributes
-
         try:
             handle = await self.client.start_workflow(
-                JourneyWorkflow.run,
+                JOURNEY_WORKFLOW,
                 JourneyInput(
                     journey=PublishedJourney(
                         key=journey.key, version=version.version, definition=definition

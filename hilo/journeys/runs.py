@@ -34,6 +34,8 @@ BEST_SEND_TIME = "best_send_time"
 NOTE = "note"
 LEAVE_AUDIENCES = "leave_audiences"
 # The workflow that takes a customer out of every ad audience after they unsubscribed.
+# Workflow type names as Temporal knows them: recorded histories name these.
+JOURNEY_WORKFLOW = "Journey"
 LEAVE_AUDIENCES_WORKFLOW = "LeaveAudiences"
 
 SIGNAL_EVENT = "event"

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from api.routes.promotions import router as promotions_router
 from hilo.catalog import JourneyCatalog
 from hilo.db.store import Store
-from hilo.journeys.definitions import JourneyInvalid, JourneyProblem, Sample, parse_journey
+from hilo.journeys.definitions import JourneyInvalid, JourneyProblem, Sample
 from hilo.journeys.templates import (
     SAMPLE_UNSUBSCRIBE_URL,
     check_templates,
@@ -25,6 +25,7 @@ from hilo.journeys.templates import (
     sample_gaps,
     sample_messages,
 )
+from hilo.journeys.validate import parse_journey
 from hilo.playbook import Playbook, PlaybookInvalid, check_playbook, load_playbook
 from hilo.promotions import (
     PromotionIn,

@@ -36,8 +36,8 @@ from hilo.feedback.deliveries import apply_preferences, unsubscribe
 from hilo.feedback.links import LinkClaims
 from hilo.feedback.preferences import PreferenceChange
 from hilo.intake.dispatcher import Dispatcher
-from hilo.journeys.definitions import parse_journey
 from hilo.journeys.runs import LeaveAudiencesResult
+from hilo.journeys.validate import parse_journey
 from hilo.policy.service import ContactPolicyService
 from tests.fakes.providers import (
     FakeFirebase,

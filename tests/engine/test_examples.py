@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from hilo.devtools.simulation import JourneyLab, Scenario, run_scenario
-from hilo.journeys.definitions import load_journey_yaml
+from hilo.journeys.validate import load_journey_yaml
 from tests.helpers.examples import EXAMPLES, example
 
 JOURNEYS = sorted((EXAMPLES / "journeys").glob("*.yaml"))

@@ -13,8 +13,9 @@ from activities.journey_activities import JourneyActivities
 from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab
 from hilo.events import CustomerEvent
-from hilo.journeys.definitions import JourneyDefinition, load_journey_yaml
+from hilo.journeys.definitions import JourneyDefinition
 from hilo.journeys.runs import ProfileRequest, only_paths, workflow_event
+from hilo.journeys.validate import load_journey_yaml
 from hilo.settings import PROJECT_ROOT
 from tests.helpers.examples import example
 

@@ -14,7 +14,8 @@ from hilo.customers.profiles import timeline
 from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab
 from hilo.journeys.conditions import Condition, key_text, same_value
-from hilo.journeys.definitions import EventMatch, JourneyDefinition, check_journey
+from hilo.journeys.definitions import EventMatch, JourneyDefinition
+from hilo.journeys.validate import check_journey
 from tests.helpers.examples import example
 from workflows.journey import JourneyWorkflow
 

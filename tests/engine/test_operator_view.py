@@ -14,8 +14,8 @@ from temporalio.converter import PayloadConverter
 
 from hilo.devtools.simulation import JourneyLab
 from hilo.journeys import search_attributes as attrs
-from hilo.journeys.definitions import parse_journey
 from hilo.journeys.runs import JourneyProgress
+from hilo.journeys.validate import parse_journey
 from hilo.policy.service import ContactPolicyService
 from tests.helpers.examples import example
 

@@ -21,7 +21,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from hilo.devtools.simulation import JourneyLab
-from hilo.journeys.definitions import parse_journey
+from hilo.journeys.validate import parse_journey
 from hilo.policy.service import ContactPolicyService
 
 NEW_YORK = ZoneInfo("America/New_York")

@@ -23,8 +23,9 @@ from hilo.db.store import Store
 from hilo.events import CustomerEvent
 from hilo.feedback.links import LinkSigner, rewrite_links
 from hilo.intake.routing import EventRouter
-from hilo.journeys.definitions import JourneyInvalid, parse_journey
+from hilo.journeys.definitions import JourneyInvalid
 from hilo.journeys.templates import email_parts, render_content
+from hilo.journeys.validate import parse_journey
 from hilo.settings import Settings
 from tests.fakes.providers import FakeSmtpServer
 from worker.main import build_worker
@@ -342,7 +343,7 @@ async def test_an_email_sent_over_smtp_escapes_the_name_and_signs_only_its_links
     time_env: WorkflowEnvironment, store: Store
 ) -> None:
     from hilo.catalog import JourneyCatalog
-    from hilo.journeys.definitions import load_journey_yaml
+    from hilo.journeys.validate import load_journey_yaml
 
     smtp = FakeSmtpServer().start()
     queue = f"template-safety-{uuid.uuid4().hex[:8]}"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hilo.journeys.definitions import JourneyDefinition, load_journey_yaml
+from hilo.journeys.definitions import JourneyDefinition
+from hilo.journeys.validate import load_journey_yaml
 from hilo.settings import PROJECT_ROOT
 
 EXAMPLES = PROJECT_ROOT / "examples"

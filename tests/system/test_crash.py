@@ -39,7 +39,7 @@ from hilo.db.store import Store
 from hilo.devtools.devserver import DevServer
 from hilo.events import CustomerEvent
 from hilo.intake.routing import EventRouter
-from hilo.journeys.definitions import parse_journey
+from hilo.journeys.validate import parse_journey
 from hilo.settings import PROJECT_ROOT
 from tests.fakes.providers import (
     FakeSmtpServer,

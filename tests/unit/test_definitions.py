@@ -17,9 +17,8 @@ from hilo.journeys.definitions import (
     JourneyInvalid,
     JourneyProblem,
     journey_json_schema,
-    load_journey_yaml,
-    parse_journey,
 )
+from hilo.journeys.validate import load_journey_yaml, parse_journey
 from tests.helpers.examples import EXAMPLES
 
 Raw = dict[str, Any]
