@@ -30,7 +30,8 @@ from hilo.customers.consent import (
     PREFERENCES_TRAIT,
 )
 from hilo.db.models import Message
-from hilo.db.store import DeviceRow, EventRow, LedgerRow, ProfileRow, Store
+from hilo.db.rows import DeviceRow, EventRow, LedgerRow, ProfileRow
+from hilo.db.store import Store
 from hilo.feedback.links import LinkSigner, rewrite_links
 from hilo.journeys import templates
 from hilo.journeys.definitions import WEEKDAYS, TimeWindow

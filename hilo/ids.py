@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from urllib.parse import quote
 
@@ -84,3 +85,12 @@ def stable_fraction(*parts: str) -> float:
     """A number in [0, 1) fixed by its inputs: holdouts and splits stay put per customer."""
     digest = hashlib.sha256("|".join(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def b64url(data: bytes) -> str:
+    """Bytes as unpadded base64url text: tokens, keys and signatures in URLs and JWTs."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from hilo.channels.config import ChannelSettings
+from hilo.intake.sources import DEV_SOURCE, WriteKeySource, named_source
 
 DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_WRITE_KEY = "dev-write-key"
@@ -25,24 +26,6 @@ ADMIN_TOKEN_RULE = (
     "different ones, for example from python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 )
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-class WriteKeySource(BaseModel):
-    """The source a write key stands for. A client source's key ships in a page or an app,
-    so anyone may send with it; a server source's key is a secret of the brand's backend."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(min_length=1, max_length=100, examples=["web"])
-    kind: Literal["client", "server"] = "client"
-
-
-def _named_source(value: object) -> object:
-    # The first form named the source only: it gets the kind that can do least.
-    return {"name": value} if isinstance(value, str) else value
-
-
-DEV_SOURCE = WriteKeySource(name="development", kind="server")
 
 
 class Settings(ChannelSettings):
@@ -68,7 +51,7 @@ class Settings(ChannelSettings):
         description="Run the journey interpreter in Temporal's workflow sandbox: a guard for "
         "changes to the interpreter itself, at about a quarter of the worker's CPU.",
     )
-    write_keys: dict[str, Annotated[WriteKeySource, BeforeValidator(_named_source)]] = Field(
+    write_keys: dict[str, Annotated[WriteKeySource, BeforeValidator(named_source)]] = Field(
         default_factory=dict,
         description="Segment write key -> source, as JSON: "
         '{"k3y": {"name": "web", "kind": "client"}, "s3cret": {"name": "shop", "kind": '

@@ -13,7 +13,6 @@ responses to these two once, so an activity only has to tell them apart.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ import httpx
 
 from hilo.clock import utcnow
 from hilo.errors import DeliveryFailure
+from hilo.ids import b64url
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
@@ -34,8 +34,6 @@ __all__ = [
     "DeliveryFailure",
     "PermanentFailure",
     "RetryableFailure",
-    "b64url",
-    "b64url_decode",
     "email_address",
     "encode_jwt",
     "error_detail",
@@ -268,14 +266,6 @@ def template_params(delivery: Delivery, provider: str) -> list[str]:
             f"got {raw[:80]!r}"
         )
     return [str(param) for param in params]
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def encode_jwt(

@@ -29,14 +29,13 @@ from hilo.channels.base import (
     Delivery,
     PermanentFailure,
     RetryableFailure,
-    b64url,
-    b64url_decode,
     encode_jwt,
     error_detail,
     failure_for_response,
     http_client,
     send,
 )
+from hilo.ids import b64url, b64url_decode
 
 __all__ = [
     "MAX_PLAINTEXT_BYTES",

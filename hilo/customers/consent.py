@@ -19,3 +19,6 @@ PREFERENCES_TRAIT = "preferences"
 PREFERENCE_CHANNEL = "email"
 # How far apart marketing on that channel may go out when the customer asked for less.
 FREQUENCY_SPACING_DAYS = {"weekly": 7, "monthly": 30}
+
+# The channels a customer can grant or withdraw consent for.
+CONSENT_CHANNELS = ("email", "sms", "whatsapp", "push", "webpush")

@@ -29,6 +29,7 @@ from sqlalchemy import DateTime, Integer, String, bindparam, inspect, text
 from sqlmodel import Session, col, select
 
 from hilo.clock import as_utc, utcnow
+from hilo.customers.consent import CONSENT_CHANNELS
 from hilo.db.models import (
     ConsentChange,
     Device,
@@ -44,7 +45,6 @@ from hilo.db.models import (
 from hilo.db.store import Store, queue_audience_exit
 from hilo.errors import InvalidInput
 from hilo.ids import MAX_ID_CHARS
-from hilo.intake.acceptance import CONSENT_CHANNELS
 
 __all__ = [
     "CONSENT_CHANNELS",

@@ -14,6 +14,7 @@ as text the server casts, and moments as they are.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from hilo.db.store import DeviceRow, EventRow, LedgerRow, ProfileRow, pyformat
+from hilo.db.rows import DeviceRow, EventRow, LedgerRow, ProfileRow
 
 _MOMENT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -41,6 +42,14 @@ _DEVICES_SQL = (
     "SELECT address, data FROM devices WHERE customer_id = :customer_id AND kind = :kind "
     "AND active ORDER BY updated_at DESC"
 )
+
+# A ``:name`` parameter of driver-level SQL (not a ``::type`` cast, nor the minutes of a time).
+NAMED_PARAMETER = re.compile(r"(?<![:\w]):([a-z_]+)")
+
+
+def pyformat(sql: str) -> str:
+    """Driver-level SQL's ``:name`` parameters as psycopg takes them (``%(name)s``)."""
+    return NAMED_PARAMETER.sub(r"%(\1)s", sql)
 
 
 def _insert_once(table: str, columns: str, returning: str) -> str:

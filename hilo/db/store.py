@@ -7,7 +7,6 @@ from the Alembic migrations in ``hilo/db/migrations``; :meth:`Store.migrate` app
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import uuid
 import weakref
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     and_,
@@ -51,13 +50,12 @@ from hilo.db.models import (
     Profile,
     StoredEvent,
 )
+from hilo.db.rows import DeviceRow, EventRow, LedgerRow, ProfileRow
 
 if TYPE_CHECKING:
     from hilo.db.fastpath import DriverSends
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-# A ``:name`` parameter of driver-level SQL (not a ``::type`` cast, nor the minutes of a time).
-NAMED_PARAMETER = re.compile(r"(?<![:\w]):([a-z_]+)")
 logger = logging.getLogger(__name__)
 
 
@@ -86,11 +84,6 @@ def queue_audience_exit(session: Session, customer_id: str, reason: str, now: da
             available_at=now,
         )
     )
-
-
-def pyformat(sql: str) -> str:
-    """Driver-level SQL's ``:name`` parameters as psycopg takes them (``%(name)s``)."""
-    return NAMED_PARAMETER.sub(r"%(\1)s", sql)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -257,42 +250,6 @@ class EntryStatements:
                 revenue=bindparam("new_revenue"),
             ),
         )
-
-
-class LedgerRow(NamedTuple):
-    """What a send reads of its ledger row (a retry finds it)."""
-
-    message_id: str
-    status: str
-    reason: str | None
-    provider_message_id: str | None
-    content: dict[str, Any]
-
-
-class ProfileRow(NamedTuple):
-    """What the journeys read of a profile."""
-
-    customer_id: str
-    traits: dict[str, Any]
-    consent: dict[str, Any]
-    timezone: str | None
-    locale: str | None
-    merged_into: str | None
-
-
-class EventRow(NamedTuple):
-    """What templates see of the triggering event."""
-
-    message_id: str
-    customer_id: str
-    name: str
-    properties: dict[str, Any]
-    timestamp: datetime
-
-
-class DeviceRow(NamedTuple):
-    address: str
-    data: dict[str, Any]
 
 
 def traits_with_paths(

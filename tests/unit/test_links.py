@@ -10,7 +10,6 @@ from html.parser import HTMLParser
 
 import pytest
 
-from hilo.channels.base import b64url, b64url_decode
 from hilo.feedback.links import LinkKind, LinkRejected, LinkSigner, rewrite_links
 from hilo.feedback.preferences import (
     PreferenceChange,
@@ -21,6 +20,7 @@ from hilo.feedback.preferences import (
     render_confirmation,
     render_preference_page,
 )
+from hilo.ids import b64url, b64url_decode
 
 SECRET = "k3j4h5g6f7d8s9a0q1w2e3r4t5y6u7i8o9p0"
 BASE = "https://hilo.shop.example"
