@@ -31,6 +31,7 @@ from hilo.journeys.runs import (
     SIGNAL_EVENT,
     TRIGGER_MEMO,
     JourneyInput,
+    JourneyResult,
     workflow_event,
 )
 from hilo.journeys.search_attributes import start_search_attributes
@@ -256,6 +257,7 @@ class EventRouter:
                     send_timeout_seconds=self.send_timeout.total_seconds(),
                 ),
                 id=workflow_id,
+                result_type=JourneyResult,
                 task_queue=self.task_queue,
                 task_timeout=self.task_timeout,
                 id_reuse_policy=(
