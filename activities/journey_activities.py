@@ -59,7 +59,7 @@ from hilo.journeys.runs import (
     WindowRequest,
     only_paths,
 )
-from hilo.policy.service import ContactPolicyService, SendIntent, left_topic
+from hilo.policy import ContactPolicyService, SendIntent, left_topic
 
 # Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
 # audience syncs are not messages to the customer.

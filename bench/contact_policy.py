@@ -44,7 +44,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from hilo.db.models import Profile
 from hilo.db.store import Store
-from hilo.policy.service import ContactPolicyService, SendIntent  # noqa: E402
+from hilo.policy import ContactPolicyService, SendIntent
 from tests.helpers.postgres import PostgresServer  # noqa: E402
 
 POLICY = {

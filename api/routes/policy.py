@@ -21,7 +21,7 @@ from api.openapi import (
 )
 from hilo.clock import utcnow
 from hilo.journeys.definitions import CHANNELS
-from hilo.policy.service import (
+from hilo.policy import (
     ContactPolicy,
     ContactPolicyService,
     PolicyDecision,

@@ -26,13 +26,8 @@ from hilo.db.store import Store
 from hilo.devtools.devserver import free_port
 from hilo.feedback.deliveries import apply_preferences
 from hilo.feedback.preferences import PreferenceChange
-from hilo.policy.service import (
-    ContactPolicyService,
-    PolicyInvalid,
-    SendIntent,
-    _lock_key,
-    parse_policy,
-)
+from hilo.policy import ContactPolicyService, PolicyInvalid, SendIntent, parse_policy
+from hilo.policy.rules import lock_key
 from hilo.settings import Settings
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -945,7 +940,7 @@ def test_decisions_that_hold_nothing_take_no_lock(pg_store: Store) -> None:
         service.preview(ask("warm-up"), local(2026, 5, 4, 12, 0))
         outcomes: list[str] = []
         with pg_store.engine.connect() as holder:
-            holder.exec_driver_sql("SELECT pg_advisory_lock(%(key)s)", {"key": _lock_key("ana")})
+            holder.exec_driver_sql("SELECT pg_advisory_lock(%(key)s)", {"key": lock_key("ana")})
             try:
                 deciding = threading.Thread(
                     target=lambda: outcomes.append(

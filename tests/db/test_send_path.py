@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from hilo.clock import utcnow
 from hilo.db.store import Store
-from hilo.policy.service import ContactPolicyService, SendIntent
+from hilo.policy import ContactPolicyService, SendIntent
 
 SENT_AT = datetime(2026, 11, 24, 9, 30, 15, 123456, tzinfo=UTC)
 

@@ -38,7 +38,7 @@ from hilo.feedback.preferences import PreferenceChange
 from hilo.intake.dispatcher import Dispatcher
 from hilo.journeys.runs import LeaveAudiencesResult
 from hilo.journeys.validate import parse_journey
-from hilo.policy.service import ContactPolicyService
+from hilo.policy import ContactPolicyService
 from tests.fakes.providers import (
     FakeFirebase,
     FakeGoogleAds,

@@ -33,7 +33,7 @@ from hilo.feedback.links import LinkSigner
 from hilo.intake.acceptance import EVENT_NAMES
 from hilo.intake.dispatcher import Dispatcher
 from hilo.journeys.validate import parse_journey
-from hilo.policy.service import ContactPolicyService, SendIntent
+from hilo.policy import ContactPolicyService, SendIntent
 from hilo.settings import PROJECT_ROOT, Settings
 from tests.helpers.examples import EXAMPLES, example
 

@@ -16,7 +16,7 @@ from hilo.devtools.simulation import JourneyLab
 from hilo.journeys import search_attributes as attrs
 from hilo.journeys.runs import JourneyProgress
 from hilo.journeys.validate import parse_journey
-from hilo.policy.service import ContactPolicyService
+from hilo.policy import ContactPolicyService
 from tests.helpers.examples import example
 
 WID = "journey/abandoned_cart/42/c1"

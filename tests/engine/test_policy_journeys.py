@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 from hilo.devtools.simulation import JourneyLab
 from hilo.journeys.validate import parse_journey
-from hilo.policy.service import ContactPolicyService
+from hilo.policy import ContactPolicyService
 
 NEW_YORK = ZoneInfo("America/New_York")
 UNSUBSCRIBE = ' <a href="{{ unsubscribe_url }}">Unsubscribe</a>'

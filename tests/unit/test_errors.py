@@ -33,7 +33,7 @@ def test_every_public_exception_in_hilo_is_a_hilo_error() -> None:
 
 def test_invalid_input_is_still_a_value_error_for_callers_that_catch_that() -> None:
     from hilo.journeys.definitions import JourneyInvalid
-    from hilo.policy.service import PolicyInvalid
+    from hilo.policy import PolicyInvalid
 
     assert issubclass(JourneyInvalid, InvalidInput) and issubclass(JourneyInvalid, ValueError)
     assert issubclass(PolicyInvalid, InvalidInput)
