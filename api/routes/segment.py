@@ -19,19 +19,19 @@ from api.bodies import BodyTooLarge, read_body
 from api.deps import SettingsDep, get_dispatcher, get_ingestor, source_for_write_key
 from api.openapi import NOT_BLANK
 from hilo.clock import utcnow
+from hilo.ids import MAX_ID_CHARS
 from hilo.intake.acceptance import Accepted
-from hilo.intake.segment_api import (
+from hilo.intake.segment_api import parse_request
+from hilo.intake.segment_spec import (
     CALL_MODELS,
     CALL_TYPES,
     KINDS,
     MAX_BATCH_BYTES,
     MAX_BATCH_CALLS,
-    MAX_ID_CHARS,
     FieldError,
     RejectionStatus,
     SegmentContext,
     SegmentRejected,
-    parse_request,
     segment_error_body,
     segment_success_body,
 )

@@ -43,7 +43,7 @@ from hilo.db.store import Store
 from hilo.devtools.devserver import free_port
 from hilo.devtools.simulation import JourneyLab
 from hilo.intake.routing import EventRouter
-from hilo.intake.segment_api import MAX_BATCH_BYTES, MAX_CALL_BYTES
+from hilo.intake.segment_spec import MAX_BATCH_BYTES, MAX_CALL_BYTES
 from hilo.settings import Settings
 from tests.api.test_api import LabRouter
 from tests.helpers.examples import example

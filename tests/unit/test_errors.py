@@ -43,7 +43,7 @@ def test_refusals_and_delivery_failures_have_their_roots() -> None:
     from hilo.channels.base import PermanentFailure, RetryableFailure
     from hilo.client import ApiRefused
     from hilo.feedback.links import LinkRejected
-    from hilo.intake.segment_api import SegmentRejected
+    from hilo.intake.segment_spec import SegmentRejected
 
     assert issubclass(SegmentRejected, Rejected) and issubclass(LinkRejected, Rejected)
     assert issubclass(PermanentFailure, DeliveryFailure)

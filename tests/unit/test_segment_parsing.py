@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from rudderstack.analytics.client import Client as RudderClient
 from segment.analytics import Client as SegmentClient
 
-from hilo.intake.segment_api import (
+from hilo.intake.segment_api import parse_request
+from hilo.intake.segment_spec import (
     CALL_TYPES,
     KINDS,
     MAX_BATCH_BYTES,
@@ -28,7 +29,6 @@ from hilo.intake.segment_api import (
     SegmentRejected,
     SegmentRequest,
     json_size,
-    parse_request,
     segment_error_body,
     segment_success_body,
 )
