@@ -50,6 +50,7 @@ from hilo.db.models import (
     Profile,
     StoredEvent,
 )
+from hilo.db.outbox import append_events, queue
 from hilo.db.rows import DeviceRow, EventRow, LedgerRow, ProfileRow
 
 if TYPE_CHECKING:
@@ -74,15 +75,13 @@ def queue_audience_exit(session: Session, customer_id: str, reason: str, now: da
     ).first()
     if in_audiences is None:
         return
-    session.add(
-        OutboxEntry(
-            kind="audiences",
-            message_id=f"leave-{uuid.uuid4().hex}",
-            customer_id=customer_id,
-            payload={"reason": reason[:300]},
-            created_at=now,
-            available_at=now,
-        )
+    queue(
+        session,
+        "audiences",
+        f"leave-{uuid.uuid4().hex}",
+        customer_id,
+        {"reason": reason[:300]},
+        now,
     )
 
 
@@ -164,7 +163,6 @@ class EntryStatements:
     CPU than SQLite needs to run it; one built once is compiled once and reused.
     """
 
-    event: Executable
     stored_event: Executable
     routed: Executable
     latest_entry: Executable
@@ -189,9 +187,6 @@ class EntryStatements:
             instances.c.trigger_message_id == bindparam("the_trigger_message_id"),
         )
         return cls(
-            event=insert(events)
-            .on_conflict_do_nothing(index_elements=["message_id"])
-            .returning(events.c.message_id),
             stored_event=select(events).where(events.c.message_id == bindparam("message_id")),
             routed=update(events)
             .where(events.c.message_id == bindparam("the_message_id"))
@@ -401,25 +396,28 @@ class Store:
         sql = self.entry_sql
         with self.engine.begin() as connection:
             # Insert first: a repeated message_id is the rare case.
-            inserted = connection.execute(
-                sql.event,
-                {
-                    "message_id": message_id,
-                    "customer_id": customer_id,
-                    "type": "track",
-                    "name": name,
-                    "properties": properties,
-                    "context": {},
-                    "user_id": None,
-                    "anonymous_id": None,
-                    "source": source,
-                    "timestamp": timestamp,
-                    "sent_at": None,
-                    "received_at": utcnow(),
-                    "routed_at": None,
-                },
-            ).first()
-            if inserted is not None:
+            inserted = append_events(
+                connection,
+                [
+                    {
+                        "message_id": message_id,
+                        "customer_id": customer_id,
+                        "type": "track",
+                        "name": name,
+                        "properties": properties,
+                        "context": {},
+                        "user_id": None,
+                        "anonymous_id": None,
+                        "source": source,
+                        "timestamp": timestamp,
+                        "sent_at": None,
+                        "received_at": utcnow(),
+                        "routed_at": None,
+                    }
+                ],
+                heard=lambda _row: False,  # routed by the caller at once, not by the dispatcher
+            )
+            if inserted:
                 return True
             stored = connection.execute(sql.stored_event, {"message_id": message_id}).first()
         return stored is not None and stored.routed_at is None

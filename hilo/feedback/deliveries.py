@@ -41,11 +41,10 @@ from hilo.db.models import (
     ConsentChange,
     DeliveryEventRow,
     Message,
-    OutboxEntry,
     Profile,
-    StoredEvent,
     Suppression,
 )
+from hilo.db.outbox import append_events
 from hilo.db.store import Store, queue_audience_exit
 from hilo.events import (
     EMAIL_BOUNCED,
@@ -494,36 +493,22 @@ def _emit(
 ) -> str | None:
     """Store one of the events Hilo emits, once by id, and queue it for the journeys, in the
     caller's transaction; None when an event of that id was stored before."""
-    insert = insert or _insert_for(session)
-    stored = session.execute(
-        insert(StoredEvent)
-        .values(
-            message_id=event_id,
-            customer_id=customer_id,
-            type="track",
-            name=name,
-            properties=properties,
-            context={},
-            source=source[:100],
-            timestamp=occurred_at,
-            received_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["message_id"])
-        .returning(col(StoredEvent.message_id))
-    ).first()
-    if stored is None:
-        return None
-    session.add(
-        OutboxEntry(
-            kind="event",
-            message_id=event_id,
-            customer_id=customer_id,
-            payload={},
-            created_at=now,
-            available_at=now,
-        )
-    )
-    return event_id
+    row = {
+        "message_id": event_id,
+        "customer_id": customer_id,
+        "type": "track",
+        "name": name,
+        "properties": properties,
+        "context": {},
+        "user_id": None,
+        "anonymous_id": None,
+        "source": source[:100],
+        "timestamp": occurred_at,
+        "sent_at": None,
+        "received_at": now,
+        "routed_at": None,
+    }
+    return event_id if append_events(session.connection(), [row]) else None
 
 
 # ================================================================ unsubscribe and preferences

@@ -30,7 +30,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -50,6 +50,7 @@ from hilo.db.models import (
     ProfileChange,
     StoredEvent,
 )
+from hilo.db.outbox import append_events, queue
 from hilo.db.store import Store
 from hilo.db.writers import writer_turn
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
@@ -234,33 +235,16 @@ class Ingestor:
                 result.customers[call.message_id] = customer
                 rows.append(self._event_row(call, customer, source.name))
             self._write_profiles(batch)
-            stored = self._insert_events(session, rows)
-            routable = []
+            new = append_events(
+                session.connection(), rows, heard=lambda row: row["type"] in ROUTED_TYPES
+            )
+            stored = {row["message_id"] for row in new}
             for row in rows:
-                if row["message_id"] not in stored:
+                if row["message_id"] in stored:
+                    result.stored.append(row["message_id"])
+                else:
                     result.duplicates.append(row["message_id"])
-                    continue
-                result.stored.append(row["message_id"])
-                if row["type"] in ROUTED_TYPES:
-                    routable.append(row)
-            if routable:
-                # The table, not the model: a plain executemany, without the ORM's bulk path.
-                session.connection().execute(
-                    insert(OutboxEntry.__table__),  # type: ignore[attr-defined]
-                    [
-                        {
-                            "kind": "event",
-                            "message_id": row["message_id"],
-                            "customer_id": row["customer_id"],
-                            "payload": {},
-                            "created_at": row["received_at"],
-                            "available_at": row["received_at"],
-                            "attempts": 0,
-                        }
-                        for row in routable
-                    ],
-                )
-                result.routed = [row["message_id"] for row in routable]
+            result.routed = [row["message_id"] for row in new if row["type"] in ROUTED_TYPES]
             session.commit()
         return result
 
@@ -474,13 +458,12 @@ class Ingestor:
                 batch.device_owners[key] = known
         batch.new_identities[("anonymous_id", anonymous)] = known
         if moved:
-            session.add(
-                OutboxEntry(
-                    kind="merge",
-                    message_id=f"merge:{anonymous}:{known}",
-                    customer_id=known,
-                    payload={"from": anonymous, "to": known, "workflow_ids": moved},
-                )
+            queue(
+                session,
+                "merge",
+                f"merge:{anonymous}:{known}",
+                known,
+                {"from": anonymous, "to": known, "workflow_ids": moved},
             )
         result.merges.append((anonymous, known))
 
@@ -727,18 +710,6 @@ class Ingestor:
             "received_at": utcnow(),
             "routed_at": None,
         }
-
-    def _insert_events(self, session: Session, rows: list[dict[str, Any]]) -> set[str]:
-        """Insert what is new; a known message id is a duplicate, stored once."""
-        table = StoredEvent.__table__  # type: ignore[attr-defined]
-        # One statement with parameter sets, not a VALUES list: SQLAlchemy caches its compiled
-        # form and pages the rows itself ("insertmanyvalues"), within SQLite's parameter limit.
-        statement = (
-            self._insert(table)
-            .on_conflict_do_nothing(index_elements=["message_id"])
-            .returning(table.c.message_id)
-        )
-        return set(session.connection().execute(statement, rows).scalars())
 
 
 def _address(trait: str, value: str) -> str:
