@@ -29,6 +29,7 @@ from hilo.customers.consent import (
     DEVICE_CHANNELS,
     PREFERENCES_TRAIT,
 )
+from hilo.customers.identity import resolve_customer
 from hilo.db.models import Message
 from hilo.db.rows import DeviceRow, EventRow, LedgerRow, ProfileRow
 from hilo.db.store import Store
@@ -152,7 +153,7 @@ class JourneyActivities:
     def best_send_time(self, request: BestTimeRequest) -> BestTimeAnswer:
         """Envío Inteligente: the customer's best hour, and why (recorded with the choice)."""
         best = self.policy.best_send_time(
-            self.store.resolve_customer(request.customer_id),
+            resolve_customer(self.store, request.customer_id) or request.customer_id,
             request.now,
             fallback_hour=request.fallback_hour,
             max_delay=timedelta(seconds=request.max_delay_seconds),
@@ -168,7 +169,7 @@ class JourneyActivities:
         Each removal is a ledger message whose id follows from the add's, sent like any other
         send: a retry returns the stored result instead of calling the platform again.
         """
-        customer = self.store.resolve_customer(request.customer_id)
+        customer = resolve_customer(self.store, request.customer_id) or request.customer_id
         last: dict[str, Message] = {}
         for message in self.store.audience_messages(customer):
             last[message.content.get("audience", "")] = message

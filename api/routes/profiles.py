@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from api.deps import ADMIN_ONLY, StoreDep, StrictJSONRoute
 from api.openapi import NOT_BLANK, NOT_JSON, SPACE, TIME_ZONES, UNAUTHORIZED, DateTimeText, message
+from hilo.customers.identity import resolve_customer
 from hilo.customers.profiles import (
     MAX_TIMELINE,
     ConsentError,
@@ -23,7 +24,6 @@ from hilo.customers.profiles import (
     TimelineEntry,
     profile_view,
     record_consent,
-    resolve_customer,
     timeline,
 )
 from hilo.ids import MAX_ID_CHARS

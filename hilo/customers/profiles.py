@@ -30,6 +30,7 @@ from sqlmodel import Session, col, select
 
 from hilo.clock import as_utc, utcnow
 from hilo.customers.consent import CONSENT_CHANNELS
+from hilo.customers.identity import merged_from, resolve_profile
 from hilo.db.models import (
     ConsentChange,
     Device,
@@ -58,13 +59,11 @@ __all__ = [
     "TimelineKind",
     "profile_view",
     "record_consent",
-    "resolve_customer",
     "timeline",
 ]
 
 MAX_TIMELINE = 1000
 # Merges chain at most a few times (anonymous -> known -> alias); never loop on bad data.
-_MAX_HOPS = 5
 # RFC 8291: an uncompressed P-256 public key and a 16-byte authentication secret.
 _P256DH_BYTES = 65
 _AUTH_BYTES = 16
@@ -151,58 +150,13 @@ class TimelineEntry(BaseModel):
 # ---------------------------------------------------------------- finding the customer
 
 
-def _resolve(session: Session, customer_id: str) -> Profile | None:
-    profile = session.get(Profile, customer_id)
-    if profile is None:
-        # An anonymous id linked straight to a known customer has no profile of its own.
-        linked = session.exec(
-            select(Identity.customer_id).where(
-                col(Identity.kind).in_(("user_id", "anonymous_id")),
-                Identity.value == customer_id,
-            )
-        ).first()
-        if linked is not None:
-            profile = session.get(Profile, linked)
-    for _hop in range(_MAX_HOPS):
-        if profile is None or profile.merged_into is None:
-            break
-        profile = session.get(Profile, profile.merged_into)
-    return profile
-
-
-def _merged_from(session: Session, customer_id: str) -> list[str]:
-    found: list[str] = []
-    frontier = [customer_id]
-    for _hop in range(_MAX_HOPS):
-        merged = list(
-            session.exec(
-                select(Profile.customer_id)
-                .where(col(Profile.merged_into).in_(frontier))
-                .order_by(col(Profile.customer_id))
-            )
-        )
-        fresh = [customer for customer in merged if customer not in found and customer]
-        if not fresh:
-            break
-        found += fresh
-        frontier = fresh
-    return [customer for customer in found if customer != customer_id]
-
-
-def resolve_customer(store: Store, customer_id: str) -> str | None:
-    """The customer an id stands for now, or None when Hilo knows no such id."""
-    with store.session() as session:
-        profile = _resolve(session, customer_id)
-        return profile.customer_id if profile is not None else None
-
-
 # ---------------------------------------------------------------- the profile
 
 
 def profile_view(store: Store, customer_id: str) -> ProfileView | None:
     """The customer's profile; a merged or linked anonymous id gives the known one."""
     with store.session() as session:
-        profile = _resolve(session, customer_id)
+        profile = resolve_profile(session, customer_id)
         if profile is None:
             return None
         return _view(session, profile)
@@ -232,7 +186,7 @@ def _view(session: Session, profile: Profile) -> ProfileView:
     return ProfileView(
         customer_id=customer,
         anonymous=profile.anonymous,
-        merged_from=_merged_from(session, customer),
+        merged_from=merged_from(session, customer),
         traits=profile.traits,
         identities=[
             IdentityView(
@@ -290,10 +244,10 @@ def timeline(
         raise ValueError(f"limit must be between 1 and {MAX_TIMELINE}, not {limit}")
     until = as_utc(before) if before is not None else None
     with store.session() as session:
-        profile = _resolve(session, customer_id)
+        profile = resolve_profile(session, customer_id)
         ids = [customer_id]
         if profile is not None:
-            ids = [profile.customer_id, *_merged_from(session, profile.customer_id)]
+            ids = [profile.customer_id, *merged_from(session, profile.customer_id)]
         entries = [
             *_events(session, ids, limit, until),
             *_journey_entries(session, ids, limit, until),
@@ -637,7 +591,7 @@ def record_consent(
     address, data = _device_address(channel, device)
     now = utcnow()
     with store.session() as session:
-        resolved = _resolve(session, customer_id)
+        resolved = resolve_profile(session, customer_id)
         customer = resolved.customer_id if resolved is not None else customer_id
         # Locked (on PostgreSQL) and read afresh: a concurrent identify must not overwrite
         # this change, nor this one that identify's.

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from hilo.db.rows import DeviceRow, EventRow, LedgerRow, ProfileRow
+from hilo.merges import follow_merges
 
 _MOMENT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -162,20 +163,16 @@ class DriverSends:
             proxied.close()  # back to the pool, which ends any read transaction
 
     def _profile(self, cursor: _Cursor, customer_id: str) -> ProfileRow | None:
-        found = None
-        wanted = customer_id
-        for _hop in range(5):  # merges chain at most a few times; never loop on bad data
-            row = cursor.one(_PROFILE_SQL, {"customer_id": wanted})
+        def read(customer: str) -> ProfileRow | None:
+            row = cursor.one(_PROFILE_SQL, {"customer_id": customer})
             if row is None:
                 return None
             customer, traits, consent, timezone, locale, merged_into = row
-            found = ProfileRow(
+            return ProfileRow(
                 customer, self._json(traits), self._json(consent), timezone, locale, merged_into
             )
-            if found.merged_into is None:
-                break
-            wanted = found.merged_into
-        return found
+
+        return follow_merges(customer_id, read, lambda row: row.merged_into)
 
     def profile_row(self, customer_id: str) -> ProfileRow | None:
         with self._cursor(write=False) as cursor:

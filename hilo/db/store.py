@@ -595,11 +595,6 @@ class Store:
             )
             session.commit()
 
-    def resolve_customer(self, customer_id: str) -> str:
-        """The customer an id stands for now: a merged anonymous profile points on."""
-        profile = self.profile_row(customer_id)
-        return profile.customer_id if profile is not None else customer_id
-
     # ------------------------------------------------------------ journeys
 
     def publish(self, key: str, name: str, checksum: str, definition: dict[str, Any]) -> int:

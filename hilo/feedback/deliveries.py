@@ -64,6 +64,7 @@ from hilo.events import (
 from hilo.feedback.links import LinkClaims
 from hilo.feedback.preferences import PreferenceChange, PreferenceState
 from hilo.feedback.webhooks import DeliveryEvent
+from hilo.merges import follow_merges
 
 __all__ = [
     "ENGAGEMENT_EVENTS",
@@ -372,16 +373,13 @@ def _advance(message: Message, event: DeliveryEvent, now: datetime) -> bool:
 
 def _profile(session: Session, customer_id: str) -> Profile:
     """The customer's profile, locked, following merges; created when missing."""
-    profile = session.exec(
-        select(Profile).where(col(Profile.customer_id) == customer_id).with_for_update()
-    ).first()
-    for _hop in range(5):  # merges chain at most a few times; never loop on bad data
-        if profile is None or profile.merged_into is None:
-            break
-        merged_into = profile.merged_into
-        profile = session.exec(
-            select(Profile).where(col(Profile.customer_id) == merged_into).with_for_update()
+
+    def locked(customer: str) -> Profile | None:
+        return session.exec(
+            select(Profile).where(col(Profile.customer_id) == customer).with_for_update()
         ).first()
+
+    profile = follow_merges(customer_id, locked, lambda row: row.merged_into)
     if profile is None:
         profile = Profile(customer_id=customer_id)
         session.add(profile)
