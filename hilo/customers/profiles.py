@@ -29,7 +29,7 @@ from sqlalchemy import DateTime, Integer, String, bindparam, inspect, text
 from sqlmodel import Session, col, select
 
 from hilo.clock import as_utc, utcnow
-from hilo.customers.consent import CONSENT_CHANNELS
+from hilo.customers.consent import CONSENT_CHANNELS, change_consent
 from hilo.customers.identity import merged_from, resolve_profile
 from hilo.db.models import (
     ConsentChange,
@@ -43,7 +43,7 @@ from hilo.db.models import (
     ProfileChange,
     StoredEvent,
 )
-from hilo.db.store import Store, queue_audience_exit
+from hilo.db.store import Store
 from hilo.errors import InvalidInput
 from hilo.ids import MAX_ID_CHARS
 
@@ -601,23 +601,11 @@ def record_consent(
             .with_for_update()
             .execution_options(populate_existing=True)
         ).first() or Profile(customer_id=customer)
-        if topic is None:
-            if not granted and profile.consent.get(channel) is not False:
-                queue_audience_exit(
-                    session, profile.customer_id, f"{channel} consent withdrawn", now
-                )
-            profile.consent = {**profile.consent, channel: granted}
+        change = change_consent(
+            session, profile, channel, granted, source=source, detail=detail, at=now, topic=topic
+        )
         profile.updated_at = now
         session.add(profile)
-        change = ConsentChange(
-            customer_id=profile.customer_id,
-            channel=channel,
-            granted=granted,
-            topic=topic,
-            source=source,
-            detail=detail,
-            changed_at=now,
-        )
         session.add(change)
         if address is not None:
             existing = session.exec(

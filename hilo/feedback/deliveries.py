@@ -35,17 +35,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from hilo.clock import utcnow
-from hilo.customers.consent import PREFERENCE_CHANNEL, PREFERENCES_TRAIT
+from hilo.customers.consent import PREFERENCE_CHANNEL, PREFERENCES_TRAIT, change_consent
 from hilo.db.models import (
     MESSAGE_PROGRESS,
-    ConsentChange,
     DeliveryEventRow,
     Message,
     Profile,
     Suppression,
 )
 from hilo.db.outbox import append_events
-from hilo.db.store import Store, queue_audience_exit
+from hilo.db.store import Store
 from hilo.events import (
     EMAIL_BOUNCED,
     EMAIL_DELIVERED,
@@ -403,21 +402,12 @@ def _set_consent(
     """
     if profile.consent.get(channel) is granted:
         return False
-    if not granted:
-        queue_audience_exit(session, profile.customer_id, f"{channel} consent withdrawn", now)
-    profile.consent = {**profile.consent, channel: granted}  # a new dict: JSON columns
+    change = change_consent(
+        session, profile, channel, granted, source=source, detail=detail, at=now
+    )
     profile.updated_at = now
     session.add(profile)
-    session.add(
-        ConsentChange(
-            customer_id=profile.customer_id,
-            channel=channel,
-            granted=granted,
-            source=source[:100],
-            detail=detail[:500],
-            changed_at=now,
-        )
-    )
+    session.add(change)
     return True
 
 
@@ -588,14 +578,15 @@ def unsubscribe(
                 _write_preferences(profile, state, at)
                 session.add(profile)
                 session.add(
-                    ConsentChange(
-                        customer_id=profile.customer_id,
-                        channel=claims.channel,
-                        granted=False,
-                        topic=claims.topic[:100],
-                        source=source[:100],
-                        detail=detail[:500],
-                        changed_at=at,
+                    change_consent(
+                        session,
+                        profile,
+                        claims.channel,
+                        False,
+                        source=source,
+                        detail=detail,
+                        at=at,
+                        topic=claims.topic,
                     )
                 )
         else:
@@ -675,16 +666,17 @@ def apply_preferences(
         was, now_chosen = set(before.topics), set(after.topics)
         for topic in sorted(was ^ now_chosen):
             session.add(
-                ConsentChange(
-                    customer_id=profile.customer_id,
-                    channel=PREFERENCE_CHANNEL,
-                    granted=topic in now_chosen,
-                    topic=topic[:100],
-                    source=source[:100],
+                change_consent(
+                    session,
+                    profile,
+                    PREFERENCE_CHANNEL,
+                    topic in now_chosen,
+                    source=source,
                     detail="topic chosen on the page"
                     if topic in now_chosen
                     else "topic left on the page",
-                    changed_at=at,
+                    at=at,
+                    topic=topic,
                 )
             )
         # Journeys hear of it: a win-back that offered the page ends on this event.

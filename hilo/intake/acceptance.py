@@ -33,11 +33,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
-from sqlmodel import col
+from sqlmodel import Session, col
 
 from hilo.clock import utcnow
-from hilo.customers.consent import CONSENT_CHANNELS
+from hilo.customers.consent import CONSENT_CHANNELS, change_consent
 from hilo.db.models import (
     LIVE_STATUSES,
     ConsentChange,
@@ -539,27 +538,29 @@ class Ingestor:
     ) -> None:
         """The one consent writer of ingestion. Anyone may withdraw; a grant needs a server
         source, and consent the customer withdrew also the proof the source states."""
-        current = dict(profile.consent)
         proof = _proof(call) if batch.source.kind == "server" else None
         for channel, granted in consent.items():
             if channel not in CONSENT_CHANNELS or not isinstance(granted, bool):
                 continue  # the parser already refused these; identify traits are free-form
+            current = profile.consent
             if current.get(channel) is granted:
                 continue
             if granted and not self._may_grant(batch, call, profile, channel, current, proof):
                 continue
-            current[channel] = granted
             batch.consent.append(
-                ConsentChange(
-                    customer_id=profile.customer_id,
-                    channel=channel,
-                    granted=granted,
+                change_consent(
+                    batch.session,
+                    profile,
+                    channel,
+                    granted,
                     source=batch.source.name,
                     detail=proof or PLAIN_TRAIT,
-                    changed_at=call.timestamp,
+                    at=call.timestamp,
+                    # Ingestion's batch writes in bulk; the ad audiences keep their own
+                    # removal paths (unsubscribe, preference page, consent API, feedback).
+                    leave_audiences=False,
                 )
             )
-        profile.consent = current
 
     def _may_grant(
         self,
