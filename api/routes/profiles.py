@@ -110,6 +110,7 @@ def upsert_profile(
         consent=update.consent,
         timezone=update.timezone,
         locale=update.locale,
+        source="api",
     )
     return CustomerProfile.model_validate(profile, from_attributes=True)
 

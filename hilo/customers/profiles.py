@@ -29,8 +29,9 @@ from sqlalchemy import DateTime, Integer, String, bindparam, inspect, text
 from sqlmodel import Session, col, select
 
 from hilo.clock import as_utc, utcnow
-from hilo.customers.consent import CONSENT_CHANNELS, change_consent
+from hilo.customers.consent import CONSENT_CHANNELS
 from hilo.customers.identity import merged_from, resolve_profile
+from hilo.db.consent import change_consent
 from hilo.db.models import (
     ConsentChange,
     Device,

@@ -10,6 +10,7 @@ ad audiences) are queued by :func:`queue`. The dispatcher reads them in order.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import cache
@@ -18,11 +19,11 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session
+from sqlmodel import Session, col, select
 
-from hilo.db.models import OutboxEntry, StoredEvent
+from hilo.db.models import Message, OutboxEntry, StoredEvent
 
-__all__ = ["EVENT_COLUMNS", "append_events", "queue"]
+__all__ = ["EVENT_COLUMNS", "append_events", "queue", "queue_audience_exit"]
 
 _EVENTS = StoredEvent.__table__  # type: ignore[attr-defined]
 _OUTBOX = OutboxEntry.__table__  # type: ignore[attr-defined]
@@ -89,3 +90,28 @@ def queue(
     if now is not None:
         entry.created_at = entry.available_at = now
     session.add(entry)
+
+
+def queue_audience_exit(session: Session, customer_id: str, reason: str, now: datetime) -> None:
+    """On a consent withdrawal, in its transaction: an ``audiences`` outbox entry that takes
+    the customer out of the ad audiences journeys added them to, when any audience message
+    ever went out for them (most customers were never in one)."""
+    in_audiences = session.exec(
+        select(Message.message_id)
+        .where(
+            col(Message.customer_id) == customer_id,
+            col(Message.channel) == "audience",
+            col(Message.status) == "sent",
+        )
+        .limit(1)
+    ).first()
+    if in_audiences is None:
+        return
+    queue(
+        session,
+        "audiences",
+        f"leave-{uuid.uuid4().hex}",
+        customer_id,
+        {"reason": reason[:300]},
+        now,
+    )

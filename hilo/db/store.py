@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from sqlalchemy.sql.expression import Executable
 from sqlmodel import Session, col, create_engine, select, update
 
 from hilo.clock import utcnow
+from hilo.db.consent import change_consent
 from hilo.db.models import (
     ENTRY_STARTING,
     LIVE_STATUSES,
@@ -50,7 +50,7 @@ from hilo.db.models import (
     Profile,
     StoredEvent,
 )
-from hilo.db.outbox import append_events, queue
+from hilo.db.outbox import append_events
 from hilo.db.rows import DeviceRow, EventRow, LedgerRow, ProfileRow
 
 if TYPE_CHECKING:
@@ -58,31 +58,6 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 logger = logging.getLogger(__name__)
-
-
-def queue_audience_exit(session: Session, customer_id: str, reason: str, now: datetime) -> None:
-    """On a consent withdrawal, in its transaction: an ``audiences`` outbox entry that takes
-    the customer out of the ad audiences journeys added them to, when any audience message
-    ever went out for them (most customers were never in one)."""
-    in_audiences = session.exec(
-        select(Message.message_id)
-        .where(
-            col(Message.customer_id) == customer_id,
-            col(Message.channel) == "audience",
-            col(Message.status) == "sent",
-        )
-        .limit(1)
-    ).first()
-    if in_audiences is None:
-        return
-    queue(
-        session,
-        "audiences",
-        f"leave-{uuid.uuid4().hex}",
-        customer_id,
-        {"reason": reason[:300]},
-        now,
-    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -348,6 +323,7 @@ class Store:
         locale: str | None = None,
         unset: list[str] | None = None,
         paths: bool = False,
+        source: str = "profile",
     ) -> Profile:
         """Merge traits and consent into the profile, creating it when new.
 
@@ -364,7 +340,13 @@ class Store:
                     for name in unset or []:
                         merged.pop(name, None)
                 profile.traits = merged
-                profile.consent = {**profile.consent, **(consent or {})}
+                for channel, granted in (consent or {}).items():
+                    if profile.consent.get(channel) is not granted:
+                        session.add(
+                            change_consent(
+                                session, profile, channel, granted, source=source, at=utcnow()
+                            )
+                        )
                 profile.timezone = timezone or profile.timezone
                 profile.locale = locale or profile.locale
                 profile.updated_at = utcnow()

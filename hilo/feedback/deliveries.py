@@ -35,7 +35,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from hilo.clock import utcnow
-from hilo.customers.consent import PREFERENCE_CHANNEL, PREFERENCES_TRAIT, change_consent
+from hilo.customers.consent import PREFERENCE_CHANNEL, PREFERENCES_TRAIT
+from hilo.db.consent import change_consent
 from hilo.db.models import (
     MESSAGE_PROGRESS,
     DeliveryEventRow,

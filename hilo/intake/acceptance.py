@@ -36,7 +36,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from hilo.clock import utcnow
-from hilo.customers.consent import CONSENT_CHANNELS, change_consent
+from hilo.customers.consent import CONSENT_CHANNELS
+from hilo.db.consent import change_consent
 from hilo.db.models import (
     LIVE_STATUSES,
     ConsentChange,
