@@ -44,14 +44,21 @@ NOT_FOUND = message(404, "Hilo has seen no call with this userId or anonymousId.
 CustomerId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]
 
 
+# The channels consent is kept for; another key is refused with its name.
+ConsentChannel = Literal["email", "sms", "whatsapp", "push", "webpush"]
+
+
 class ProfileUpdate(BaseModel):
     """Merged into the profile: given traits and consent replace those names only."""
 
     model_config = ConfigDict(extra="forbid")
 
     traits: dict[str, Any] | None = Field(None, examples=[{"first_name": "Ana"}])
-    consent: dict[str, StrictBool] | None = Field(
-        None, description="By channel, e.g. {push: true}.", examples=[{"push": True}]
+    consent: dict[ConsentChannel, StrictBool] | None = Field(
+        None,
+        description="By channel (email, sms, whatsapp, push, webpush), e.g. {push: true}; "
+        "each change is recorded with source 'api'.",
+        examples=[{"push": True}],
     )
     timezone: str | None = Field(
         None,
@@ -107,7 +114,7 @@ def upsert_profile(
     profile = store.upsert_profile(
         customer_id,
         traits=update.traits,
-        consent=update.consent,
+        consent={str(channel): granted for channel, granted in (update.consent or {}).items()},
         timezone=update.timezone,
         locale=update.locale,
         source="api",

@@ -655,3 +655,34 @@ async def test_a_date_time_that_leaves_the_calendar_in_utc_is_422_naming_it(
             )
             assert event.status_code == 422, event.text
             assert event.json()["detail"][0]["loc"] == ["body", "timestamp"]
+
+
+async def test_profile_consent_names_a_known_channel_and_each_change_is_recorded(
+    any_store: Store,
+) -> None:
+    from typing import get_args
+
+    from api.routes.profiles import ConsentChannel
+    from hilo.customers.consent import CONSENT_CHANNELS
+    from hilo.db.models import ConsentChange
+
+    assert get_args(ConsentChannel) == CONSENT_CHANNELS
+    app = create_app(Settings(admin_token=TOKEN), store=any_store)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://hilo",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    ) as api:
+        refused = await api.put("/profiles/ana", json={"consent": {"pigeon-post-and-more": True}})
+        assert refused.status_code == 422 and "pigeon-post-and-more" in refused.text
+        assert any_store.get_profile("ana") is None
+        saved = await api.put("/profiles/ana", json={"consent": {"push": True, "sms": False}})
+        assert saved.status_code == 200 and saved.json()["consent"] == {"push": True, "sms": False}
+    from sqlmodel import col, select
+
+    with any_store.session() as session:
+        changes = session.exec(select(ConsentChange).order_by(col(ConsentChange.id))).all()
+    assert [(c.channel, c.granted, c.source) for c in changes] == [
+        ("push", True, "api"),
+        ("sms", False, "api"),
+    ]
