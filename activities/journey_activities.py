@@ -21,7 +21,6 @@ from temporalio.exceptions import ApplicationError
 from activities.providers import CaptureProvider
 from hilo import promotions
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
-from hilo.channels.config import DEV_LINK_SECRET
 from hilo.clock import utcnow
 from hilo.customers.consent import (
     ADDRESS_TRAITS,
@@ -61,6 +60,7 @@ from hilo.journeys.runs import (
     only_paths,
 )
 from hilo.policy import ContactPolicyService, SendIntent, left_topic
+from hilo.settings import DEV_LINK_SECRET
 
 # Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
 # audience syncs are not messages to the customer.

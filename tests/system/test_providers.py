@@ -38,8 +38,8 @@ from hilo.channels.base import (
     failure_for_response,
     parse_retry_after,
 )
-from hilo.channels.config import ChannelSettings, build_providers
 from hilo.channels.fcm import FcmPush, ServiceAccount
+from hilo.channels.registry import build_providers
 from hilo.channels.sendgrid import SendGridEmail
 from hilo.channels.smtp import SmtpEmail
 from hilo.channels.twilio import TwilioMessages
@@ -52,6 +52,7 @@ from hilo.channels.webpush import (
 )
 from hilo.channels.whatsapp_cloud import WhatsAppCloud
 from hilo.ids import b64url
+from hilo.settings import Settings
 from tests.fakes.providers import (
     FakeFirebase,
     FakeGoogleAds,
@@ -951,7 +952,7 @@ def test_google_ads_revoked_refresh_token_is_permanent(ads_server: FakeGoogleAds
 def test_every_channel_stays_on_capture_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HILO_EMAIL_PROVIDER", "HILO_SMS_PROVIDER", "HILO_WEBHOOK_URL"):
         monkeypatch.delenv(name, raising=False)
-    assert build_providers(ChannelSettings(_env_file=None)) == {}
+    assert build_providers(Settings(_env_file=None)) == {}
 
 
 def test_build_providers_reads_hilo_environment_variables(
@@ -1001,7 +1002,7 @@ def test_build_providers_reads_hilo_environment_variables(
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    settings = ChannelSettings(_env_file=None)
+    settings = Settings(_env_file=None)
     assert "SG.key" not in repr(settings)  # credentials stay secret in logs
 
     providers = build_providers(settings)
@@ -1043,4 +1044,4 @@ def test_build_providers_reads_hilo_environment_variables(
 )
 def test_a_missing_credential_names_its_hilo_variable(settings: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=named):
-        build_providers(ChannelSettings(_env_file=None, **settings))
+        build_providers(Settings(_env_file=None, **settings))
