@@ -691,7 +691,9 @@ class FakeFirebase(ProviderServer):
         except InvalidSignature as error:
             raise refuse("Invalid JWT Signature.") from error
         now = time.time()
-        if claims.get("iss") != self.client_email or claims.get("aud") != self.token_url:
+        # Google wants its own token endpoint as the audience, wherever the assertion is posted.
+        audience = "https://oauth2.googleapis.com/token"
+        if claims.get("iss") != self.client_email or claims.get("aud") != audience:
             raise refuse("Invalid JWT: iss or aud.")
         if FCM_SCOPE not in str(claims.get("scope", "")).split():
             raise refuse("Invalid scope.")

@@ -513,7 +513,8 @@ def test_fcm_sends_with_a_cached_oauth_token_from_the_service_account(
 def test_fcm_mints_a_new_token_when_the_old_one_nears_expiry(
     fcm: FcmPush, fcm_server: FakeFirebase
 ) -> None:
-    fcm_server.token_lifetime = 300  # inside the refresh margin: every send refreshes
+    # Inside google-auth's refresh margin (3 min 45 s): every send refreshes.
+    fcm_server.token_lifetime = 200
     fcm.deliver(delivery("push", device_token(), title="a", body="b"))
     fcm.deliver(delivery("push", device_token(), title="a", body="b"))
     assert fcm_server.token_requests == 2
