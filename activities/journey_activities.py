@@ -66,8 +66,8 @@ from hilo.settings import DEV_LINK_SECRET
 # audience syncs are not messages to the customer.
 POLICY_CHANNELS = frozenset({"email", "sms", "whatsapp", "push", "webpush"})
 UNSIGNED_WEBHOOK = (
-    "HILO_WEBHOOK_SECRET is not set: Hilo signs every webhook it sends (X-Hilo-Signature) and "
-    "sends none unsigned; set it to the secret the receiver checks"
+    "HILO_WEBHOOK_SECRET is not set: Hilo signs every webhook it sends (Standard Webhooks' "
+    "webhook-signature) and sends none unsigned; set it to the secret the receiver checks"
 )
 
 

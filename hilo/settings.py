@@ -130,7 +130,8 @@ class Settings(BaseSettings):
     )
     webhook_secret: SecretStr | None = Field(
         None,
-        description="Signs every webhook (X-Hilo-Signature). Webhook steps need it: without "
+        description="Signs every webhook (Standard Webhooks: a whsec_ secret, or any text). "
+        "Webhook steps need it: without "
         "it the worker refuses to start while a published journey has one, and refuses "
         "such a send rather than sending it unsigned.",
     )
