@@ -21,7 +21,6 @@ from temporalio.exceptions import ApplicationError
 from activities.providers import CaptureProvider
 from hilo import promotions
 from hilo.channels.base import ChannelProvider, Delivery, PermanentFailure, RetryableFailure
-from hilo.channels.config import DEV_LINK_SECRET
 from hilo.clock import utcnow
 from hilo.customers.consent import (
     ADDRESS_TRAITS,
@@ -61,13 +60,14 @@ from hilo.journeys.runs import (
     only_paths,
 )
 from hilo.policy import ContactPolicyService, SendIntent, left_topic
+from hilo.settings import DEV_LINK_SECRET
 
 # Channels that reach a person: these ask the contact policy. Webhooks, hand-offs and
 # audience syncs are not messages to the customer.
 POLICY_CHANNELS = frozenset({"email", "sms", "whatsapp", "push", "webpush"})
 UNSIGNED_WEBHOOK = (
-    "HILO_WEBHOOK_SECRET is not set: Hilo signs every webhook it sends (X-Hilo-Signature) and "
-    "sends none unsigned; set it to the secret the receiver checks"
+    "HILO_WEBHOOK_SECRET is not set: Hilo signs every webhook it sends (Standard Webhooks' "
+    "webhook-signature) and sends none unsigned; set it to the secret the receiver checks"
 )
 
 

@@ -14,7 +14,6 @@ from pydantic import ValidationError
 from temporalio.client import Client
 
 from hilo.catalog import JourneyCatalog
-from hilo.channels.config import ChannelSettings
 from hilo.db.store import Store
 from hilo.intake import strict_json
 from hilo.intake.acceptance import Ingestor
@@ -83,12 +82,12 @@ ClientDep = Annotated[Client, Depends(get_client)]
 RouterDep = Annotated[EventRouter, Depends(get_router)]
 
 
-def get_channel_settings(request: Request) -> ChannelSettings:
+def get_channel_settings(request: Request) -> Settings:
     """``HILO_*`` channel settings, read once per app (tests put their own on app.state)."""
     settings = getattr(request.app.state, "channel_settings", None)
     if settings is None:
         try:
-            settings = ChannelSettings()
+            settings = Settings()
         except ValidationError as error:
             # Names the variables only: the input values may be secrets.
             problems = "; ".join(
@@ -100,11 +99,11 @@ def get_channel_settings(request: Request) -> ChannelSettings:
                 status.HTTP_503_SERVICE_UNAVAILABLE, f"channel settings are invalid: {problems}"
             ) from None
         request.app.state.channel_settings = settings
-    assert isinstance(settings, ChannelSettings)
+    assert isinstance(settings, Settings)
     return settings
 
 
-ChannelSettingsDep = Annotated[ChannelSettings, Depends(get_channel_settings)]
+ChannelSettingsDep = Annotated[Settings, Depends(get_channel_settings)]
 
 
 def get_catalog(

@@ -93,12 +93,7 @@ def receiver_app() -> Any:
     async def signed(request: Request) -> JSONResponse:
         body = await request.body()
         headers = request.headers
-        if not verify_signature(
-            SECRET,
-            headers.get("x-hilo-timestamp", ""),
-            body,
-            headers.get("x-hilo-signature", ""),
-        ):
+        if not verify_signature(SECRET, headers, body):
             counts["rejected"] += 1
             return JSONResponse({"error": "bad signature"}, status_code=401)
         key = headers.get("idempotency-key", "")

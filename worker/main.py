@@ -14,7 +14,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.journey_activities import UNSIGNED_WEBHOOK, JourneyActivities
-from hilo.channels.config import ChannelSettings, build_providers
+from hilo.channels.registry import build_providers
 from hilo.db.store import Store
 from hilo.journeys.definitions import JourneyDefinition, SendStep, walk_steps
 from hilo.settings import Settings
@@ -35,9 +35,7 @@ async def connect(settings: Settings) -> Client:
     )
 
 
-def configured_activities(
-    store: Store, channels: ChannelSettings | None = None
-) -> JourneyActivities:
+def configured_activities(store: Store, channels: Settings | None = None) -> JourneyActivities:
     """The activities with the providers HILO_* settings choose (capture by default).
 
     Credentials are read here, in the worker, and never travel in workflow inputs.

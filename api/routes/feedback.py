@@ -29,7 +29,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from api.bodies import read_body, read_form
 from api.deps import StoreDep, get_channel_settings
 from api.openapi import MESSAGE_SCHEMA, SETTINGS_INVALID, Responses, message
-from hilo.channels.config import ChannelSettings
 from hilo.clock import utcnow
 from hilo.db.store import Store
 from hilo.feedback.deliveries import (
@@ -59,6 +58,7 @@ from hilo.feedback.webhooks import (
     verify_whatsapp,
     whatsapp_challenge,
 )
+from hilo.settings import Settings
 
 __all__ = [
     "ONE_CLICK_SOURCE",
@@ -114,7 +114,7 @@ PAGE_HEADERS = {
 # ================================================================ dependencies
 
 
-ChannelSettingsDep = Annotated[ChannelSettings, Depends(get_channel_settings)]
+ChannelSettingsDep = Annotated[Settings, Depends(get_channel_settings)]
 
 # What the schema says besides each route's success.
 FORM_ONLY = message(415, "Not a form: send application/x-www-form-urlencoded or multipart.")
@@ -365,7 +365,7 @@ async def open_pixel(token: str, store: StoreDep, signer: LinkSignerDep) -> Resp
     return Response(PIXEL, media_type="image/gif", headers=NO_STORE)
 
 
-def _topic_keys(settings: ChannelSettings) -> set[str]:
+def _topic_keys(settings: Settings) -> set[str]:
     return {topic.key for topic in settings.preference_topics}
 
 
@@ -373,7 +373,7 @@ def _preference_page(
     kind: LinkKind,
     token: str,
     store: Store,
-    settings: ChannelSettings,
+    settings: Settings,
     signer: LinkSigner,
 ) -> HTMLResponse:
     claims = _verified(signer, token, kind)
@@ -456,7 +456,7 @@ async def preference_form(
 
 async def _save_choices(
     store: Store,
-    settings: ChannelSettings,
+    settings: Settings,
     signer: LinkSigner,
     form: dict[str, str],
     claims: LinkClaims,

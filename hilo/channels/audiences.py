@@ -11,14 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import threading
-from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
 import httpx
-from google.auth import exceptions as google_exceptions
-from google.auth import transport as google_transport
 from google.oauth2.credentials import Credentials
 
 from hilo.channels.base import (
@@ -32,6 +28,7 @@ from hilo.channels.base import (
     http_client,
     send,
 )
+from hilo.channels.google import GoogleToken
 
 __all__ = [
     "GOOGLE_ADS_SCOPE",
@@ -143,47 +140,6 @@ class MetaCustomAudiences:
         self.client.close()
 
 
-class _HttpxTokenResponse(google_transport.Response):
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
-
-    @property
-    def status(self) -> int:
-        return self._response.status_code
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self._response.headers
-
-    @property
-    def data(self) -> bytes:
-        return self._response.content
-
-
-class _HttpxTokenRequest(google_transport.Request):
-    """google-auth's transport over our httpx client, so token refreshes share its timeouts."""
-
-    def __init__(self, client: httpx.Client) -> None:
-        self.client = client
-
-    def __call__(
-        self,
-        url: str,
-        method: str = "GET",
-        body: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        **kwargs: Any,
-    ) -> _HttpxTokenResponse:
-        try:
-            response = self.client.request(
-                method, url, content=body, headers=headers, timeout=timeout or self.client.timeout
-            )
-        except httpx.HTTPError as error:
-            raise google_exceptions.TransportError(f"{url}: {error}") from error
-        return _HttpxTokenResponse(response)
-
-
 def oauth_credentials(
     client_id: str, client_secret: str, refresh_token: str, token_url: str = GOOGLE_TOKEN_URL
 ) -> Credentials:
@@ -227,8 +183,9 @@ class GoogleAdsCustomerMatch:
             headers["login-customer-id"] = login_customer_id.replace("-", "")
         self.client = http_client(timeout, headers=headers)
         # The token endpoint gets none of the Ads headers.
-        self._token_request = _HttpxTokenRequest(http_client(timeout))
-        self._lock = threading.Lock()  # activities share one provider across threads
+        self.tokens = GoogleToken(
+            credentials, http_client(timeout), "google_ads: the OAuth refresh token was refused"
+        )
 
     def deliver(self, delivery: Delivery) -> str:
         audience, action = _action(delivery, self.name)
@@ -265,35 +222,15 @@ class GoogleAdsCustomerMatch:
             identifiers.append({"hashedPhoneNumber": sha256_hex(f"+{phone}")})
         return {"userIdentifiers": identifiers}
 
-    def _access_token(self) -> str:
-        with self._lock:
-            if not self.credentials.valid:
-                try:
-                    self.credentials.refresh(self._token_request)
-                except google_exceptions.TransportError as error:
-                    raise RetryableFailure(f"google_ads: token endpoint: {error}") from error
-                except google_exceptions.RefreshError as error:
-                    reason = f"google_ads: the OAuth refresh token was refused: {error}"
-                    if getattr(error, "retryable", False):
-                        raise RetryableFailure(reason) from error
-                    raise PermanentFailure(reason) from error
-            return str(self.credentials.token)
-
-    def _forget(self, token: str) -> None:
-        """Drop an access token the API refused, so the next call refreshes it."""
-        with self._lock:
-            if self.credentials.token == token:
-                self.credentials.token = None
-
     def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        token = self._access_token()
+        token = self.tokens.get()
 
         def failure(response: httpx.Response) -> PermanentFailure | RetryableFailure:
             refused = _google_ads_failure(response)
             if response.status_code == 401 and "OAUTH_TOKEN" in refused.reason:
                 # The access token expired or was revoked before its time: the retry
                 # refreshes it. (A bad developer token is a 401 too, and stays permanent.)
-                self._forget(token)
+                self.tokens.forget(token)
                 return RetryableFailure(refused.reason, retry_after=0.0)
             return refused
 
@@ -314,7 +251,7 @@ class GoogleAdsCustomerMatch:
 
     def close(self) -> None:
         self.client.close()
-        self._token_request.client.close()
+        self.tokens.close()
 
 
 def _google_ads_failure(response: httpx.Response) -> PermanentFailure | RetryableFailure:

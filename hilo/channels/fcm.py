@@ -1,51 +1,45 @@
 """Mobile push through Firebase Cloud Messaging HTTP v1 (``POST /v1/projects/{p}/messages:send``).
 
-FCM wants an OAuth2 access token. We mint it ourselves from the service-account key: an
-RS256-signed JWT assertion posted to the account's ``token_uri`` (the OAuth2 JWT-bearer
-grant), kept until shortly before it expires.
+FCM wants an OAuth2 access token: google-auth mints it from the service-account key (an
+RS256-signed JWT assertion posted to the account's ``token_uri``) and refreshes it shortly
+before it expires (:mod:`hilo.channels.google`).
 """
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from google.oauth2 import service_account
 
 from hilo.channels.base import (
     DEFAULT_TIMEOUT_SECONDS,
     Delivery,
     PermanentFailure,
     RetryableFailure,
-    encode_jwt,
     error_detail,
     failure_for_response,
     http_client,
     send,
 )
+from hilo.channels.google import GoogleToken
 
-__all__ = ["FcmPush", "GoogleAccessToken", "ServiceAccount"]
+__all__ = ["FcmPush", "ServiceAccount"]
 
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
-JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-# Refresh this long before expiry so a token never dies between minting and use.
-REFRESH_MARGIN_SECONDS = 300.0
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 
 
 @dataclass(frozen=True)
 class ServiceAccount:
-    client_email: str
-    private_key: rsa.RSAPrivateKey
-    private_key_id: str
+    """A service-account key as Google's JSON gives it, checked for what FCM needs."""
+
+    info: Mapping[str, Any]
     project_id: str
-    token_uri: str
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any]) -> ServiceAccount:
@@ -54,16 +48,11 @@ class ServiceAccount:
         ]
         if missing:
             raise ValueError(f"service-account JSON lacks {', '.join(missing)}")
-        key = serialization.load_pem_private_key(info["private_key"].encode(), password=None)
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError("service-account private_key is not an RSA key")
-        return cls(
-            client_email=info["client_email"],
-            private_key=key,
-            private_key_id=info.get("private_key_id", ""),
-            project_id=info["project_id"],
-            token_uri=info.get("token_uri") or "https://oauth2.googleapis.com/token",
+        account = cls(
+            info={"token_uri": GOOGLE_TOKEN_URI, **info}, project_id=str(info["project_id"])
         )
+        account.credentials()  # a key google-auth cannot load is refused here, not at a send
+        return account
 
     @classmethod
     def from_json(cls, text: str) -> ServiceAccount:
@@ -73,72 +62,9 @@ class ServiceAccount:
     def from_file(cls, path: Path) -> ServiceAccount:
         return cls.from_json(path.read_text())
 
-
-class GoogleAccessToken:
-    """OAuth2 access tokens for a service account, minted on demand and cached."""
-
-    def __init__(
-        self,
-        account: ServiceAccount,
-        client: httpx.Client,
-        *,
-        scope: str = FCM_SCOPE,
-        token_url: str | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.account = account
-        self.client = client
-        self.scope = scope
-        self.token_url = token_url or account.token_uri
-        self.clock = clock
-        self._token: str | None = None
-        self._refresh_at = 0.0
-        self._lock = threading.Lock()  # activities share one provider across threads
-
-    def get(self) -> str:
-        with self._lock:
-            if self._token is None or self.clock() >= self._refresh_at:
-                self._token, lifetime = self._mint()
-                self._refresh_at = self.clock() + max(0.0, lifetime - REFRESH_MARGIN_SECONDS)
-            return self._token
-
-    def forget(self, token: str) -> None:
-        """Drop a token the API refused, so the next call mints a fresh one."""
-        with self._lock:
-            if self._token == token:
-                self._token = None
-
-    def assertion(self) -> str:
-        now = int(self.clock())
-        header = {"alg": "RS256", "typ": "JWT", "kid": self.account.private_key_id}
-        claims = {
-            "iss": self.account.client_email,
-            "scope": self.scope,
-            "aud": self.token_url,
-            "iat": now,
-            "exp": now + 3600,  # the longest Google accepts
-        }
-        key = self.account.private_key
-        return encode_jwt(
-            header, claims, lambda data: key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-        )
-
-    def _mint(self) -> tuple[str, float]:
-        response = send(
-            self.client,
-            "POST",
-            self.token_url,
-            provider="fcm",
-            failure=_token_failure,
-            data={"grant_type": JWT_BEARER, "assertion": self.assertion()},
-        )
-        try:
-            body = response.json()
-            return str(body["access_token"]), float(body.get("expires_in", 3600))
-        except (ValueError, KeyError, TypeError) as error:
-            raise RetryableFailure(
-                f"fcm: token endpoint answered without an access_token: {error_detail(response)}"
-            ) from error
+    def credentials(self, token_url: str | None = None) -> service_account.Credentials:
+        info = {**self.info, "token_uri": token_url} if token_url else self.info
+        return service_account.Credentials.from_service_account_info(info, scopes=[FCM_SCOPE])
 
 
 class FcmPush:
@@ -152,10 +78,13 @@ class FcmPush:
         base_url: str = "https://fcm.googleapis.com",
         token_url: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = http_client(timeout)
-        self.tokens = GoogleAccessToken(account, self.client, token_url=token_url, clock=clock)
+        self.tokens = GoogleToken(
+            account.credentials(token_url),
+            http_client(timeout),
+            "fcm: token endpoint refused the service account",
+        )
         project = project_id or account.project_id
         self.url = f"{base_url.rstrip('/')}/v1/projects/{project}/messages:send"
 
@@ -206,6 +135,7 @@ class FcmPush:
 
     def close(self) -> None:
         self.client.close()
+        self.tokens.close()
 
 
 def _fcm_error(response: httpx.Response) -> tuple[str, str, set[str]]:
@@ -229,7 +159,7 @@ def _fcm_error(response: httpx.Response) -> tuple[str, str, set[str]]:
 
 
 def _send_failure(
-    response: httpx.Response, tokens: GoogleAccessToken, access_token: str
+    response: httpx.Response, tokens: GoogleToken, access_token: str
 ) -> PermanentFailure | RetryableFailure:
     code, message, fields = _fcm_error(response)
     reason = f"fcm: HTTP {response.status_code} {code or response.reason_phrase}: {message}"
@@ -249,15 +179,3 @@ def _send_failure(
         tokens.forget(access_token)
         return RetryableFailure(reason, retry_after=0.0)
     return failure_for_response(response, reason)
-
-
-def _token_failure(response: httpx.Response) -> PermanentFailure | RetryableFailure:
-    """OAuth2 token errors: ``{"error": "invalid_grant", "error_description": "..."}``."""
-    try:
-        body = response.json()
-        detail = f"{body['error']}: {body.get('error_description', '')}"
-    except (ValueError, KeyError, TypeError):
-        detail = error_detail(response)
-    return failure_for_response(
-        response, f"fcm: token endpoint refused the service account: {detail}"
-    )

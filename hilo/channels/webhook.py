@@ -1,23 +1,29 @@
 """A signed JSON webhook: hand a journey step to Make, n8n, Zapier, a helpdesk or your own code.
 
-Each request carries::
+Requests follow the Standard Webhooks format (standardwebhooks.com), so receivers verify them
+with off-the-shelf code::
 
-    X-Hilo-Timestamp: 1767225600
-    X-Hilo-Signature: v1=<hex HMAC-SHA256 of "{timestamp}.{body}" with the shared secret>
-    Idempotency-Key: <message id>
+    webhook-id: <message id>            also Idempotency-Key: do the work once per id
+    webhook-timestamp: 1767225600
+    webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">
 
-A receiver checks the signature with :func:`verify_signature` and does the work once per
-Idempotency-Key, because a retry after a timeout sends the same message again.
+The signing key is ``HILO_WEBHOOK_SECRET``: a Standard Webhooks secret (``whsec_`` and base64)
+is used as it is; any other text is used as its UTF-8 bytes, and receivers are given
+:func:`receiver_secret` of it (``whsec_`` + base64 of those bytes). A retry after a timeout
+sends the same message again, with the same id.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import base64
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
+
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from hilo.channels.base import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -27,40 +33,55 @@ from hilo.channels.base import (
     send,
 )
 
-__all__ = ["SIGNATURE_VERSION", "SignedWebhook", "sign", "verify_signature"]
+__all__ = ["SignedWebhook", "receiver_secret", "signed_headers", "verify_signature"]
 
-SIGNATURE_VERSION = "v1"
+SECRET_PREFIX = "whsec_"
 
 
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The X-Hilo-Signature value for this timestamp and body."""
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"{SIGNATURE_VERSION}={digest.hexdigest()}"
+def _webhook(secret: str) -> Webhook:
+    return Webhook(secret if secret.startswith(SECRET_PREFIX) else secret.encode())
+
+
+def receiver_secret(secret: str) -> str:
+    """The ``whsec_`` secret a receiver's Standard Webhooks library verifies our requests with."""
+    if secret.startswith(SECRET_PREFIX):
+        return secret
+    return SECRET_PREFIX + base64.b64encode(secret.encode()).decode()
+
+
+def signed_headers(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """The Standard Webhooks headers for this message id, moment and body."""
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": _webhook(secret).sign(message_id, moment, body.decode()),
+    }
 
 
 def verify_signature(
     secret: str,
-    timestamp: str,
+    headers: Mapping[str, str],
     body: bytes,
-    signature: str,
     tolerance: int = 300,
     now: float | None = None,
 ) -> bool:
-    """True when ``signature`` signs ``body`` at ``timestamp``, and the timestamp is recent.
-
-    ``signature`` may list several comma-separated ``v1=`` values, so a sender can roll
-    its secret over; the tolerance in seconds stops a recorded request being replayed.
-    """
+    """True when the Standard Webhooks ``headers`` sign ``body`` with ``secret`` and the
+    timestamp is recent. The signature header may list several signatures (space-separated),
+    so a sender can roll its secret over; the tolerance stops a recorded request being
+    replayed."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    message_id = lowered.get("webhook-id", "")
+    timestamp = lowered.get("webhook-timestamp", "")
+    if not message_id or not timestamp.isdigit():
+        return False
+    if abs((time.time() if now is None else now) - int(timestamp)) > tolerance:
+        return False
     try:
-        sent_at = int(timestamp)
-    except ValueError:
+        expected = signed_headers(secret, message_id, int(timestamp), body)["webhook-signature"]
+    except (ValueError, WebhookVerificationError):
         return False
-    if abs((time.time() if now is None else now) - sent_at) > tolerance:
-        return False
-    expected = sign(secret, timestamp, body)
-    return any(
-        hmac.compare_digest(expected, candidate.strip()) for candidate in signature.split(",")
-    )
+    return expected in lowered.get("webhook-signature", "").split()
 
 
 class SignedWebhook:
@@ -86,7 +107,7 @@ class SignedWebhook:
 
     def deliver(self, delivery: Delivery) -> str:
         body = json.dumps(self.payload(delivery), separators=(",", ":"), default=str).encode()
-        timestamp = str(int(self.clock()))
+        timestamp = int(self.clock())
         # A journey's webhook step names its endpoint; the setting is the default.
         url = delivery.content.get("url") or self.url
         if not url:
@@ -103,8 +124,7 @@ class SignedWebhook:
             content=body,
             headers={
                 "Content-Type": "application/json",
-                "X-Hilo-Timestamp": timestamp,
-                "X-Hilo-Signature": sign(self.secret, timestamp, body),
+                **signed_headers(self.secret, delivery.message_id, timestamp, body),
                 "Idempotency-Key": delivery.message_id,
             },
         )

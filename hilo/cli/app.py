@@ -36,10 +36,10 @@ def _settings() -> Settings:
 
 def _preference_topics() -> list[str]:
     """The preference page's topic keys (HILO_PREFERENCE_TOPICS): what a send's topic may be."""
-    from hilo.channels.config import ChannelSettings
+    from hilo.settings import Settings
 
     try:
-        return [topic.key for topic in ChannelSettings().preference_topics]
+        return [topic.key for topic in Settings().preference_topics]
     except Exception as error:
         typer.secho(f"settings: {error}", fg="red", err=True)
         raise typer.Exit(2) from None

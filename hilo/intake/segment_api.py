@@ -37,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 from hilo.clock import as_utc
 from hilo.ids import customer_id_problem
 from hilo.intake import strict_json
+from hilo.intake.phones import PHONE_HINT, e164
 from hilo.intake.segment_spec import (
     _FLOAT_GROWTH,
     _GZIP_SLACK,
@@ -510,6 +511,7 @@ def _call(
     errors += _required_errors(call_type, data, path, bad_fields)
     if fields is not None:
         errors += _id_errors(fields, path)
+        errors += _phone_errors(fields, call_type, path)
 
     timestamp: datetime | None = None
     if fields is not None:
@@ -735,6 +737,29 @@ def _id_errors(fields: dict[str, Any], path: str) -> list[FieldError]:
     return errors
 
 
+def _phone_errors(fields: dict[str, Any], call_type: str, path: str) -> list[FieldError]:
+    """A phone Hilo would text must be one: refused here rather than failing at the send."""
+    places: list[tuple[tuple[str, ...], Any]] = [
+        (("context", "traits"), (fields.get("context") or {}).get("traits"))
+    ]
+    if call_type == "identify":
+        places.append((("traits",), fields.get("traits")))
+    errors = []
+    for where, traits in places:
+        if (
+            isinstance(traits, dict)
+            and traits.get("phone") not in (None, "")
+            and (e164(traits["phone"]) is None)
+        ):
+            field = path
+            for key in (*where, "phone"):
+                field = _key_path(field, key)
+            errors.append(
+                FieldError(field=field, message=f"{PHONE_HINT}, not {_quote(traits['phone'])}")
+            )
+    return errors
+
+
 def _corrected(
     fields: dict[str, Any], batch_sent_at: datetime | None, received_at: datetime
 ) -> datetime:
@@ -794,6 +819,8 @@ def _normalised(
         group_traits = dict(fields.get("traits") or {})
     elif call_type == "alias":
         previous_id = fields.get("previous_id")
+    if traits.get("phone") not in (None, ""):
+        traits = {**traits, "phone": e164(traits["phone"])}  # checked by _phone_errors
     zone = context.get("timezone")
     client_time = fields.get("timestamp") or fields.get("original_timestamp")
     return SegmentCall(

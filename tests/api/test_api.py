@@ -495,7 +495,7 @@ def test_swagger_ui_renders_the_operations_in_a_browser_without_internet(
 
 
 async def test_publish_knows_the_preference_pages_topics(lab: JourneyLab) -> None:
-    from hilo.channels.config import ChannelSettings
+    from hilo.settings import Settings
 
     app = create_app(
         Settings(admin_token=TOKEN),
@@ -503,7 +503,7 @@ async def test_publish_knows_the_preference_pages_topics(lab: JourneyLab) -> Non
         client=lab.client,
         task_queue=lab.router.task_queue,
     )
-    app.state.channel_settings = ChannelSettings(
+    app.state.channel_settings = Settings(
         _env_file=None, preference_topics=[{"key": "news", "name": "News"}]
     )
     cart = yaml.safe_load(CART_YAML)

@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
-from hilo.channels.config import ChannelSettings
 from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab
 from hilo.intake.dispatcher import Dispatcher
@@ -117,7 +116,7 @@ async def api_url(lab_on_any_store: JourneyLab) -> AsyncIterator[str]:
         task_queue=lab.router.task_queue,
     )
     # Webhooks and links configured, so that requests reach their signature checks.
-    app.state.channel_settings = ChannelSettings(
+    app.state.channel_settings = Settings(
         _env_file=None,
         link_secret="schema-run-link-secret-of-some-length",
         sendgrid_webhook_public_key=_sendgrid_public_key(),

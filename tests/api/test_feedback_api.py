@@ -31,14 +31,13 @@ from api.routes.feedback import (
     UNSUBSCRIBE_PAGE_SOURCE,
     feedback_router,
 )
-from hilo.channels.config import DEV_LINK_SECRET, ChannelSettings
 from hilo.db.models import ConsentChange, Message, OutboxEntry, StoredEvent, Suppression
 from hilo.db.store import Store
 from hilo.feedback.deliveries import record_delivery_events
 from hilo.feedback.links import LinkRejected, LinkSigner
 from hilo.feedback.preferences import Topic
 from hilo.feedback.webhooks import parse_sendgrid, twilio_signature
-from hilo.settings import Settings
+from hilo.settings import DEV_LINK_SECRET, Settings
 
 PUBLIC = "https://hilo.shop.example"
 LINK_SECRET = "a-link-secret-for-tests-only-0123456789"
@@ -77,8 +76,8 @@ def sendgrid() -> SendGridKeys:
 
 
 @pytest.fixture
-def channels(sendgrid: SendGridKeys) -> ChannelSettings:
-    return ChannelSettings(
+def channels(sendgrid: SendGridKeys) -> Settings:
+    return Settings(
         _env_file=None,
         public_url=PUBLIC,
         link_secret=SecretStr(LINK_SECRET),
@@ -91,12 +90,12 @@ def channels(sendgrid: SendGridKeys) -> ChannelSettings:
 
 
 @pytest.fixture
-def signer(channels: ChannelSettings) -> LinkSigner:
+def signer(channels: Settings) -> LinkSigner:
     return channels.link_signer()
 
 
 @pytest.fixture
-async def api(any_store: Store, channels: ChannelSettings) -> AsyncIterator[httpx.AsyncClient]:
+async def api(any_store: Store, channels: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(_env_file=None, admin_token="admin-token-for-tests"), any_store)
     app.include_router(feedback_router)
     app.state.channel_settings = channels
@@ -464,7 +463,7 @@ async def test_whatsapp_handshake_and_statuses(api: httpx.AsyncClient, any_store
 async def test_unconfigured_endpoints_answer_503_naming_the_setting(store: Store) -> None:
     app = create_app(Settings(_env_file=None, admin_token="admin-token-for-tests"), store)
     app.include_router(feedback_router)
-    app.state.channel_settings = ChannelSettings(
+    app.state.channel_settings = Settings(
         _env_file=None, environment="production", public_url=PUBLIC
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=PUBLIC) as client:
@@ -679,29 +678,29 @@ async def test_expired_or_foreign_preference_links_are_refused(
 
 
 def test_link_secret_settings(tmp_path: Path) -> None:
-    development = ChannelSettings(_env_file=None, state_dir=tmp_path)
+    development = Settings(_env_file=None, state_dir=tmp_path)
     token = development.link_signer().sign("open", message_id="msg_1")
     assert development.link_signer().verify(token, "open").message_id == "msg_1"
     with pytest.raises(LinkRejected):  # not the constant earlier versions signed with
         LinkSigner(DEV_LINK_SECRET, PUBLIC).verify(token, "open")
     assert development.link_signer().base_url == "http://127.0.0.1:8000"
     with pytest.raises(ValueError, match="HILO_LINK_SECRET is not set"):
-        ChannelSettings(_env_file=None, environment="production", public_url=PUBLIC).link_signer()
-    loopback = ChannelSettings(
+        Settings(_env_file=None, environment="production", public_url=PUBLIC).link_signer()
+    loopback = Settings(
         _env_file=None, environment="production", link_secret=SecretStr(LINK_SECRET)
     )
     with pytest.raises(ValueError, match="only this machine can reach"):
         loopback.link_signer()
     for environment in ("production", "development"):
         with pytest.raises(ValidationError, match="placeholder published in Hilo's source"):
-            ChannelSettings(
+            Settings(
                 _env_file=None, environment=environment, link_secret=SecretStr(DEV_LINK_SECRET)
             )
     with pytest.raises(ValidationError, match="at least 32 characters"):
-        ChannelSettings(_env_file=None, link_secret=SecretStr("short"))
+        Settings(_env_file=None, link_secret=SecretStr("short"))
     with pytest.raises(ValidationError, match="not an http"):
-        ChannelSettings(_env_file=None, public_url="hilo.shop.example")
-    production = ChannelSettings(
+        Settings(_env_file=None, public_url="hilo.shop.example")
+    production = Settings(
         _env_file=None,
         environment="production",
         public_url=PUBLIC + "/",

@@ -427,11 +427,12 @@ async def test_the_valid_calls_the_properties_start_from_are_accepted(any_store:
 
 
 async def test_addresses_too_long_for_an_identity_stay_traits(any_store: Store) -> None:
-    """Valid Segment calls whose email, phone or push token exceed the identity and device
-    columns are accepted (on PostgreSQL too, which enforces the sizes) without those rows."""
+    """Valid Segment calls whose email or push token exceed the identity and device columns
+    are accepted (on PostgreSQL too, which enforces the sizes) without those rows. (A phone
+    is E.164 now, at most 16 characters, or the call is refused: see the phone tests.)"""
     email = "a" * 400 + "@example.com"
     calls = [
-        {"type": "identify", "userId": "long-1", "traits": {"email": email, "phone": "1" * 400}},
+        {"type": "identify", "userId": "long-1", "traits": {"email": email}},
         {"type": "identify", "userId": "long-1", "traits": {"email": "   "}},
         {"type": "track", "userId": "long-1", "event": "App Opened"}
         | {"context": {"device": {"token": "t" * 3000}}},
@@ -441,7 +442,7 @@ async def test_addresses_too_long_for_an_identity_stay_traits(any_store: Store) 
         response = await api.post("/v1/batch", json={"batch": calls}, headers=basic("shop-key"))
         assert response.json() == {"success": True}
         view = (await api.get("/profiles/long-1")).json()
-    assert view["traits"] == {"email": "   ", "phone": "1" * 400}
+    assert view["traits"] == {"email": "   "}
     assert [(i["kind"], i["value"]) for i in view["identities"]] == [("user_id", "long-1")]
     assert view["devices"] == []
 
@@ -870,3 +871,51 @@ def test_an_events_entry_and_end_are_recorded_once_on_either_database(any_store:
         80.0,
     )
     assert ended.converted_at is not None and ended.ended_at is not None
+
+
+# ---------------------------------------------------------------- phones in E.164
+
+
+async def test_phones_arrive_in_any_common_format_and_are_stored_in_e164(store: Store) -> None:
+    async with asgi(hilo_app(store)) as api:
+        for user, phone in [
+            ("u-1", "+1 (415) 555-0100"),
+            ("u-2", "00 34 600 000 000"),
+            ("u-3", "+44 7700-900123"),
+        ]:
+            call = {"userId": user, "traits": {"phone": phone, "email": f"{user}@example.com"}}
+            assert (await api.post("/v1/identify", json=call, headers=basic("shop-key"))).is_success
+        phones = {
+            user: (await api.get(f"/profiles/{user}")).json()["traits"]["phone"]
+            for user in ("u-1", "u-2", "u-3")
+        }
+    assert phones == {"u-1": "+14155550100", "u-2": "+34600000000", "u-3": "+447700900123"}
+
+
+async def test_a_phone_that_is_not_one_is_refused_naming_the_field_and_nothing_is_stored(
+    store: Store,
+) -> None:
+    before = counts(store)
+    async with asgi(hilo_app(store)) as api:
+        batch = {
+            "batch": [
+                {"type": "identify", "userId": "u-9", "traits": {"phone": "+34 600"}},
+                {"type": "identify", "userId": "u-9", "traits": {"phone": "1" * 400}},
+                {
+                    "type": "track",
+                    "userId": "u-9",
+                    "event": "Signed Up",
+                    "context": {"traits": {"phone": "call me maybe"}},
+                },
+            ]
+        }
+        refused = await api.post("/v1/batch", json=batch, headers=basic("shop-key"))
+    assert refused.status_code == 400
+    fields = {error["field"] for error in refused.json()["errors"]}
+    assert fields == {
+        "batch[0].traits.phone",
+        "batch[1].traits.phone",
+        "batch[2].context.traits.phone",
+    }
+    assert "country code" in refused.text
+    assert counts(store) == before

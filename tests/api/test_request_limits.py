@@ -35,7 +35,6 @@ from sqlmodel import select
 
 from api.app import create_app
 from api.deps import StrictJSONRoute
-from hilo.channels.config import ChannelSettings
 from hilo.db.models import StoredEvent
 from hilo.db.store import Store
 from hilo.ids import MAX_ID_CHARS
@@ -58,8 +57,8 @@ _ANY_P256_KEY = base64.b64encode(
 ).decode()
 
 
-def channel_settings() -> ChannelSettings:
-    return ChannelSettings(
+def channel_settings() -> Settings:
+    return Settings(
         _env_file=None,
         public_url=PUBLIC,
         link_secret=SecretStr(LINK_SECRET),

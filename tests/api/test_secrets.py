@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from api import deps
-from hilo.channels.config import DEV_LINK_SECRET, LINK_SECRET_FILE
 from hilo.db.store import Store
 from hilo.feedback.links import LinkRejected, LinkSigner
-from hilo.settings import Settings
+from hilo.settings import DEV_LINK_SECRET, LINK_SECRET_FILE, Settings
 from tests.api.test_ingestion import asgi, basic, hilo_app
 
 # ---------------------------------------------------------------- the link secret

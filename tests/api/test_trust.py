@@ -20,7 +20,6 @@ from sqlmodel import col, select
 
 from api.app import create_app
 from api.routes.feedback import ONE_CLICK_SOURCE, PREFERENCE_PAGE_SOURCE, feedback_router
-from hilo.channels.config import ChannelSettings
 from hilo.db.models import ConsentChange, StoredEvent
 from hilo.db.store import Store
 from hilo.feedback.links import LinkSigner
@@ -47,8 +46,8 @@ def basic(write_key: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def channels() -> ChannelSettings:
-    return ChannelSettings(
+def channels() -> Settings:
+    return Settings(
         _env_file=None,
         public_url=PUBLIC,
         link_secret=SecretStr(LINK_SECRET),
@@ -57,12 +56,12 @@ def channels() -> ChannelSettings:
 
 
 @pytest.fixture
-def signer(channels: ChannelSettings) -> LinkSigner:
+def signer(channels: Settings) -> LinkSigner:
     return channels.link_signer()
 
 
 @pytest.fixture
-async def api(any_store: Store, channels: ChannelSettings) -> AsyncIterator[httpx.AsyncClient]:
+async def api(any_store: Store, channels: Settings) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(_env_file=None, admin_token=ADMIN_TOKEN, write_keys=WRITE_KEYS)
     app = create_app(settings, any_store)
     app.include_router(feedback_router)

@@ -25,7 +25,6 @@ from hilo.channels.audiences import (
     oauth_credentials,
 )
 from hilo.channels.base import ChannelProvider
-from hilo.channels.config import ChannelSettings
 from hilo.channels.fcm import FcmPush, ServiceAccount
 from hilo.channels.webpush import WebPush, vapid_public_key
 from hilo.customers.profiles import record_consent
@@ -39,6 +38,7 @@ from hilo.intake.dispatcher import Dispatcher
 from hilo.journeys.runs import LeaveAudiencesResult
 from hilo.journeys.validate import parse_journey
 from hilo.policy import ContactPolicyService
+from hilo.settings import Settings
 from tests.fakes.providers import (
     FakeFirebase,
     FakeGoogleAds,
@@ -280,7 +280,7 @@ async def test_a_webhook_step_posts_signed_to_its_own_url(
     time_env: WorkflowEnvironment, store: Store, receiver: FakeWebhookReceiver
 ) -> None:
     # Only the secret: no HILO_WEBHOOK_URL, which used to send every webhook step to capture.
-    settings = ChannelSettings(_env_file=None, webhook_secret=SECRET)
+    settings = Settings(_env_file=None, webhook_secret=SECRET)
     store.upsert_profile("ana", traits={"first_name": "Ana"})
     async with lab_with(time_env, store, activities=configured_activities(store, settings)) as lab:
         lab.publish(journey("crm_sync", webhook_step(receiver.hook_url)))
@@ -299,7 +299,7 @@ async def test_a_webhook_step_posts_signed_to_its_own_url(
 async def test_without_a_webhook_secret_webhook_steps_are_refused_never_sent_unsigned(
     time_env: WorkflowEnvironment, store: Store, receiver: FakeWebhookReceiver
 ) -> None:
-    settings = ChannelSettings(_env_file=None)
+    settings = Settings(_env_file=None)
     store.upsert_profile("ana", traits={"first_name": "Ana"})
     # Published after the worker started: the send is refused, with the reason on the ledger.
     async with lab_with(time_env, store, activities=configured_activities(store, settings)) as lab:
@@ -314,7 +314,7 @@ async def test_without_a_webhook_secret_webhook_steps_are_refused_never_sent_uns
         configured_activities(store, settings)
     assert "crm_sync (steps[0] (notify_crm))" in str(refused.value)
     # With the secret it starts.
-    configured_activities(store, ChannelSettings(_env_file=None, webhook_secret=SECRET))
+    configured_activities(store, Settings(_env_file=None, webhook_secret=SECRET))
 
 
 # ---------------------------------------------------------------- ad audiences

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from api.app import create_app
 from api.routes.feedback import feedback_router
 from hilo.catalog import JourneyCatalog
-from hilo.channels.config import DEV_LINK_SECRET, ChannelSettings
 from hilo.cli.app import app as cli
 from hilo.clock import utcnow
 from hilo.db.models import Message
@@ -34,7 +33,7 @@ from hilo.intake.acceptance import EVENT_NAMES
 from hilo.intake.dispatcher import Dispatcher
 from hilo.journeys.validate import parse_journey
 from hilo.policy import ContactPolicyService, SendIntent
-from hilo.settings import PROJECT_ROOT, Settings
+from hilo.settings import DEV_LINK_SECRET, PROJECT_ROOT, Settings
 from tests.helpers.examples import EXAMPLES, example
 
 # Where the workers of a lab sign their links (no settings: the development secret).
@@ -155,7 +154,7 @@ async def links_api(lab: JourneyLab) -> AsyncIterator[httpx.AsyncClient]:
     """Hilo's public link routes over the lab's store, signing as the lab's workers do."""
     api = create_app(Settings(_env_file=None, admin_token="t"), lab.store)
     api.include_router(feedback_router)
-    api.state.channel_settings = ChannelSettings(_env_file=None)
+    api.state.channel_settings = Settings(_env_file=None)
     api.state.link_signer = LinkSigner(DEV_LINK_SECRET, LAB_LINKS)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=api), base_url=LAB_LINKS

@@ -12,8 +12,6 @@ The SMTP stand-in is a real ``aiosmtpd`` server.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import ipaddress
 import itertools
 import json
@@ -44,6 +42,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from hilo.channels.webhook import receiver_secret
 
 
 def b64url(data: bytes) -> str:
@@ -691,7 +693,9 @@ class FakeFirebase(ProviderServer):
         except InvalidSignature as error:
             raise refuse("Invalid JWT Signature.") from error
         now = time.time()
-        if claims.get("iss") != self.client_email or claims.get("aud") != self.token_url:
+        # Google wants its own token endpoint as the audience, wherever the assertion is posted.
+        audience = "https://oauth2.googleapis.com/token"
+        if claims.get("iss") != self.client_email or claims.get("aud") != audience:
             raise refuse("Invalid JWT: iss or aud.")
         if FCM_SCOPE not in str(claims.get("scope", "")).split():
             raise refuse("Invalid scope.")
@@ -1212,14 +1216,13 @@ class FakeWebhookReceiver(ProviderServer):
             raise Rejected(Reply(404, "not found"), "unknown path")
         if request.headers.get("content-type") != "application/json":
             raise Rejected(Reply(415, "JSON only"), "not JSON")
-        timestamp = request.headers.get("x-hilo-timestamp", "")
-        if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > self.tolerance:
-            raise Rejected(Reply(401, "stale or missing timestamp"), "timestamp")
-        digest = hmac.new(
-            self.secret.encode(), timestamp.encode() + b"." + request.body, hashlib.sha256
-        ).hexdigest()
-        if not hmac.compare_digest(request.headers.get("x-hilo-signature", ""), f"v1={digest}"):
-            raise Rejected(Reply(401, "invalid signature"), "signature")
+        # Verified as a receiver would: the Standard Webhooks library, our whsec_ secret.
+        try:
+            Webhook(receiver_secret(self.secret)).verify(request.body, dict(request.headers))
+        except WebhookVerificationError as error:
+            raise Rejected(Reply(401, "invalid signature"), "signature") from error
+        if request.headers.get("webhook-id") != request.headers.get("idempotency-key"):
+            raise Rejected(Reply(400, "webhook-id and Idempotency-Key differ"), "ids")
         key = request.headers.get("idempotency-key")
         if not key:
             raise Rejected(Reply(400, "Idempotency-Key required"), "no Idempotency-Key")

@@ -17,7 +17,7 @@ import pytest
 import typer.main
 import yaml
 
-from hilo.channels.config import ChannelSettings, build_providers
+from hilo.channels.registry import build_providers
 from hilo.intake.sources import WriteKeySource
 from hilo.journeys.search_attributes import CLI_TYPES
 from hilo.settings import PROJECT_ROOT, Settings
@@ -102,7 +102,7 @@ def test_every_hilo_variable_is_a_setting(path: Path) -> None:
     named = set(HILO_VARIABLE.findall(path.read_text()))
     assert named, f"{path.name} names no HILO_* variable"
     known = {env_name(field) for field in Settings.model_fields} | {
-        env_name(field) for field in ChannelSettings.model_fields
+        env_name(field) for field in Settings.model_fields
     }
     unknown = sorted(named - known)
     assert not unknown, (
@@ -114,7 +114,7 @@ def test_every_hilo_variable_is_a_setting(path: Path) -> None:
 def test_hilo_services_have_the_production_settings(services: dict[str, Any], service: str) -> None:
     env = environment(services[service])
     for field in (*PRODUCTION_FIELDS, *SECRET_FIELDS):
-        known = field in Settings.model_fields or field in ChannelSettings.model_fields
+        known = field in Settings.model_fields or field in Settings.model_fields
         assert known, f"no setting {field!r} any more"
         assert env.get(env_name(field)), f"{service} does not set {env_name(field)}"
     assert env[env_name("environment")] == "production"
@@ -145,7 +145,7 @@ def test_the_environment_makes_valid_settings(
         "HILO_PUBLIC_URL": "https://hilo.shop.example",
         "HILO_LINK_SECRET": "a-random-link-secret-of-at-least-32-chars",
     }
-    for name in [*Settings.model_fields, *ChannelSettings.model_fields]:
+    for name in [*Settings.model_fields, *Settings.model_fields]:
         monkeypatch.delenv(env_name(name), raising=False)
     for key, value in environment(services[service]).items():
         monkeypatch.setenv(key, interpolate(value, given))
@@ -159,7 +159,7 @@ def test_the_environment_makes_valid_settings(
     assert settings.sources == {"wk-web-0123456789": WriteKeySource(name="web", kind="client")}
     # The worker signs unsubscribe and tracked links with these, and refuses to start
     # without them in production.
-    channels = ChannelSettings(_env_file=None)  # type: ignore[call-arg]
+    channels = Settings(_env_file=None)  # type: ignore[call-arg]
     assert channels.link_signer() is not None
 
 
@@ -248,7 +248,7 @@ def test_healthchecks_and_startup_order(services: dict[str, Any]) -> None:
 
 def settings_read() -> list[str]:
     """Every HILO_* variable the API and the worker read: Settings includes the channels'."""
-    assert set(ChannelSettings.model_fields) <= set(Settings.model_fields)
+    assert set(Settings.model_fields) <= set(Settings.model_fields)
     return [env_name(field) for field in Settings.model_fields]
 
 

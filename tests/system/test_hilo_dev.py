@@ -19,13 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hilo.channels.config import DEV_LINK_SECRET
 from hilo.cli.dev import port_problems
 from hilo.client import HiloClient
 from hilo.db.store import Store
 from hilo.devtools.devserver import free_port, process_command_line
 from hilo.feedback.links import LinkRejected, LinkSigner
-from hilo.settings import DEV_WRITE_KEY, Settings
+from hilo.settings import DEV_LINK_SECRET, DEV_WRITE_KEY, Settings
 from worker.main import connect
 
 

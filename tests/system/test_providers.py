@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from hilo.channels.audiences import (
     GoogleAdsCustomerMatch,
@@ -38,12 +41,17 @@ from hilo.channels.base import (
     failure_for_response,
     parse_retry_after,
 )
-from hilo.channels.config import ChannelSettings, build_providers
 from hilo.channels.fcm import FcmPush, ServiceAccount
+from hilo.channels.registry import build_providers
 from hilo.channels.sendgrid import SendGridEmail
 from hilo.channels.smtp import SmtpEmail
 from hilo.channels.twilio import TwilioMessages
-from hilo.channels.webhook import SignedWebhook, sign, verify_signature
+from hilo.channels.webhook import (
+    SignedWebhook,
+    receiver_secret,
+    signed_headers,
+    verify_signature,
+)
 from hilo.channels.webpush import (
     WebPush,
     encrypt_aes128gcm,
@@ -52,6 +60,7 @@ from hilo.channels.webpush import (
 )
 from hilo.channels.whatsapp_cloud import WhatsAppCloud
 from hilo.ids import b64url
+from hilo.settings import Settings
 from tests.fakes.providers import (
     FakeFirebase,
     FakeGoogleAds,
@@ -512,7 +521,8 @@ def test_fcm_sends_with_a_cached_oauth_token_from_the_service_account(
 def test_fcm_mints_a_new_token_when_the_old_one_nears_expiry(
     fcm: FcmPush, fcm_server: FakeFirebase
 ) -> None:
-    fcm_server.token_lifetime = 300  # inside the refresh margin: every send refreshes
+    # Inside google-auth's refresh margin (3 min 45 s): every send refreshes.
+    fcm_server.token_lifetime = 200
     fcm.deliver(delivery("push", device_token(), title="a", body="b"))
     fcm.deliver(delivery("push", device_token(), title="a", body="b"))
     assert fcm_server.token_requests == 2
@@ -764,15 +774,29 @@ def test_webhook_refusal_is_permanent_and_silence_is_retryable(
 
 def test_verify_signature_checks_the_secret_the_body_and_the_age() -> None:
     body = b'{"message":{"id":"msg_1"}}'
-    signature = sign("whsec", "1767225600", body)
-    assert signature.startswith("v1=")
-    assert verify_signature("whsec", "1767225600", body, signature, now=1767225700)
-    assert not verify_signature("other", "1767225600", body, signature, now=1767225700)
-    assert not verify_signature("whsec", "1767225600", body + b" ", signature, now=1767225700)
-    assert not verify_signature("whsec", "1767225600", body, signature, now=1767226000)
-    assert not verify_signature("whsec", "not-a-time", body, signature)
-    rotated = f"{sign('old', '1767225600', body)}, {signature}"
-    assert verify_signature("whsec", "1767225600", body, rotated, now=1767225600)
+    headers = signed_headers("a-long-shared-secret", "msg_1", 1767225600, body)
+    assert headers["webhook-signature"].startswith("v1,")
+    assert verify_signature("a-long-shared-secret", headers, body, now=1767225700)
+    assert not verify_signature("other", headers, body, now=1767225700)
+    assert not verify_signature("a-long-shared-secret", headers, body + b" ", now=1767225700)
+    assert not verify_signature("a-long-shared-secret", headers, body, now=1767226000)
+    stale = {**headers, "webhook-timestamp": "not-a-time"}
+    assert not verify_signature("a-long-shared-secret", stale, body)
+    old = signed_headers("old", "msg_1", 1767225600, body)["webhook-signature"]
+    rotated = {**headers, "webhook-signature": f"{old} {headers['webhook-signature']}"}
+    assert verify_signature("a-long-shared-secret", rotated, body, now=1767225600)
+
+
+def test_a_standard_webhooks_library_verifies_what_we_send() -> None:
+    """Make, n8n, Zapier and helpdesks verify with off-the-shelf code: the reference library
+    accepts our request with the whsec_ secret we give receivers, and refuses a changed one."""
+    body = b'{"message":{"id":"msg_1"}}'
+    for secret in ("a-long-shared-secret", "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"):
+        headers = signed_headers(secret, "msg_1", int(time.time()), body)
+        receiver = Webhook(receiver_secret(secret))
+        assert receiver.verify(body, headers) == {"message": {"id": "msg_1"}}
+        with pytest.raises(WebhookVerificationError):
+            receiver.verify(body.replace(b"msg_1", b"msg_2"), headers)
 
 
 # Ad audiences -----------------------------------------------------------------------------
@@ -951,7 +975,7 @@ def test_google_ads_revoked_refresh_token_is_permanent(ads_server: FakeGoogleAds
 def test_every_channel_stays_on_capture_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HILO_EMAIL_PROVIDER", "HILO_SMS_PROVIDER", "HILO_WEBHOOK_URL"):
         monkeypatch.delenv(name, raising=False)
-    assert build_providers(ChannelSettings(_env_file=None)) == {}
+    assert build_providers(Settings(_env_file=None)) == {}
 
 
 def test_build_providers_reads_hilo_environment_variables(
@@ -1001,7 +1025,7 @@ def test_build_providers_reads_hilo_environment_variables(
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    settings = ChannelSettings(_env_file=None)
+    settings = Settings(_env_file=None)
     assert "SG.key" not in repr(settings)  # credentials stay secret in logs
 
     providers = build_providers(settings)
@@ -1043,4 +1067,4 @@ def test_build_providers_reads_hilo_environment_variables(
 )
 def test_a_missing_credential_names_its_hilo_variable(settings: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=named):
-        build_providers(ChannelSettings(_env_file=None, **settings))
+        build_providers(Settings(_env_file=None, **settings))
