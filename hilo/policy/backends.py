@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -363,8 +362,19 @@ class _PostgresBackend(_Backend):
         # Connections of its own, in autocommit, so BEGIN travels with the snapshot and
         # COMMIT with the write; not pinged when taken, one round trip less (a dead one is
         # retried instead).
-        self.connections = _Connections(
-            lambda: psycopg.connect(_libpq_url(url), autocommit=True), self._prepare_connection
+        # psycopg's own pool (bare driver connections: SQLAlchemy's pool cost about a tenth
+        # of a decision's CPU in events and resets a decision does not need); each new
+        # connection prepares the decision statements once.
+        from psycopg_pool import ConnectionPool
+
+        self.connections = ConnectionPool(
+            _libpq_url(url),
+            min_size=1,
+            max_size=20,
+            kwargs={"autocommit": True},
+            configure=self._prepare_connection,
+            name="hilo-policy",
+            open=True,
         )
         self._prepares: list[str] = []
         snapshot = self._server_prepared("hilo_policy_snapshot", self.snapshot_source)
@@ -444,7 +454,7 @@ class _PostgresBackend(_Backend):
         """A pooled connection and its cursor, ``sql`` run; a connection found dead in the
         pool is replaced once."""
         for attempt in range(2):
-            proxied = self.connections.take()
+            proxied = _Pooled(self.connections.getconn(), self.connections)
             connection: Any = proxied.driver_connection
             cursor = self._client_cursor(connection)
             try:
@@ -457,6 +467,8 @@ class _PostgresBackend(_Backend):
                     raise
                 cursor.close()
                 proxied.invalidate()
+                # The server closed one: the others idle beside it likely went too.
+                self.connections.check()
                 continue
             except BaseException:
                 self._abandon(proxied, cursor)
@@ -531,75 +543,24 @@ def _libpq_url(url: str) -> str:
 
 
 class _Pooled:
-    """A connection taken from :class:`_Connections`: ``close`` gives it back, ``invalidate``
-    discards it."""
+    """A connection taken from the pool: ``close`` gives it back, ``invalidate`` discards it."""
 
-    __slots__ = ("driver_connection", "_pool")
+    __slots__ = ("_pool", "driver_connection")
 
-    def __init__(self, connection: Any, pool: _Connections) -> None:
+    def __init__(self, connection: Any, pool: Any) -> None:
         self.driver_connection = connection
-        self._pool: _Connections | None = pool
+        self._pool: Any = pool
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:  # once: after invalidate() it is gone already
-            pool.give_back(self.driver_connection)
+            pool.putconn(self.driver_connection)
 
     def invalidate(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.discard(self.driver_connection)
-
-
-class _Connections:
-    """The decisions' PostgreSQL connections: at most ``size`` open, the most recently used
-    taken first.
-
-    A decision needs a bare driver connection for two round trips; SQLAlchemy's pool cost
-    about a tenth of a decision's CPU for events, resets and bookkeeping it did not need.
-    """
-
-    def __init__(
-        self, connect: Callable[[], Any], prepare: Callable[[Any], None], size: int = 20
-    ) -> None:
-        self._connect = connect
-        self._prepare = prepare
-        self._idle: list[Any] = []
-        self._guard = threading.Lock()
-        self._slots = threading.BoundedSemaphore(size)
-        self._closed = False
-
-    def take(self) -> _Pooled:
-        self._slots.acquire()
-        try:
-            with self._guard:
-                connection = self._idle.pop() if self._idle else None
-            if connection is None:
-                connection = self._connect()
-                self._prepare(connection)
-        except BaseException:
-            self._slots.release()
-            raise
-        return _Pooled(connection, self)
-
-    def give_back(self, connection: Any) -> None:
-        if connection.broken or connection.closed or self._closed:
-            connection.close()
-        else:
-            with self._guard:
-                self._idle.append(connection)
-        self._slots.release()
-
-    def discard(self, connection: Any) -> None:
-        connection.close()
-        self._slots.release()
-
-    def close(self) -> None:
-        with self._guard:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
+            self.driver_connection.close()
+            pool.putconn(self.driver_connection)  # a closed connection is discarded
 
 
 @dataclass(frozen=True)
