@@ -225,8 +225,20 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "", description="SQLAlchemy URL; empty means a SQLite file in state_dir."
     )
+    # The Temporal connection: a profile of Temporal's own environment configuration (TOML
+    # profiles and TEMPORAL_* variables: address, namespace, TLS, mTLS, API key), with these
+    # HILO_* values on top when they are set.
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
+    temporal_profile: str = Field(
+        "", description="Profile of Temporal's config file to connect with; empty: 'default'."
+    )
+    temporal_config_file: Path | None = Field(
+        None, description="Temporal's TOML config file; unset: TEMPORAL_CONFIG_FILE or its home."
+    )
+    temporal_api_key: SecretStr | None = Field(
+        None, description="API key for Temporal Cloud (or TEMPORAL_API_KEY / the profile's)."
+    )
     temporal_ui_port: int = 8233
     task_queue: str = "hilo-journeys"
     api_host: str = "127.0.0.1"

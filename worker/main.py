@@ -10,6 +10,7 @@ from typing import Any
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
@@ -24,12 +25,29 @@ from workflows.journey import JourneyWorkflow
 WORKFLOWS: Sequence[type] = (JourneyWorkflow, LeaveAudiencesWorkflow)
 
 
+def connect_config(settings: Settings) -> ClientConnectConfig:
+    """Where and how to reach Temporal: the profile Temporal's environment configuration
+    gives (its TOML file and TEMPORAL_* variables: address, namespace, TLS and mTLS, API key),
+    then the HILO_* settings that are set, which win."""
+    config = ClientConfig.load_client_connect_config(
+        profile=settings.temporal_profile or None,
+        config_file=str(settings.temporal_config_file) if settings.temporal_config_file else None,
+    )
+    chosen = settings.model_fields_set
+    if "temporal_address" in chosen or not config.get("target_host"):
+        config["target_host"] = settings.temporal_address
+    if "temporal_namespace" in chosen or not config.get("namespace"):
+        config["namespace"] = settings.temporal_namespace
+    if settings.temporal_api_key is not None:
+        config["api_key"] = settings.temporal_api_key.get_secret_value()
+    return config
+
+
 async def connect(settings: Settings) -> Client:
     """A client that speaks pydantic and carries OpenTelemetry context into workflows."""
     interceptors: list[Interceptor] = [TracingInterceptor()]
     return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
+        **connect_config(settings),
         data_converter=pydantic_data_converter,
         interceptors=interceptors,
     )
