@@ -1,15 +1,16 @@
 """Browser push straight to the browser's push service (Web Push, RFC 8030).
 
-The payload is encrypted for the subscription with aes128gcm (RFC 8291, RFC 8188) and the
-request carries a VAPID identity (RFC 8292): an ES256 JWT for the push service's origin,
-``Authorization: vapid t=<jwt>, k=<our public key>``. Any push service works: Chrome's,
-Firefox's, Apple's, Edge's.
+The payload is encrypted for the subscription with aes128gcm (RFC 8291, RFC 8188) by
+``http-ece``, and the request carries a VAPID identity (RFC 8292) signed by ``py-vapid``: an
+ES256 JWT for the push service's origin, ``Authorization: vapid t=<jwt>,k=<our public key>``.
+Both are the libraries pywebpush is built on; the request itself goes through our httpx
+client, with its timeouts and failure mapping. Any push service works: Chrome's, Firefox's,
+Apple's, Edge's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import re
@@ -18,18 +19,17 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import http_ece
 import httpx
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from py_vapid import Vapid02
 
 from hilo.channels.base import (
     DEFAULT_TIMEOUT_SECONDS,
     Delivery,
     PermanentFailure,
     RetryableFailure,
-    encode_jwt,
     error_detail,
     failure_for_response,
     http_client,
@@ -87,24 +87,11 @@ def vapid_authorization(
     now: float | None = None,
     lifetime: int = VAPID_LIFETIME_SECONDS,
 ) -> str:
-    """``vapid t=<ES256 JWT>, k=<public key>`` for the push service behind ``endpoint``."""
+    """``vapid t=<ES256 JWT>,k=<public key>`` for the push service behind ``endpoint``."""
     parts = urlsplit(endpoint)
     issued = int(time.time() if now is None else now)
     claims = {"aud": f"{parts.scheme}://{parts.netloc}", "exp": issued + lifetime, "sub": subject}
-
-    def sign(data: bytes) -> bytes:
-        # JWS wants r||s, 32 bytes each; cryptography gives DER.
-        r, s = decode_dss_signature(private_key.sign(data, ec.ECDSA(hashes.SHA256())))
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-
-    token = encode_jwt({"typ": "JWT", "alg": "ES256"}, claims, sign)
-    return f"vapid t={token}, k={vapid_public_key(private_key)}"
-
-
-def _hkdf(salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
-    """HKDF-SHA-256 for outputs of at most one block, as RFC 8291 spells it out."""
-    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
-    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()[:length]
+    return str(Vapid02(private_key).sign(claims)["Authorization"])
 
 
 def encrypt_aes128gcm(
@@ -122,20 +109,17 @@ def encrypt_aes128gcm(
     """
     if len(plaintext) > MAX_PLAINTEXT_BYTES:
         raise ValueError(f"push payload is {len(plaintext)} bytes, at most {MAX_PLAINTEXT_BYTES}")
-    ua_public = b64url_decode(p256dh)
-    auth_secret = b64url_decode(auth)
-    receiver = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), ua_public)
     sender_key = sender_key or ec.generate_private_key(ec.SECP256R1())
-    salt = salt or os.urandom(16)
-    as_public = _uncompressed(sender_key.public_key())
-    ecdh_secret = sender_key.exchange(ec.ECDH(), receiver)
-    ikm = _hkdf(auth_secret, ecdh_secret, b"WebPush: info\x00" + ua_public + as_public, 32)
-    cek = _hkdf(salt, ikm, b"Content-Encoding: aes128gcm\x00", 16)
-    nonce = _hkdf(salt, ikm, b"Content-Encoding: nonce\x00", 12)
-    # One record, so it is the last: the 0x02 delimiter, no further padding.
-    ciphertext = AESGCM(cek).encrypt(nonce, plaintext + b"\x02", None)
-    header = salt + RECORD_SIZE.to_bytes(4, "big") + bytes([len(as_public)]) + as_public
-    return header + ciphertext
+    body: bytes = http_ece.encrypt(
+        plaintext,
+        salt=salt or os.urandom(16),
+        private_key=sender_key,
+        dh=b64url_decode(p256dh),
+        auth_secret=b64url_decode(auth),
+        version="aes128gcm",
+        rs=RECORD_SIZE,
+    )
+    return body
 
 
 class WebPush:
