@@ -6,6 +6,13 @@ with Hilo's search attributes registered.
 Its life is tied to the process that started it: on Linux the kernel kills it when that
 process dies, even by SIGKILL (a parent-death signal); everywhere, a pid file beside its
 database lets the next start find a server an earlier one left behind.
+
+Why not ``WorkflowEnvironment.start_local`` (which can run this same binary, with a database
+file and search attributes): the server it starts inherits our stdout and stderr (the dev
+server's log would flood ``hilo dev``'s terminal instead of going to its log file), shares
+our process group (stopping the server and the UI it starts as one group is not possible),
+and gets no parent-death signal (a ``hilo dev`` killed with SIGKILL would leave it running).
+The time-skipping test server has none of those needs and does use the SDK's own start.
 """
 
 from __future__ import annotations
