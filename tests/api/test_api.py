@@ -25,7 +25,7 @@ from hilo.devtools.simulation import JourneyLab
 from hilo.events import CustomerEvent
 from hilo.intake.routing import EventRouter, RouteResult
 from hilo.settings import Settings
-from tests.fakes.providers import free_port
+from tests.fakes import free_port
 from tests.helpers.examples import EXAMPLES
 
 TOKEN = "t"

@@ -33,7 +33,7 @@ from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab
 from hilo.intake.dispatcher import Dispatcher
 from hilo.settings import Settings
-from tests.fakes.providers import free_port
+from tests.fakes import free_port
 from tests.helpers.examples import EXAMPLES as EXAMPLE_FILES
 
 TOKEN = "schema-run-admin-token"

@@ -39,7 +39,7 @@ from hilo.journeys.runs import LeaveAudiencesResult
 from hilo.journeys.validate import parse_journey
 from hilo.policy import ContactPolicyService
 from hilo.settings import Settings
-from tests.fakes.providers import (
+from tests.fakes import (
     FakeFirebase,
     FakeGoogleAds,
     FakeMetaGraph,

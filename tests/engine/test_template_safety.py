@@ -27,7 +27,7 @@ from hilo.journeys.definitions import JourneyInvalid
 from hilo.journeys.templates import email_parts, render_content
 from hilo.journeys.validate import parse_journey
 from hilo.settings import Settings
-from tests.fakes.providers import FakeSmtpServer
+from tests.fakes import FakeSmtpServer
 from worker.main import build_worker
 
 TOKEN = "admin-token-for-template-tests"

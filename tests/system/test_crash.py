@@ -41,7 +41,7 @@ from hilo.events import CustomerEvent
 from hilo.intake.routing import EventRouter
 from hilo.journeys.validate import parse_journey
 from hilo.settings import PROJECT_ROOT
-from tests.fakes.providers import (
+from tests.fakes import (
     FakeSmtpServer,
     FakeWebhookReceiver,
     Mailbox,

@@ -61,7 +61,7 @@ from hilo.channels.webpush import (
 from hilo.channels.whatsapp_cloud import WhatsAppCloud
 from hilo.ids import b64url
 from hilo.settings import Settings
-from tests.fakes.providers import (
+from tests.fakes import (
     FakeFirebase,
     FakeGoogleAds,
     FakeMetaGraph,
