@@ -22,10 +22,10 @@ import yaml
 from api.app import create_app
 from hilo.db.store import Store
 from hilo.devtools.simulation import JourneyLab
-from hilo.events import CustomerEvent
-from hilo.intake.routing import EventRouter, RouteResult
+from hilo.intake.routing import EventRouter
 from hilo.settings import Settings
 from tests.fakes import free_port
+from tests.helpers.api import LabRouter
 from tests.helpers.examples import EXAMPLES
 
 TOKEN = "t"
@@ -36,20 +36,6 @@ CART_WARNING = (
     "trigger.event: no 'Cart Abandoned' event has reached Hilo yet, and neither Hilo nor "
     "Segment's specs produce one: check the name your sources send"
 )
-
-
-class LabRouter(EventRouter):
-    """The app's router, also handing what it starts to the lab (as JourneyLab.send does),
-    so that ``lab.result`` can skip the journey's timers while it waits."""
-
-    def __init__(self, router: EventRouter, lab: JourneyLab) -> None:
-        super().__init__(router.store, router.client, router.task_queue)
-        self.lab = lab
-
-    async def deliver(self, event: CustomerEvent) -> RouteResult:
-        result = await super().deliver(event)
-        self.lab.handles.update(result.handles)
-        return result
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -38,10 +37,8 @@ from hilo.feedback.links import LinkRejected, LinkSigner
 from hilo.feedback.preferences import Topic
 from hilo.feedback.webhooks import parse_sendgrid, twilio_signature
 from hilo.settings import DEV_LINK_SECRET, Settings
+from tests.helpers.feedback import LINK_SECRET, PUBLIC, TWILIO_TOKEN, seed, token_of, twilio_post
 
-PUBLIC = "https://hilo.shop.example"
-LINK_SECRET = "a-link-secret-for-tests-only-0123456789"
-TWILIO_TOKEN = "twilio-auth-token-for-tests"
 WHATSAPP_SECRET = "whatsapp-app-secret-for-tests"
 WHATSAPP_VERIFY = "whatsapp-verify-token-for-tests"
 TOPICS = [
@@ -106,29 +103,6 @@ async def api(any_store: Store, channels: Settings) -> AsyncIterator[httpx.Async
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
-def seed(store: Store, message_id: str, **fields: Any) -> Message:
-    row = {
-        "message_id": message_id,
-        "workflow_id": f"welcome:{fields.get('customer_id', 'cus_ana')}",
-        "run_id": "run_1",
-        "journey_key": "welcome",
-        "journey_version": 1,
-        "customer_id": "cus_ana",
-        "step_id": "hello",
-        "channel": "email",
-        "template": "welcome_email",
-        "category": "marketing",
-        "status": "sent",
-        "provider": "sendgrid",
-        "provider_message_id": f"pm_{message_id}",
-        "recipient": "Ana@Example.com",
-        "scheduled_at": NOW,
-        "sent_at": NOW,
-        **fields,
-    }
-    return store.record_message(Message(**row))
-
-
 def ledger(store: Store, message_id: str) -> Message:
     with store.session() as session:
         row = session.get(Message, message_id)
@@ -189,10 +163,6 @@ async def post_sendgrid(
 ) -> httpx.Response:
     body = json.dumps(events).encode()
     return await api.post("/webhooks/sendgrid", content=body, headers=keys.headers(body, **kwargs))
-
-
-def token_of(url: str) -> str:
-    return urlsplit(url).path.rsplit("/", 1)[-1]
 
 
 # --- SendGrid ------------------------------------------------------------------------------
@@ -346,18 +316,6 @@ async def test_forged_stale_or_replayed_sendgrid_requests_change_nothing(
 
 
 # --- Twilio --------------------------------------------------------------------------------
-
-
-def twilio_post(
-    api: httpx.AsyncClient, params: dict[str, str], query: str = "", token: str = TWILIO_TOKEN
-) -> Any:
-    url = f"{PUBLIC}/webhooks/twilio" + (f"?{query}" if query else "")
-    signature = twilio_signature(token, url, params)
-    return api.post(
-        "/webhooks/twilio" + (f"?{query}" if query else ""),
-        data=params,
-        headers={"X-Twilio-Signature": signature},
-    )
 
 
 async def test_twilio_status_callbacks(api: httpx.AsyncClient, any_store: Store) -> None:

@@ -10,33 +10,29 @@ import gzip
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, text
+from sqlalchemy import text
 from sqlmodel import select
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RetryConfig
 
-from api.app import create_app
 from hilo.db.models import (
-    ConsentChange,
     Device,
     Identity,
     JourneyInstance,
     OutboxEntry,
     PolicyDecisionRecord,
-    Profile,
     StoredEvent,
 )
 from hilo.db.store import Store
@@ -44,49 +40,10 @@ from hilo.devtools.devserver import free_port
 from hilo.devtools.simulation import JourneyLab
 from hilo.intake.routing import EventRouter
 from hilo.intake.segment_spec import MAX_BATCH_BYTES, MAX_CALL_BYTES
-from hilo.settings import Settings
-from tests.api.test_api import LabRouter
+from tests.helpers.api import asgi, basic, counts, hilo_app
 from tests.helpers.examples import example
 
-TOKEN = "t"
-# The shop's backend holds a secret key; a page and an app ship theirs (client sources).
-SOURCES = {"web-key": "web", "ios-key": "ios", "shop-key": {"name": "shop", "kind": "server"}}
 CART = {"cart_id": "c1", "cart_value": 80, "product_name": "Mug"}
-ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def basic(write_key: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()}
-
-
-def hilo_app(store: Store, lab: JourneyLab | None = None, dispatcher: bool = False) -> FastAPI:
-    """The API over ``store``; with a lab, its Temporal server and a router that hands what
-    it starts to the lab (so ``lab.result`` can skip the journey's timers)."""
-    app = create_app(
-        Settings(admin_token=TOKEN, write_keys=SOURCES, dispatcher=dispatcher),
-        store=store,
-        client=lab.client if lab else None,
-        task_queue=lab.router.task_queue if lab else None,
-    )
-    if lab is not None:
-        app.state.router = app.state.dispatcher.router = LabRouter(app.state.router, lab)
-    return app
-
-
-@asynccontextmanager
-async def asgi(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://hilo", headers=ADMIN
-    ) as client:
-        yield client
-
-
-def counts(store: Store) -> dict[str, int]:
-    with store.session() as session:
-        return {
-            model.__name__: int(session.exec(select(func.count()).select_from(model)).one())
-            for model in (StoredEvent, Profile, Identity, OutboxEntry, ConsentChange, Device)
-        }
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 15.0) -> Any:

@@ -16,7 +16,7 @@ from api import deps
 from hilo.db.store import Store
 from hilo.feedback.links import LinkRejected, LinkSigner
 from hilo.settings import DEV_LINK_SECRET, LINK_SECRET_FILE, Settings
-from tests.api.test_ingestion import asgi, basic, hilo_app
+from tests.helpers.api import asgi, basic, hilo_app
 
 # ---------------------------------------------------------------- the link secret
 

@@ -25,7 +25,7 @@ from hilo.db.store import Store
 from hilo.feedback.links import LinkSigner
 from hilo.intake.sources import WriteKeySource
 from hilo.settings import DEV_WRITE_KEY, Settings
-from tests.api.test_feedback_api import (
+from tests.helpers.feedback import (
     LINK_SECRET,
     PUBLIC,
     TWILIO_TOKEN,

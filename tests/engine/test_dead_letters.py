@@ -38,7 +38,7 @@ from hilo.intake.dispatcher import parking_reason
 from hilo.journeys.definitions import JourneyDefinition
 from hilo.journeys.runs import JourneyResult
 from hilo.settings import Settings
-from tests.api.test_ingestion import SOURCES, asgi, basic, counts, hilo_app
+from tests.helpers.api import SOURCES, asgi, basic, counts, hilo_app
 from tests.helpers.examples import example
 from worker.main import build_worker, connect
 

@@ -31,7 +31,7 @@ from hilo.devtools.simulation import JourneyLab, start_time_skipping
 from hilo.events import CustomerEvent
 from hilo.journeys.definitions import JourneyDefinition
 from hilo.journeys.runs import SIGNAL_EVENT
-from tests.api.test_ingestion import asgi, basic, hilo_app
+from tests.helpers.api import asgi, basic, hilo_app
 from tests.helpers.examples import example
 
 CART = {"cart_id": "c1", "cart_value": 80, "product_name": "Mug"}
