@@ -1,14 +1,13 @@
 """How a decision reads and writes the database in one transaction that holds the customer's
 lock: SQLite (``BEGIN IMMEDIATE`` in the writer turn) and PostgreSQL (an advisory lock, two
 round trips of statements prepared once per connection, on a pool of bare driver
-connections). The decision path talks to the driver directly; its ``:name`` SQL goes through
-:func:`hilo.db.fastpath.pyformat`.
+connections). The decision path talks to the driver directly; its ``:name`` SQL becomes the
+driver's through :mod:`hilo.db.fastpath`, the one module that rewrites SQL for the driver.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from hilo.clock import as_utc
-from hilo.db.fastpath import NAMED_PARAMETER, pyformat
+from hilo.db.fastpath import POLICY_PARAMETER_TYPES, pyformat, server_prepared
 from hilo.db.store import Store
 from hilo.db.writers import writer_turn
 from hilo.policy.document import ContactPolicy, SendIntent
@@ -140,31 +139,6 @@ _CHECKED_ALLOW = f"""
     RETURNING reservation_id
 """
 # The PostgreSQL type of every parameter of the statements prepared on the server.
-_PARAMETER_TYPES = {
-    "customer": "text",
-    "message": "text",
-    "channel": "text",
-    "address": "text",
-    "trait": "text",
-    "since": "timestamptz",
-    "waiting_since": "timestamptz",
-    "message_id": "text",
-    "customer_id": "text",
-    "journey_key": "text",
-    "category": "text",
-    "priority": "integer",
-    "counted": "boolean",
-    "decision": "text",
-    "reason": "text",
-    "rule": "text",
-    "defer_until": "timestamptz",
-    "reservation_id": "integer",
-    "policy_version": "integer",
-    "seen_count": "bigint",
-    "seen_sum": "bigint",
-    "timezone": "text",
-    "decided_at": "timestamptz",
-}
 
 
 @dataclass
@@ -406,19 +380,10 @@ class _PostgresBackend(_Backend):
         return pyformat(sql)
 
     def _server_prepared(self, name: str, sql: str) -> str:
-        """Record ``PREPARE name`` for ``sql``; the ``EXECUTE`` that runs it, with psycopg's
-        placeholders for its values."""
-        names: list[str] = []
-
-        def number(match: re.Match[str]) -> str:
-            if match.group(1) not in names:
-                names.append(match.group(1))
-            return f"${names.index(match.group(1)) + 1}"
-
-        body = NAMED_PARAMETER.sub(number, sql)
-        types = ", ".join(_PARAMETER_TYPES[parameter] for parameter in names)
-        self._prepares.append(f"PREPARE {name} ({types}) AS {body}")
-        return f"EXECUTE {name} ({', '.join(f'%({parameter})s' for parameter in names)})"
+        """Record ``PREPARE name`` for ``sql``; the ``EXECUTE`` that runs it."""
+        prepare, execute = server_prepared(name, sql, POLICY_PARAMETER_TYPES)
+        self._prepares.append(prepare)
+        return execute
 
     def _prepare_connection(self, connection: Any) -> None:
         for statement in self._prepares:
