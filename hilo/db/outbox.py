@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 
 from hilo.db.models import Message, OutboxEntry, StoredEvent
 
-__all__ = ["EVENT_COLUMNS", "append_events", "queue", "queue_audience_exit"]
+__all__ = ["EVENT_COLUMNS", "append_events", "event_row", "queue", "queue_audience_exit"]
 
 _EVENTS = StoredEvent.__table__  # type: ignore[attr-defined]
 _OUTBOX = OutboxEntry.__table__  # type: ignore[attr-defined]
@@ -40,6 +40,39 @@ def _insert_new_events(dialect: str) -> Any:
         .on_conflict_do_nothing(index_elements=["message_id"])
         .returning(_EVENTS.c.message_id)
     )
+
+
+def event_row(
+    message_id: str,
+    customer_id: str,
+    name: str,
+    properties: dict[str, Any],
+    *,
+    source: str,
+    timestamp: datetime,
+    received_at: datetime,
+    type: str = "track",
+    context: dict[str, Any] | None = None,
+    user_id: str | None = None,
+    anonymous_id: str | None = None,
+    sent_at: datetime | None = None,
+) -> dict[str, Any]:
+    """A whole row of the events table, as :func:`append_events` takes it."""
+    return {
+        "message_id": message_id,
+        "customer_id": customer_id,
+        "type": type,
+        "name": name,
+        "properties": properties,
+        "context": context or {},
+        "user_id": user_id,
+        "anonymous_id": anonymous_id,
+        "source": source[:100],
+        "timestamp": timestamp,
+        "sent_at": sent_at,
+        "received_at": received_at,
+        "routed_at": None,
+    }
 
 
 def append_events(

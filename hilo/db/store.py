@@ -50,7 +50,7 @@ from hilo.db.models import (
     Profile,
     StoredEvent,
 )
-from hilo.db.outbox import append_events
+from hilo.db.outbox import append_events, event_row
 from hilo.db.rows import DeviceRow, EventRow, LedgerRow, ProfileRow
 
 if TYPE_CHECKING:
@@ -381,21 +381,15 @@ class Store:
             inserted = append_events(
                 connection,
                 [
-                    {
-                        "message_id": message_id,
-                        "customer_id": customer_id,
-                        "type": "track",
-                        "name": name,
-                        "properties": properties,
-                        "context": {},
-                        "user_id": None,
-                        "anonymous_id": None,
-                        "source": source,
-                        "timestamp": timestamp,
-                        "sent_at": None,
-                        "received_at": utcnow(),
-                        "routed_at": None,
-                    }
+                    event_row(
+                        message_id,
+                        customer_id,
+                        name,
+                        properties,
+                        source=source,
+                        timestamp=timestamp,
+                        received_at=utcnow(),
+                    )
                 ],
                 heard=lambda _row: False,  # routed by the caller at once, not by the dispatcher
             )

@@ -44,7 +44,7 @@ from hilo.db.models import (
     Profile,
     Suppression,
 )
-from hilo.db.outbox import append_events
+from hilo.db.outbox import append_events, event_row
 from hilo.db.store import Store
 from hilo.events import (
     EMAIL_BOUNCED,
@@ -482,21 +482,15 @@ def _emit(
 ) -> str | None:
     """Store one of the events Hilo emits, once by id, and queue it for the journeys, in the
     caller's transaction; None when an event of that id was stored before."""
-    row = {
-        "message_id": event_id,
-        "customer_id": customer_id,
-        "type": "track",
-        "name": name,
-        "properties": properties,
-        "context": {},
-        "user_id": None,
-        "anonymous_id": None,
-        "source": source[:100],
-        "timestamp": occurred_at,
-        "sent_at": None,
-        "received_at": now,
-        "routed_at": None,
-    }
+    row = event_row(
+        event_id,
+        customer_id,
+        name,
+        properties,
+        source=source,
+        timestamp=occurred_at,
+        received_at=now,
+    )
     return event_id if append_events(session.connection(), [row]) else None
 
 

@@ -50,7 +50,7 @@ from hilo.db.models import (
     ProfileChange,
     StoredEvent,
 )
-from hilo.db.outbox import append_events, queue
+from hilo.db.outbox import append_events, event_row, queue
 from hilo.db.store import Store
 from hilo.db.writers import writer_turn
 from hilo.events import PAGE_VIEWED, SCREEN_VIEWED, CustomerEvent
@@ -697,21 +697,20 @@ class Ingestor:
 
     def _event_row(self, call: IncomingCall, customer: str, source: str) -> dict[str, Any]:
         name = call.event if call.type == "track" else EVENT_NAMES.get(call.type)
-        return {
-            "message_id": call.message_id,
-            "customer_id": customer,
-            "type": call.type,
-            "name": (name or call.type.capitalize())[:200],
-            "properties": call.traits if call.type == "identify" else call.properties,
-            "context": call.context or {},
-            "user_id": call.user_id,
-            "anonymous_id": call.anonymous_id,
-            "source": source,
-            "timestamp": call.timestamp,
-            "sent_at": call.sent_at,
-            "received_at": utcnow(),
-            "routed_at": None,
-        }
+        return event_row(
+            call.message_id,
+            customer,
+            (name or call.type.capitalize())[:200],
+            call.traits if call.type == "identify" else call.properties,
+            type=call.type,
+            context=call.context,
+            user_id=call.user_id,
+            anonymous_id=call.anonymous_id,
+            source=source,
+            timestamp=call.timestamp,
+            sent_at=call.sent_at,
+            received_at=utcnow(),
+        )
 
 
 def _address(trait: str, value: str) -> str:
